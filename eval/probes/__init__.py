@@ -1,0 +1,1 @@
+"""Probes on frozen features (or raw pixels): linear classification, later segmentation etc."""

@@ -1,0 +1,197 @@
+"""The ``radgen`` command line: one subcommand per job.
+
+Every job takes ``--config FILE`` (thin YAML overrides on ``configs/<job>/default.yaml``) and
+``key=value`` overrides, validates its config before starting, and writes the resolved config
+next to its outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+SHARED_DATA_HINT = "../shared/data"
+
+# Jobs that later issues implement: listed so `radgen --help` shows the whole system.
+PLANNED = {
+    "pretrain-encoder": "pretrain a RAD-DINO encoder (DINO + iBOT + KoLeo) on radiographs",
+    "probe": "frozen-feature probes of an encoder (classification, segmentation, metadata)",
+    "train": "train the report generator (frozen encoder -> projector -> LoRA LLM)",
+    "generate": "generate findings for a folder or manifest of X-rays",
+    "evaluate": "score generated reports (lexical and clinical metrics with CIs)",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="override file(s) merged onto the job's default config, in order; "
+                        "a bare name like 'small' means configs/<job>/small.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radgen",
+        description="Chest X-ray AI: image-only encoder pretraining (RAD-DINO), probes, "
+                    "LLaVA-style report generation and clinical metrics.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="versions, device, and where models and data are looked up")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("synth", help="write a synthetic chest X-ray set (images, masks, reports, manifest)",
+                       description="Procedural chest radiograph phantoms with CheXpert-14 findings, "
+                                   "reports, masks, sex and age. Deterministic for a seed.")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--n", type=int, help="number of images")
+    p.add_argument("--size", type=int, help="image side in pixels")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--format", choices=["png", "dicom"], help="image file format")
+    p.add_argument("--workers", type=int, help="worker processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pixel-baseline",
+                       help="logistic regression on raw downsampled pixels, AUROC per finding",
+                       description="The raw-pixel baseline of a manifest with train and "
+                                   "validate/test splits (e.g. a synthetic set).")
+    p.add_argument("data", help="manifest file, or a folder holding manifest.jsonl")
+    p.add_argument("--size", type=int, default=32, help="downsampled side (default 32)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CI")
+    p.add_argument("--out", help="also write the table as JSON to this file")
+    p.set_defaults(func=cmd_pixel_baseline)
+
+    p = sub.add_parser("demo", help="the end-to-end demo on built-in synthetic data",
+                       description="Generates a small synthetic set, prints its summary and the "
+                                   "raw-pixel baseline. Later stages join as they land.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.set_defaults(func=cmd_demo)
+
+    for name, text in PLANNED.items():
+        p = sub.add_parser(name, help=f"{text} [not implemented yet]",
+                           description=f"{text}. Not implemented yet in this version.")
+        _add_config_args(p)
+        p.set_defaults(func=_planned(name))
+    return parser
+
+
+def _planned(name: str):
+    def run(args) -> int:
+        print(f"radgen {name}: not implemented yet in this version of radgen.", file=sys.stderr)
+        return 2
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    import importlib.metadata as md
+
+    import torch
+
+    print(f"radgen {md.version('radgen')}  (python {platform.python_version()}, {platform.platform()})")
+    for pkg in ("torch", "torchvision", "transformers", "peft", "timm", "datasets", "evaluate",
+                "pycocoevalcap", "pydicom", "numpy", "pillow", "scikit-learn", "omegaconf"):
+        try:
+            print(f"  {pkg:14s} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            print(f"  {pkg:14s} (not installed)")
+    if torch.cuda.is_available():
+        dev = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        dev = "mps"
+    else:
+        dev = "cpu"
+    print(f"device: {dev}; torch threads: {torch.get_num_threads()}; "
+          f"bf16 on CPU: {'yes' if _cpu_bf16() else 'unknown'}")
+    from radgen.config import configs_dir
+
+    print("lookup paths (every loader takes a local path; nothing is downloaded at run time):")
+    print(f"  configs:        {configs_dir()}")
+    print(f"  RADGEN_HOME:    {os.environ.get('RADGEN_HOME', str(Path.home() / '.cache' / 'radgen'))}")
+    print(f"  HF_HOME:        {os.environ.get('HF_HOME', str(Path.home() / '.cache' / 'huggingface'))}"
+          f"  (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')})")
+    shared = Path(SHARED_DATA_HINT).resolve()
+    print(f"  shared data:    {shared} ({'present' if shared.is_dir() else 'absent'})")
+    return 0
+
+
+def _cpu_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cmd_synth(args) -> int:
+    from radgen.config import load_config
+    from radgen.data.synth.generate import generate_dataset
+
+    flags = {k: getattr(args, k) for k in ("out", "n", "size", "seed", "format", "workers")}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    cfg = load_config("synth", args.config, overrides)
+    summary = generate_dataset(cfg, progress=not args.quiet)
+    print(summary.format())
+    return 0
+
+
+def cmd_pixel_baseline(args) -> int:
+    from radgen.baselines import format_probe_table, pixel_baseline
+
+    results = pixel_baseline(args.data, size=args.size, n_resamples=args.resamples)
+    print(format_probe_table(results, title=f"raw-pixel baseline ({args.size}x{args.size}, "
+                                            f"logistic regression, AUROC with 95% bootstrap CI)"))
+    if args.out:
+        from encoder.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps([r.__dict__ for r in results], indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from radgen.baselines import format_probe_table, pixel_baseline
+    from radgen.config import load_config
+    from radgen.data.synth.generate import generate_dataset
+
+    out = Path(args.out)
+    cfg = load_config("synth", ["demo"], [f"out={out / 'synth'}", "overwrite=true"])
+    print(f"[1/2] synthetic data -> {cfg.out}")
+    summary = generate_dataset(cfg)
+    print(summary.format())
+    print("[2/2] raw-pixel baseline (what a learned encoder has to beat)")
+    print(format_probe_table(pixel_baseline(cfg.out, n_resamples=200, progress=False)))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    from radgen.config import ConfigError
+    from radgen.data.images import ImageLoadError
+    from radgen.data.manifest import ManifestError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ManifestError, ImageLoadError) as exc:
+        print(f"radgen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"radgen {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Configs: one full default YAML per job + thin override files + ``key=value`` overrides.
+
+``load_config("synth", files=[...], overrides=["n=200"])`` merges, in order, the job's
+``configs/<job>/default.yaml``, each override file and the command-line overrides. The default
+is *structured*: a key that is not in it is an error, caught before any work starts. The resolved
+config is written next to every output with :func:`save_config`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from encoder.io import atomic_write_text
+
+__all__ = ["ConfigError", "configs_dir", "load_config", "save_config"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which and why."""
+
+
+def configs_dir() -> Path:
+    """The ``configs/`` folder: ``$RADGEN_CONFIGS`` or the one beside the installed packages."""
+    env = os.environ.get("RADGEN_CONFIGS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(job: str, files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = ()) -> DictConfig:
+    """Resolve the config of ``job`` (a folder name under ``configs/``)."""
+    default = configs_dir() / job / "default.yaml"
+    if not default.is_file():
+        raise ConfigError(f"no default config for job {job!r} at {default}")
+    cfg = OmegaConf.load(default)
+    OmegaConf.set_struct(cfg, True)  # unknown keys are errors
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            # Allow a bare name like "small" for configs/<job>/small.yaml.
+            cand = configs_dir() / job / (p.name if p.suffix else f"{p.name}.yaml")
+            if not cand.is_file():
+                raise ConfigError(f"config file not found: {f}")
+            p = cand
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{p}: {_short(exc)}") from None
+    overrides = list(overrides)
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not of the form key=value")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"command-line override: {_short(exc)}") from None
+    return cfg
+
+
+def save_config(cfg: DictConfig, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to a job's outputs (atomically)."""
+    path = Path(out_dir) / name
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0]
