@@ -1,0 +1,70 @@
+"""The radgen command line and config handling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from radgen.cli import PLANNED, main
+from radgen.config import ConfigError, load_config, save_config
+
+
+def test_help_lists_every_job(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ["info", "synth", "pixel-baseline", "demo", *PLANNED]:
+        assert cmd in out
+    for cmd in ["synth", "pixel-baseline", "demo", *PLANNED]:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+
+
+def test_planned_jobs_say_so(capsys):
+    assert main(["train"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_synth_command(tmp_path: Path, capsys):
+    out = tmp_path / "s"
+    assert main(["synth", "--out", str(out), "--n", "6", "--size", "64", "--seed", "1", "--quiet", "workers=1"]) == 0
+    text = capsys.readouterr().out
+    assert "images/s" in text and "Cardiomegaly" in text
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["n"] == 6 and saved["size"] == 64 and saved["workers"] == 1
+
+
+def test_synth_errors_are_clear(tmp_path: Path, capsys):
+    assert main(["synth", "--quiet"]) == 2
+    assert "'out'" in capsys.readouterr().err
+    assert main(["synth", "--out", str(tmp_path / "x"), "nonsense=1"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    assert main(["synth", "--out", str(tmp_path / "x"), "--config", "no_such_file"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_config_layers(tmp_path: Path):
+    f = tmp_path / "o.yaml"
+    f.write_text("n: 50\nsize: 64\n")
+    cfg = load_config("synth", [f, "small"], ["size=96", "splits.test=0.2"])
+    assert cfg.n == 200  # 'small' came after o.yaml
+    assert cfg.size == 96 and cfg.splits.test == 0.2
+    path = save_config(cfg, tmp_path / "out")
+    assert yaml.safe_load(path.read_text())["size"] == 96
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("synth", [], ["size"])
+    with pytest.raises(ConfigError, match="no default config"):
+        load_config("nope")
+
+
+def test_console_script_info():
+    exe = Path(sys.executable).parent / "radgen"
+    res = subprocess.run([str(exe), "info"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "torch" in res.stdout and "device:" in res.stdout and "configs:" in res.stdout
