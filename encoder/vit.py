@@ -1,0 +1,172 @@
+"""ViT/14 backbone for RAD-DINO: timm transformer blocks + DINOv2 token preparation.
+
+The parameter names follow the original DINOv2 layout (``cls_token``, ``pos_embed``,
+``mask_token``, ``register_tokens``, ``patch_embed.proj``, ``blocks.N.{norm1,attn.qkv,attn.proj,
+ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}``, ``norm``), so DINOv2 checkpoints load by name and
+the Hugging Face ``Dinov2Model`` layout is a fixed renaming (``encoder/weights.py``).
+
+Token preparation is written here rather than taken from timm because parity with DINOv2 / HF
+needs its exact recipe: masked patches replaced by a learnable mask token *before* position
+embeddings are added, and position embeddings resized with bicubic interpolation without
+antialiasing (timm antialiases), with registers inserted after the CLS token without position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+__all__ = ["ViTConfig", "ViTEncoder", "ARCHS", "build_vit"]
+
+# name -> (embed_dim, depth, num_heads)
+ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+
+
+@dataclass
+class ViTConfig:
+    """Everything needed to rebuild the backbone (stored in checkpoints)."""
+
+    arch: str = "vit_base"
+    img_size: int = 518  # size the position embeddings are learned for (37 x 37 at patch 14)
+    patch_size: int = 14
+    in_chans: int = 3
+    embed_dim: int | None = None  # None: from ``arch``
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    num_register_tokens: int = 0
+    layerscale_init: float | None = 1e-5  # None disables LayerScale
+    drop_path_rate: float = 0.0
+    layer_norm_eps: float = 1e-6
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> "ViTConfig":
+        if self.arch not in ARCHS and None in (self.embed_dim, self.depth, self.num_heads):
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)} or give "
+                             "embed_dim, depth and num_heads")
+        d, n, h = ARCHS.get(self.arch, (self.embed_dim, self.depth, self.num_heads))
+        return ViTConfig(**{**asdict(self), "embed_dim": self.embed_dim or d,
+                            "depth": self.depth or n, "num_heads": self.num_heads or h})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ViTEncoder(nn.Module):
+    """Vision transformer with patch size 14 (or any), mask token and registers.
+
+    ``forward(images (B,3,H,W), masks (B,N) | None) -> dict`` with ``cls`` (B,C),
+    ``patches`` (B,N,C) and ``registers`` (B,R,C), all after the final LayerNorm.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        cfg = cfg.resolved()
+        self.cfg = cfg
+        C = cfg.embed_dim
+        # timm builds the patch embedding, blocks (fused-qkv attention with SDPA, LayerScale,
+        # drop-path) and final norm; token preparation is ours (see module docstring).
+        vit = VisionTransformer(
+            img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+            embed_dim=C, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=cfg.qkv_bias, init_values=cfg.layerscale_init, class_token=False,
+            pos_embed="none", global_pool="", num_classes=0, dynamic_img_size=True,
+            drop_path_rate=cfg.drop_path_rate,
+            norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
+        )
+        self.patch_embed = vit.patch_embed
+        self.blocks = vit.blocks
+        self.norm = vit.norm
+        grid = cfg.img_size // cfg.patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, C))
+        self.mask_token = nn.Parameter(torch.zeros(1, C))
+        self.register_tokens = (nn.Parameter(torch.zeros(1, cfg.num_register_tokens, C))
+                                if cfg.num_register_tokens else None)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.cfg.num_register_tokens
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.cfg.patch_size, width // self.cfg.patch_size
+
+    def interpolate_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Position embeddings for an h x w patch grid: (1, 1 + h*w, C)."""
+        n0 = self.pos_embed.shape[1] - 1
+        g0 = int(round(n0**0.5))
+        if h == g0 and w == g0:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2)  # (1, C, g0, g0)
+        # float32 bicubic without antialias: matches DINOv2 and transformers.Dinov2Model
+        patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def prepare_tokens(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,3,H,W) -> (B, 1 + R + N, C): [CLS, registers, patches] with positions added."""
+        B, _, H, W = images.shape
+        x = self.patch_embed(images)  # (B, h, w, C) (timm NHWC with dynamic size)
+        h, w = x.shape[1], x.shape[2]
+        x = x.reshape(B, h * w, -1)  # (B, N, C)
+        if masks is not None:
+            x = torch.where(masks.reshape(B, h * w, 1), self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        x = x + self.interpolate_pos_embed(h, w)
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def forward_tokens(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """All output tokens after the final norm: (B, 1 + R + N, C)."""
+        x = self.prepare_tokens(images, masks)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        x = self.forward_tokens(images, masks)
+        r = self.num_prefix_tokens
+        return {"cls": x[:, 0], "registers": x[:, 1:r], "patches": x[:, r:]}
+
+    def get_intermediate_layers(self, images: torch.Tensor, layers: list[int] | int = 1,
+                                norm: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Outputs of chosen blocks (indices, or the last ``n`` if an int), optionally normed."""
+        depth = len(self.blocks)
+        wanted = list(range(depth - layers, depth)) if isinstance(layers, int) else [
+            i % depth for i in layers]
+        x = self.prepare_tokens(images)
+        outs = []
+        r = self.num_prefix_tokens
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in wanted:
+                y = self.norm(x) if norm else x
+                outs.append({"cls": y[:, 0], "registers": y[:, 1:r], "patches": y[:, r:]})
+        return outs
+
+
+def build_vit(arch: str = "vit_base", **kwargs) -> ViTEncoder:
+    """Convenience factory: ``build_vit("vit_small", img_size=224)``."""
+    return ViTEncoder(ViTConfig(arch=arch, **kwargs))

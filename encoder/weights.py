@@ -1,0 +1,293 @@
+"""Weight interop: Hugging Face ``Dinov2Model`` folders and original DINOv2 / timm checkpoints.
+
+Every loader takes a local path (nothing is downloaded). Weights are read with safetensors, or
+with ``torch.load(weights_only=True)`` for ``.pth``/``.bin`` files; no remote code is executed.
+
+Layouts:
+* HF ``Dinov2Model`` (microsoft/rad-dino, facebook/dinov2-*): ``config.json`` + ``model.safetensors``
+  (or sharded / ``pytorch_model.bin``), keys ``embeddings.*``, ``encoder.layer.N.*``, ``layernorm.*``
+  (optionally prefixed ``dinov2.``), separate query/key/value projections.
+* Original DINOv2 (``dinov2_vitb14_pretrain.pth``) and timm: ``cls_token``, ``pos_embed``,
+  ``blocks.N.*`` with fused ``attn.qkv`` — our own names, so they load by name (block-chunked
+  FSDP keys ``blocks.C.N.*`` are flattened; a missing ``mask_token`` keeps its init).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from encoder.io import atomic_write_text
+from encoder.vit import ViTConfig, ViTEncoder
+
+__all__ = [
+    "WeightsError",
+    "load_hf_dinov2",
+    "save_hf_dinov2",
+    "load_dinov2_checkpoint",
+    "hf_to_ours",
+    "ours_to_hf",
+    "RAD_DINO_PREPROCESSOR",
+]
+
+# microsoft/rad-dino's preprocessor (BitImageProcessor), written next to exported models.
+RAD_DINO_PREPROCESSOR = {
+    "image_processor_type": "BitImageProcessor",
+    "do_resize": True,
+    "size": {"shortest_edge": 518},
+    "resample": 3,
+    "do_center_crop": True,
+    "crop_size": {"height": 518, "width": 518},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5307, 0.5307, 0.5307],
+    "image_std": [0.2583, 0.2583, 0.2583],
+    "do_convert_rgb": True,
+}
+
+
+class WeightsError(ValueError):
+    """A weights folder or file is missing, malformed, or of a layout we do not support."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading state dicts safely
+# ----------------------------------------------------------------------------------------------
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("teacher", "model", "state_dict"):  # common wrappers
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: not a state dict")
+    return obj
+
+
+def _read_hf_folder(folder: Path) -> dict[str, torch.Tensor]:
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, torch.Tensor] = {}
+        for s in shards:
+            sd.update(load_file(str(folder / s)))
+        return sd
+    binf = folder / "pytorch_model.bin"
+    if binf.is_file():
+        return _read_state_dict(binf)
+    raise WeightsError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------------------------
+# HF <-> ours
+# ----------------------------------------------------------------------------------------------
+def config_from_hf(hf: dict) -> ViTConfig:
+    """ViTConfig from a HF ``Dinov2Config`` dict."""
+    if hf.get("model_type") not in ("dinov2", "dinov2_with_registers"):
+        raise WeightsError(f"model_type {hf.get('model_type')!r} is not a DINOv2 model")
+    if hf.get("use_swiglu_ffn"):
+        raise WeightsError("SwiGLU feed-forward (ViT-g) is not supported by this backbone")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise WeightsError(f"hidden_act {hf.get('hidden_act')!r} not supported (gelu only)")
+    return ViTConfig(
+        arch="custom",
+        img_size=int(hf.get("image_size", 518)),
+        patch_size=int(hf.get("patch_size", 14)),
+        in_chans=int(hf.get("num_channels", 3)),
+        embed_dim=int(hf["hidden_size"]),
+        depth=int(hf["num_hidden_layers"]),
+        num_heads=int(hf["num_attention_heads"]),
+        mlp_ratio=float(hf.get("mlp_ratio", 4)),
+        qkv_bias=bool(hf.get("qkv_bias", True)),
+        num_register_tokens=int(hf.get("num_register_tokens", 0)),
+        layerscale_init=float(hf.get("layerscale_value", 1.0)),
+        drop_path_rate=0.0,
+        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-6)),
+    )
+
+
+def hf_config_from(cfg: ViTConfig) -> dict:
+    """HF ``Dinov2Config`` dict for our backbone (what ``save_hf_dinov2`` writes)."""
+    cfg = cfg.resolved()
+    out = {
+        "architectures": ["Dinov2Model"],
+        "model_type": "dinov2",
+        "hidden_size": cfg.embed_dim,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "mlp_ratio": int(cfg.mlp_ratio) if float(cfg.mlp_ratio).is_integer() else cfg.mlp_ratio,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "image_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "num_channels": cfg.in_chans,
+        "qkv_bias": cfg.qkv_bias,
+        "layerscale_value": cfg.layerscale_init if cfg.layerscale_init is not None else 1.0,
+        "drop_path_rate": 0.0,
+        "use_swiglu_ffn": False,
+        "torch_dtype": "float32",
+    }
+    if cfg.num_register_tokens:
+        out.update(architectures=["Dinov2WithRegistersModel"], model_type="dinov2_with_registers",
+                   num_register_tokens=cfg.num_register_tokens)
+    return out
+
+
+_HF_BLOCK = {
+    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
+    "attention.output.dense.weight": "attn.proj.weight", "attention.output.dense.bias": "attn.proj.bias",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
+    "mlp.fc1.weight": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias",
+}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.mask_token": "mask_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.register_tokens": "register_tokens",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+
+
+def hf_to_ours(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Rename a HF Dinov2Model state dict to our layout (q, k, v fused into qkv)."""
+    sd = {re.sub(r"^(dinov2|model)\.", "", k): v for k, v in sd.items()}
+    out: dict[str, torch.Tensor] = {}
+    for hk, ok in _HF_TOP.items():
+        if hk in sd:
+            out[ok] = sd[hk]
+    if "mask_token" in out and out["mask_token"].dim() == 1:
+        out["mask_token"] = out["mask_token"][None]
+    for i in range(depth):
+        p = f"encoder.layer.{i}."
+        for hk, ok in _HF_BLOCK.items():
+            if p + hk not in sd:
+                raise WeightsError(f"missing {p + hk} in the HF state dict")
+            out[f"blocks.{i}.{ok}"] = sd[p + hk]
+        for kind in ("weight", "bias"):
+            parts = [sd.get(f"{p}attention.attention.{n}.{kind}") for n in ("query", "key", "value")]
+            if any(t is None for t in parts):
+                if kind == "bias":
+                    continue  # qkv_bias=False
+                raise WeightsError(f"missing query/key/value {kind} in layer {i}")
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+    return out
+
+
+def ours_to_hf(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`hf_to_ours`."""
+    out: dict[str, torch.Tensor] = {}
+    for hk, ok in _HF_TOP.items():
+        if ok in sd:
+            out[hk] = sd[ok]
+    for i in range(depth):
+        p = f"encoder.layer.{i}."
+        for hk, ok in _HF_BLOCK.items():
+            out[p + hk] = sd[f"blocks.{i}.{ok}"]
+        for kind in ("weight", "bias"):
+            key = f"blocks.{i}.attn.qkv.{kind}"
+            if key in sd:
+                q, k, v = sd[key].chunk(3, dim=0)
+                for n, t in zip(("query", "key", "value"), (q, k, v)):
+                    out[f"{p}attention.attention.{n}.{kind}"] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def load_hf_dinov2(folder: str | os.PathLike) -> ViTEncoder:
+    """Build our encoder from a local HF Dinov2Model folder (e.g. a copy of microsoft/rad-dino)."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise WeightsError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    cfg = config_from_hf(json.loads(cfg_path.read_text()))
+    model = ViTEncoder(cfg)
+    sd = hf_to_ours(_read_hf_folder(folder), cfg.depth)
+    _load_strict(model, sd, where=str(folder))
+    return model
+
+
+def save_hf_dinov2(model: ViTEncoder, folder: str | os.PathLike, preprocessor: dict | None = None) -> Path:
+    """Export to a HF folder that ``transformers.AutoModel.from_pretrained`` loads as Dinov2Model."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = ours_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.cfg.depth)
+    tmp = folder / ".model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    atomic_write_text(folder / "config.json", json.dumps(hf_config_from(model.cfg), indent=2))
+    atomic_write_text(folder / "preprocessor_config.json",
+                      json.dumps(preprocessor or RAD_DINO_PREPROCESSOR, indent=2))
+    return folder
+
+
+def load_dinov2_checkpoint(model: ViTEncoder, path: str | os.PathLike, strict: bool = True) -> ViTEncoder:
+    """Load an original DINOv2 (or timm ``vit_*_dinov2``) checkpoint into ``model`` by name.
+
+    The position embeddings are resized to the model's grid when they differ, so a 518-px
+    DINOv2 checkpoint initialises a 224-px model (as RAD-DINO initialised from DINOv2).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found")
+    sd = _read_state_dict(path)
+    sd = {re.sub(r"^(backbone|module|student\.backbone|teacher\.backbone)\.", "", k): v for k, v in sd.items()}
+    sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}  # FSDP chunks
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.", "dino_head", "ibot_head"))}
+    if "reg_token" in sd:  # timm name
+        sd["register_tokens"] = sd.pop("reg_token")
+    if "mask_token" not in sd:
+        sd["mask_token"] = model.mask_token.detach().clone()
+    if "mask_token" in sd and sd["mask_token"].dim() == 1:
+        sd["mask_token"] = sd["mask_token"][None]
+    pe = sd.get("pos_embed")
+    if pe is not None and pe.shape != model.pos_embed.shape:
+        if pe.shape[1] == model.pos_embed.shape[1] - 1:  # timm no_embed_class: no CLS position
+            pe = torch.cat([torch.zeros_like(pe[:, :1]), pe], dim=1)
+        sd["pos_embed"] = _resize_pos_embed(pe, model.pos_embed.shape[1] - 1)
+    return _load_strict(model, sd, where=str(path), strict=strict)
+
+
+def _resize_pos_embed(pe: torch.Tensor, n_new: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    g0, g1 = int(round((pe.shape[1] - 1) ** 0.5)), int(round(n_new**0.5))
+    grid = pe[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(g1, g1), mode="bicubic", align_corners=False)
+    return torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g1 * g1, -1).to(pe.dtype)], dim=1)
+
+
+def _load_strict(model: ViTEncoder, sd: dict, where: str, strict: bool = True) -> ViTEncoder:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shape_bad = [k for k in set(own) & set(sd) if own[k].shape != sd[k].shape]
+    if strict and (missing or unexpected or shape_bad):
+        msg = []
+        if missing:
+            msg.append(f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if unexpected:
+            msg.append(f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        if shape_bad:
+            msg.append("shape mismatch " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                                                     for k in shape_bad[:5]))
+        raise WeightsError(f"{where}: weights do not fit the model: " + "; ".join(msg))
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and own[k].shape == v.shape},
+                          strict=False)
+    return model
