@@ -1,0 +1,160 @@
+"""DINOv2-style self-supervised meta-architecture: student, EMA teacher, heads and losses.
+
+The student and teacher are ``nn.ModuleDict``s holding ``backbone``, ``dino_head`` and (when
+iBOT uses its own head) ``ibot_head``. The teacher never receives gradients; it follows the
+student by EMA (:meth:`SSLMetaArch.update_teacher`). Each loss is on when its weight is > 0.
+
+Per step (DINOv2 definitions):
+* the teacher sees only the 2 global crops (no masks); its CLS logits give the DINO targets and
+  its patch logits at the student's masked positions give the iBOT targets;
+* targets are centred softmax with the centre from *before* this step's update, or Sinkhorn-Knopp;
+* the student sees masked global crops and unmasked local crops;
+* KoLeo acts on the student's L2-normalised CLS features of each global crop separately.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from encoder.heads import DINOHead
+from encoder.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from encoder.vit import ViTEncoder
+
+__all__ = ["SSLConfig", "SSLMetaArch"]
+
+
+@dataclass
+class SSLConfig:
+    out_dim: int = 65536  # prototypes (DINOv2 default)
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    ibot_separate_head: bool = False
+    ibot_out_dim: int | None = None  # None: same as out_dim (only with a separate head)
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    centering: str = "centering"  # "centering" (EMA centre) | "sinkhorn_knopp"
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {self.centering!r}")
+        if min(self.dino_weight, self.ibot_weight, self.koleo_weight) < 0:
+            raise ValueError("loss weights must be >= 0")
+        if self.dino_weight == 0 and self.ibot_weight == 0:
+            raise ValueError("at least one of dino_weight and ibot_weight must be > 0")
+
+
+class SSLMetaArch(nn.Module):
+    def __init__(self, backbone: ViTEncoder, cfg: SSLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.do_dino = cfg.dino_weight > 0
+        self.do_ibot = cfg.ibot_weight > 0
+        self.do_koleo = cfg.koleo_weight > 0
+        C = backbone.embed_dim
+
+        def head(out_dim: int) -> DINOHead:
+            return DINOHead(C, out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
+                            nlayers=cfg.nlayers)
+
+        student = {"backbone": backbone, "dino_head": head(cfg.out_dim)}
+        ibot_dim = cfg.out_dim
+        if self.do_ibot and cfg.ibot_separate_head:
+            ibot_dim = cfg.ibot_out_dim or cfg.out_dim
+            student["ibot_head"] = head(ibot_dim)
+        self.student = nn.ModuleDict(student)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
+        self.ibot_loss = IBOTPatchLoss(ibot_dim, cfg.student_temp, cfg.center_momentum)
+        self.koleo_loss = KoLeoLoss()
+
+    def _ibot_head(self, which: nn.ModuleDict) -> nn.Module:
+        return which["ibot_head"] if "ibot_head" in which else which["dino_head"]
+
+    def _targets(self, loss, logits: Tensor, teacher_temp: float) -> Tensor:
+        if self.cfg.centering == "sinkhorn_knopp":
+            return loss.sinkhorn_knopp_teacher(logits, teacher_temp)
+        probs = loss.softmax_center_teacher(logits, teacher_temp)  # centre from before this step
+        loss.update_center(logits)
+        return probs
+
+    @torch.no_grad()
+    def teacher_targets(self, global_crops: Tensor, masks: Tensor, teacher_temp: float) -> dict:
+        """Teacher outputs on the 2B global crops: DINO probs (2B, K), iBOT probs (M, K')."""
+        self.teacher.eval()
+        out = self.teacher["backbone"](global_crops)
+        res: dict[str, Tensor] = {}
+        if self.do_dino:
+            logits = self.teacher["dino_head"](out["cls"])  # (2B, K)
+            res["dino"] = self._targets(self.dino_loss, logits, teacher_temp)
+        if self.do_ibot:
+            masked = out["patches"][masks]  # (M, C), row-major over (2B, N)
+            logits = self._ibot_head(self.teacher)(masked) if masked.shape[0] else masked.new_zeros(
+                0, self.ibot_loss.out_dim)
+            res["ibot"] = self._targets(self.ibot_loss, logits, teacher_temp) if masked.shape[0] else logits
+        return res
+
+    def forward(self, batch: dict, teacher_temp: float) -> tuple[Tensor, dict[str, float]]:
+        """Total loss and a dict of its parts and collapse monitors.
+
+        ``batch``: ``global_crops`` (2B,3,g,g) crop-major, ``local_crops`` (L*B,3,l,l) or None,
+        ``masks`` (2B, N) bool.
+        """
+        g = batch["global_crops"]
+        masks = batch["masks"]
+        two_b = g.shape[0]
+        B = two_b // 2
+        targets = self.teacher_targets(g, masks, teacher_temp)
+
+        s_glob = self.student["backbone"](g, masks if self.do_ibot else None)
+        s_loc = self.student["backbone"](batch["local_crops"]) if batch.get("local_crops") is not None else None
+        total = g.new_zeros(())
+        logs: dict[str, float] = {}
+        if self.do_dino:
+            crops = list(s_glob["cls"].chunk(2))  # 2 x (B, C)
+            if s_loc is not None:
+                crops += list(s_loc["cls"].chunk(s_loc["cls"].shape[0] // B))
+            s_logits = [self.student["dino_head"](c) for c in crops]
+            dino = self.dino_loss(s_logits, list(targets["dino"].chunk(2)))
+            total = total + self.cfg.dino_weight * dino
+            logs["dino"] = dino.item()
+            t = targets["dino"]
+            logs["teacher_entropy"] = float(-(t * (t + 1e-12).log()).sum(-1).mean())
+        if self.do_ibot:
+            masked = s_glob["patches"][masks]  # (M, C)
+            if masked.shape[0]:
+                s_logits = self._ibot_head(self.student)(masked)
+                ibot = self.ibot_loss.forward_masked(s_logits, targets["ibot"], masks)
+            else:
+                ibot = total.new_zeros(())
+            total = total + self.cfg.ibot_weight * ibot
+            logs["ibot"] = ibot.item()
+        if self.do_koleo:
+            koleo = sum(self.koleo_loss(c) for c in s_glob["cls"].chunk(2))
+            total = total + self.cfg.koleo_weight * koleo
+            logs["koleo"] = float(koleo.detach())
+        with torch.no_grad():  # collapse monitor: spread of normalised CLS features over the batch
+            z = nn.functional.normalize(s_glob["cls"].float(), dim=-1)
+            logs["cls_std"] = float(z.std(dim=0).mean())
+        logs["loss"] = total.item()
+        return total, logs
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA: teacher = m * teacher + (1 - m) * student, parameter by parameter."""
+        s = [p.detach() for p in self.student.parameters()]
+        t = list(self.teacher.parameters())
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, s, alpha=1 - momentum)
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
