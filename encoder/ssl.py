@@ -128,7 +128,11 @@ class SSLMetaArch(nn.Module):
             total = total + self.cfg.dino_weight * dino
             logs["dino"] = dino.item()
             t = targets["dino"]
+            # collapse monitors: per-sample entropy (~ln K: uniform collapse) and entropy of
+            # the batch-mean distribution (~0: every sample on the same prototype)
             logs["teacher_entropy"] = float(-(t * (t + 1e-12).log()).sum(-1).mean())
+            tm = t.mean(0)
+            logs["teacher_batch_entropy"] = float(-(tm * (tm + 1e-12).log()).sum())
         if self.do_ibot:
             masked = s_glob["patches"][masks]  # (M, C)
             if masked.shape[0]:

@@ -20,8 +20,6 @@ SHARED_DATA_HINT = "../shared/data"
 
 # Jobs that later issues implement: listed so `radgen --help` shows the whole system.
 PLANNED = {
-    "pretrain-encoder": "pretrain a RAD-DINO encoder (DINO + iBOT + KoLeo) on radiographs",
-    "probe": "frozen-feature probes of an encoder (classification, segmentation, metadata)",
     "train": "train the report generator (frozen encoder -> projector -> LoRA LLM)",
     "generate": "generate findings for a folder or manifest of X-rays",
     "evaluate": "score generated reports (lexical and clinical metrics with CIs)",
@@ -42,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "LLaVA-style report generation and clinical metrics.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from radgen.features_job import add_features_parser
+    from radgen.probe_job import add_probe_parser
+    from radgen.study_job import add_study_parser
 
     p = sub.add_parser("info", help="versions, device, and where models and data are looked up")
     p.set_defaults(func=cmd_info)
@@ -68,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CI")
     p.add_argument("--out", help="also write the table as JSON to this file")
     p.set_defaults(func=cmd_pixel_baseline)
+
+    p = sub.add_parser("pretrain-encoder",
+                       help="pretrain a RAD-DINO encoder (DINO + iBOT + KoLeo) on radiographs",
+                       description="DINOv2-style self-supervised pretraining on a manifest or image "
+                                   "folder; one process or torchrun. Resumes from out/checkpoint.pt.")
+    p.add_argument("--data", help="manifest or image folder (data.path)")
+    p.add_argument("--out", help="output folder")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    add_features_parser(sub)
+    add_probe_parser(sub)
+    add_study_parser(sub)
 
     p = sub.add_parser("demo", help="the end-to-end demo on built-in synthetic data",
                        description="Generates a small synthetic set, prints its summary and the "
@@ -142,6 +156,25 @@ def cmd_synth(args) -> int:
     summary = generate_dataset(cfg, progress=not args.quiet)
     print(summary.format())
     return 0
+
+
+def cmd_pretrain(args) -> int:
+    from radgen.config import load_config
+    from radgen.pretrain_job import run_pretrain
+
+    flags = [f"data.path={args.data}"] if args.data else []
+    flags += [f"out={args.out}"] if args.out else []
+    cfg = load_config("encoder", args.config, flags + list(args.overrides))
+    summary = run_pretrain(cfg)
+    last = summary["last"]
+    print(f"pretrain-encoder: {summary['status']} at step {summary['steps']}/{summary['total_steps']} "
+          f"({summary['device']}, {summary['precision']}, world size {summary['world_size']})")
+    if last:
+        print("  last step: " + ", ".join(f"{k} {last[k]:.4g}" for k in
+                                          ("loss", "dino", "ibot", "koleo", "teacher_entropy", "cls_std")
+                                          if isinstance(last.get(k), float)) + f", collapse {last.get('collapse')}")
+    print(f"  checkpoint: {summary['checkpoint']}")
+    return 143 if summary["status"] == "preempted" else 0
 
 
 def cmd_pixel_baseline(args) -> int:

@@ -1,0 +1,126 @@
+"""Frozen features of a :class:`~encoder.vit.ViTEncoder`: tensors in, tensors out.
+
+``encode(model, images)`` runs the backbone under ``torch.inference_mode()`` in eval mode and
+pools its output tokens into one vector per image:
+
+* ``"cls"``: the CLS token after the final LayerNorm (DINOv2's linear-probe feature);
+* ``"mean"``: the mean of the patch tokens (registers excluded);
+* ``"cls+mean"``: both, concatenated (``2 * C``).
+
+With ``layers`` the pooled outputs of the chosen blocks (each through the final LayerNorm, as
+DINOv2's ``get_intermediate_layers(norm=True)``) are concatenated in the order given, so
+``layers=[-4, -3, -2, -1]`` with ``pool="cls+mean"`` gives ``8 * C`` features.
+``encode_batches`` does the same over an iterable of batches and stacks the result on the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from encoder.vit import ViTEncoder
+
+__all__ = ["POOLS", "encode", "encode_batches", "feature_dim", "resolve_layers"]
+
+POOLS = ("cls", "mean", "cls+mean")
+
+
+def resolve_layers(model: ViTEncoder, layers: Sequence[int] | int | None) -> list[int] | None:
+    """Block indices in ``[0, depth)`` in the order given (an int ``n``: the last ``n`` blocks).
+
+    ``None`` means the final output (no intermediate layers). Negative indices count from the end.
+    Out-of-range and repeated blocks are errors.
+    """
+    if layers is None:
+        return None
+    depth = len(model.blocks)
+    if isinstance(layers, int):
+        if not 1 <= layers <= depth:
+            raise ValueError(f"layers={layers}: the model has {depth} blocks")
+        return list(range(depth - layers, depth))
+    out = []
+    for i in layers:
+        i = int(i)
+        if not -depth <= i < depth:
+            raise ValueError(f"layer {i} out of range for a model with {depth} blocks")
+        out.append(i % depth)
+    if not out:
+        raise ValueError("layers is empty (use None for the final output)")
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers {list(layers)} name a block more than once")
+    return out
+
+
+def _check_pool(pool: str) -> None:
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+
+
+def feature_dim(model: ViTEncoder, layers: Sequence[int] | int | None = None, pool: str = "cls") -> int:
+    """Length of the feature vector :func:`encode` returns for these settings."""
+    _check_pool(pool)
+    blocks = resolve_layers(model, layers)
+    return model.embed_dim * (2 if pool == "cls+mean" else 1) * (1 if blocks is None else len(blocks))
+
+
+def _pool(out: dict[str, Tensor], pool: str) -> Tensor:
+    if pool == "cls":
+        return out["cls"]
+    mean = out["patches"].mean(dim=1)
+    if pool == "mean":
+        return mean
+    return torch.cat([out["cls"], mean], dim=-1)
+
+
+def encode(model: ViTEncoder, images: Tensor, layers: Sequence[int] | int | None = None,
+           pool: str = "cls") -> Tensor:
+    """Frozen features of preprocessed images ``(B, 3, H, W)`` -> ``(B, D)`` float32.
+
+    Runs in eval mode under ``torch.inference_mode()`` (the model's train/eval mode is restored
+    afterwards); the result is an ordinary tensor without grad history. Images are moved to the model's device and dtype; the result stays on that
+    device. ``D = feature_dim(model, layers, pool)``.
+    """
+    _check_pool(pool)
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    blocks = resolve_layers(model, layers)
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            x = images.to(device=param.device, dtype=param.dtype)
+            if blocks is None:
+                feats = _pool(model(x), pool)
+            else:
+                outs = model.get_intermediate_layers(x, blocks, norm=True)  # in block order
+                by_block = dict(zip(sorted(blocks), outs))
+                feats = torch.cat([_pool(by_block[b], pool) for b in blocks], dim=-1)
+    finally:
+        model.train(was_training)
+    # A normal tensor (not an inference tensor), so callers may feed it to trainable modules.
+    return feats.float().clone()
+
+
+def encode_batches(model: ViTEncoder, batches: Iterable[Tensor], layers: Sequence[int] | int | None = None,
+                   pool: str = "cls", progress: bool = False, total: int | None = None,
+                   desc: str = "encode") -> Tensor:
+    """:func:`encode` over an iterable of image batches -> ``(N, D)`` float32 on the CPU.
+
+    ``progress`` shows a tqdm bar counting images (``total``: the number of images, if known).
+    An empty iterable gives ``(0, D)``.
+    """
+    dim = feature_dim(model, layers, pool)
+    chunks: list[Tensor] = []
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+        for batch in batches:
+            if len(batch) == 0:
+                continue
+            chunks.append(encode(model, batch, layers=layers, pool=pool).cpu())
+            bar.update(len(batch))
+    if not chunks:
+        return torch.empty(0, dim)
+    return torch.cat(chunks)

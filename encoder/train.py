@@ -1,0 +1,516 @@
+"""RAD-DINO pretraining loop: one process or many (``torchrun``), CPU or GPU, exact resume.
+
+``train(cfg, images)`` takes the resolved ``configs/encoder`` config and a torch ``Dataset`` whose
+items are radiographs as float tensors (1, H, W) in [0, 1] (``radgen`` builds it from files), so the
+same loop serves any data source.
+
+Exactness: every random draw of a step is derived from ``(seed, step, rank)`` — the data order
+(a seeded permutation per data epoch), each sample's crops (a generator per sample), the iBOT
+masks (a generator per micro-batch) and the global RNG used by drop-path (reseeded every step) —
+so a run resumed from a checkpoint follows the same trajectory as one that never stopped.
+
+Data parallelism: every rank computes gradients on its shard, then gradients are averaged with
+one all-reduce before clipping and the optimiser step (what DDP does, without overlapping the
+communication with the backward pass); all collectives are skipped in a single process.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from encoder.augment import MultiCrop, MultiCropConfig, collate_multicrop
+from encoder.checkpoint import load_checkpoint, save_checkpoint
+from encoder.io import atomic_write_text
+from encoder.ssl import SSLConfig, SSLMetaArch
+from encoder.vit import ViTConfig, ViTEncoder
+
+__all__ = ["train", "cosine_schedule", "build_param_groups", "collapse_flags", "Schedules"]
+
+CKPT_NAME = "checkpoint.pt"
+LOG_FIELDS = ["step", "epoch", "lr", "wd", "momentum", "teacher_temp", "loss", "dino", "ibot",
+              "koleo", "teacher_entropy", "teacher_batch_entropy", "teacher_info", "cls_std", "collapse",
+              "images_per_s", "sync_diff"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules (precomputed arrays indexed by step, as in DINOv2)
+# ----------------------------------------------------------------------------------------------
+def cosine_schedule(base: float, final: float, total: int, warmup: int = 0, warmup_start: float = 0.0) -> np.ndarray:
+    """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup`` steps, then cosine to ``final``."""
+    warm = np.linspace(warmup_start, base, warmup, endpoint=False) if warmup > 0 else np.array([])
+    n = max(total - warmup, 0)
+    t = np.arange(n)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(n, 1)))
+    out = np.concatenate([warm, cos])
+    assert len(out) == total
+    return out
+
+
+@dataclass
+class Schedules:
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    freeze_last_layer_steps: int
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, total: int, steps_per_epoch: int, global_batch: int) -> "Schedules":
+        o, t = cfg.optim, cfg.teacher
+        scale = {"sqrt": math.sqrt(global_batch / 1024), "linear": global_batch / 1024, "none": 1.0}[o.lr_scaling]
+        lr = cosine_schedule(o.base_lr * scale, o.min_lr, total, int(o.warmup_epochs * steps_per_epoch))
+        wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total)
+        mom = cosine_schedule(t.momentum, t.final_momentum, total)
+        warm_t = min(int(t.warmup_temp_epochs * steps_per_epoch), total)
+        temp = np.concatenate([np.linspace(t.warmup_temp, t.temp, warm_t), np.full(total - warm_t, t.temp)])
+        return cls(lr, wd, mom, temp, int(o.freeze_last_layer_epochs * steps_per_epoch))
+
+
+def build_param_groups(model: SSLMetaArch, layer_decay: float, patch_embed_lr_mult: float) -> list[dict]:
+    """AdamW groups with per-parameter lr / wd multipliers (DINOv2's recipe).
+
+    Layer-wise lr decay: block ``i`` gets ``layer_decay ** (depth - i)``, the embeddings
+    ``layer_decay ** (depth + 1)``, the final norm and heads 1. The patch embedding gets an extra
+    ``patch_embed_lr_mult``. Biases, norms, LayerScale gammas and tokens get no weight decay. The
+    heads' prototype layers are flagged so they can be frozen early in training.
+    """
+    depth = len(model.student["backbone"].blocks)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.student.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            sub = name[len("backbone."):]
+            if sub.startswith("blocks."):
+                layer = int(sub.split(".")[1]) + 1
+            elif sub.startswith(("norm.",)):
+                layer = depth + 1
+            else:  # cls/pos/mask/register tokens, patch embedding
+                layer = 0
+            lr_mult = layer_decay ** (depth + 1 - layer)
+            if sub.startswith("patch_embed."):
+                lr_mult *= patch_embed_lr_mult
+        else:
+            lr_mult = 1.0
+        no_wd = p.ndim == 1 or name.endswith((".gamma", "token", "tokens", "pos_embed")) or "norm" in name
+        last = ".last_layer." in name
+        key = (round(lr_mult, 8), 0.0 if no_wd else 1.0, last)
+        g = groups.setdefault(key, {"params": [], "lr_mult": key[0], "wd_mult": key[1], "is_last_layer": last})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def collapse_flags(logs: dict, out_dim: int, n_samples: int) -> str:
+    """``ok``, ``dominant`` or ``uniform`` from the teacher's output distribution on a batch.
+
+    With ``H(p)`` the per-sample entropy and ``H(mean p)`` the entropy of the batch-mean
+    distribution, their difference is the mutual information between sample and prototype: how
+    much the teacher's output tells samples apart. Both DINO collapses drive it to ~0:
+    ``dominant`` — every sample on the same few prototypes (``H(mean p)`` small); ``uniform`` —
+    every sample spread alike over many prototypes (``H(mean p)`` large, information ~0).
+    Thresholds are fractions of ``ln(min(K, n))``, the most the batch can show.
+    """
+    if "teacher_entropy" not in logs or "teacher_batch_entropy" not in logs:
+        return "n/a"
+    reachable = math.log(max(2, min(out_dim, n_samples)))
+    info = logs["teacher_batch_entropy"] - logs["teacher_entropy"]
+    if logs["teacher_batch_entropy"] < 0.25 * reachable:
+        return "dominant"
+    if info < 0.1 * reachable:
+        return "uniform"
+    return "ok"
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: resumable order, per-sample crop generators
+# ----------------------------------------------------------------------------------------------
+def _mix(*ints: int) -> int:
+    """A 63-bit seed from several integers (SplitMix-style), stable across runs and platforms."""
+    x = 0x9E3779B97F4A7C15
+    for v in ints:
+        x ^= (int(v) + 0x9E3779B97F4A7C15 + ((x << 6) & (2**64 - 1)) + (x >> 2)) & (2**64 - 1)
+        x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    return x & (2**63 - 1)
+
+
+class ResumableSampler(Sampler):
+    """Infinite stream of ``(data_epoch, index)`` for one rank, starting at micro-batch ``start``.
+
+    Each data epoch is a seeded permutation; global micro-batch ``k`` is the permutation's
+    ``k``-th chunk of ``batch * world`` indices, of which rank ``r`` takes the ``r``-th part.
+    """
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, start: int = 0):
+        self.n, self.batch, self.rank, self.world, self.seed, self.start = n, batch, rank, world, seed, start
+        self.per_epoch = n // (batch * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"dataset of {n} images is smaller than one global batch ({batch * world})")
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            epoch, j = divmod(k, self.per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+            lo = (j * self.world + self.rank) * self.batch
+            for idx in perm[lo:lo + self.batch].tolist():
+                yield (epoch, idx)
+            k += 1
+
+    def __len__(self) -> int:  # not meaningful for an infinite stream; DataLoader needs none
+        return sys.maxsize
+
+
+class CropDataset(Dataset):
+    def __init__(self, images: Dataset, multicrop: MultiCrop, seed: int):
+        self.images, self.multicrop, self.seed = images, multicrop, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, idx = key
+        g = torch.Generator().manual_seed(_mix(self.seed, 1, epoch, idx))
+        return self.multicrop(self.images[idx], g)
+
+
+def _list_collate(x):
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers (guarded: a single process never touches torch.distributed)
+# ----------------------------------------------------------------------------------------------
+def _setup_distributed(device: torch.device) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    if world == 1:
+        return
+    # Every rank must reduce the same tensors: a parameter unused on one rank (e.g. the mask
+    # token when none of its crops was masked) contributes zeros there.
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def _sync_diff(model: torch.nn.Module, world: int) -> float:
+    """Largest difference across ranks of per-tensor float64 checksums (0.0 = identical)."""
+    sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values()])
+    if world == 1:
+        return 0.0
+    gathered = [torch.zeros_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    return float(max((g - gathered[0]).abs().max() for g in gathered))
+
+
+def _broadcast_model(model: torch.nn.Module, world: int) -> None:
+    if world == 1:
+        return
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def _device_and_precision(cfg: DictConfig) -> tuple[torch.device, str]:
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(want)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    prec = cfg.train.precision
+    if prec == "auto":
+        prec = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if prec == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 needs a GPU (use bf16 or fp32 on CPU)")
+    if prec not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto/fp32/bf16/fp16, got {prec!r}")
+    return device, prec
+
+
+def build_model(cfg: DictConfig) -> SSLMetaArch:
+    m = cfg.model
+    vit_cfg = ViTConfig(arch=m.arch, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+                        img_size=m.img_size, patch_size=m.patch_size,
+                        num_register_tokens=m.num_register_tokens, drop_path_rate=m.drop_path_rate,
+                        layerscale_init=m.layerscale_init)
+    backbone = ViTEncoder(vit_cfg)
+    if m.init_from:
+        from encoder.weights import load_dinov2_checkpoint, load_hf_dinov2
+
+        src = Path(m.init_from)
+        if src.is_dir():
+            loaded = load_hf_dinov2(src)
+            sd = loaded.state_dict()
+            if sd["pos_embed"].shape != backbone.pos_embed.shape:
+                from encoder.weights import _resize_pos_embed
+
+                sd["pos_embed"] = _resize_pos_embed(sd["pos_embed"], backbone.pos_embed.shape[1] - 1)
+            backbone.load_state_dict(sd)
+        else:
+            load_dinov2_checkpoint(backbone, src)
+    s = cfg.ssl
+    ssl_cfg = SSLConfig(out_dim=s.out_dim, hidden_dim=s.hidden_dim, bottleneck_dim=s.bottleneck_dim,
+                        nlayers=s.nlayers, ibot_separate_head=s.ibot_separate_head,
+                        ibot_out_dim=s.ibot_out_dim, dino_weight=s.dino_weight,
+                        ibot_weight=s.ibot_weight, koleo_weight=s.koleo_weight,
+                        centering=s.centering, student_temp=s.student_temp,
+                        center_momentum=s.center_momentum)
+    return SSLMetaArch(backbone, ssl_cfg)
+
+
+def _multicrop(cfg: DictConfig) -> MultiCrop:
+    c = cfg.crops
+    return MultiCrop(MultiCropConfig(
+        global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
+        global_scale=tuple(c.global_scale), local_scale=tuple(c.local_scale), hflip=c.hflip,
+        brightness=c.brightness, contrast=c.contrast, gamma=tuple(c.gamma), noise_prob=c.noise_prob))
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fail before any work starts."""
+    if not cfg.out:
+        raise ValueError("pretrain-encoder: 'out' (output folder) is required")
+    if cfg.crops.global_size % cfg.model.patch_size or cfg.crops.local_size % cfg.model.patch_size:
+        raise ValueError(f"crop sizes ({cfg.crops.global_size}, {cfg.crops.local_size}) must be "
+                         f"multiples of the patch size {cfg.model.patch_size}")
+    if cfg.optim.batch_size < 2:
+        raise ValueError("optim.batch_size must be >= 2 (KoLeo and centring need a batch)")
+    if cfg.optim.accum_steps < 1 or cfg.optim.epochs < 1:
+        raise ValueError("optim.accum_steps and optim.epochs must be >= 1")
+    lo, hi = cfg.masking.mask_ratio
+    if not 0 <= lo <= hi < 1 or not 0 <= cfg.masking.mask_probability <= 1:
+        raise ValueError("masking.mask_ratio must satisfy 0 <= lo <= hi < 1 and mask_probability in [0, 1]")
+    SSLConfig(centering=cfg.ssl.centering, dino_weight=cfg.ssl.dino_weight,
+              ibot_weight=cfg.ssl.ibot_weight, koleo_weight=cfg.ssl.koleo_weight)
+
+
+class _Preempted:
+    """SIGTERM sets a flag; the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread (e.g. some test runners)
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train(cfg: DictConfig, images: Dataset) -> dict:
+    """Pretrain on ``images`` (items: float tensors (1, H, W) in [0, 1]); returns a summary."""
+    validate_config(cfg)
+    device, precision = _device_and_precision(cfg)
+    rank, world = _setup_distributed(device)
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    o = cfg.optim
+    B, accum = int(o.batch_size), int(o.accum_steps)
+    global_batch = B * world * accum
+    steps_per_epoch = int(o.steps_per_epoch or max(1, len(images) // global_batch))
+    total = int(o.epochs * steps_per_epoch)
+    stop_at = min(total, int(o.max_steps)) if o.max_steps else total
+    sched = Schedules.from_config(cfg, total, steps_per_epoch, global_batch)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    groups = build_param_groups(model, o.layer_decay, o.patch_embed_lr_mult)
+    opt = torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), weight_decay=0.0)
+    params = [p for g in groups for p in g["params"]]
+
+    start = 0
+    ckpt_path = out / CKPT_NAME
+    if cfg.train.resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("global_batch") != global_batch:
+            raise ValueError(f"{ckpt_path}: written with global batch {ckpt.get('global_batch')}, "
+                             f"now {global_batch}: resume would not be exact")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = int(ckpt["step"])
+    _broadcast_model(model, world)
+
+    multicrop = _multicrop(cfg)
+    sampler = ResumableSampler(len(images), B, rank, world, cfg.seed, start=start * accum)
+    loader = DataLoader(CropDataset(images, multicrop, cfg.seed), batch_size=B, sampler=sampler,
+                        collate_fn=_list_collate, num_workers=cfg.data.num_workers,
+                        persistent_workers=cfg.data.num_workers > 0)
+    batches = iter(loader)
+    grid = (cfg.crops.global_size // cfg.model.patch_size,) * 2
+    mask_cfg = {"mask_ratio_range": tuple(cfg.masking.mask_ratio),
+                "mask_probability": float(cfg.masking.mask_probability)} if model.do_ibot else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    log_path = out / "log.csv"
+    if rank == 0:
+        _truncate_log(log_path, start)
+    logf = open(log_path, "a", newline="") if rank == 0 else None
+    writer = csv.DictWriter(logf, LOG_FIELDS) if logf else None
+    if writer and log_path.stat().st_size == 0:
+        writer.writeheader()
+    tb = _tensorboard(out) if rank == 0 else None
+
+    def save(step_next: int, logs: dict) -> None:
+        if rank != 0:
+            return
+        save_checkpoint(ckpt_path, {
+            "step": step_next, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "vit_config": model.student["backbone"].cfg.to_dict(),
+            "ssl_config": model.config_dict(), "global_batch": global_batch, "world_size": world,
+            "last_logs": {k: v for k, v in logs.items() if isinstance(v, (int, float, str))},
+        })
+
+    bar = tqdm(total=stop_at, initial=start, desc="pretrain", unit="step",
+               disable=rank != 0 or not cfg.train.progress, dynamic_ncols=True)
+    logs: dict = {}
+    status = "finished"
+    t_last = time.perf_counter()
+    with _Preempted() as pre:
+        for step in range(start, stop_at):
+            torch.manual_seed(_mix(cfg.seed, 2, step, rank))  # drop-path etc.: exact on resume
+            lr, wd = float(sched.lr[step]), float(sched.wd[step])
+            for g in opt.param_groups:
+                frozen = g["is_last_layer"] and step < sched.freeze_last_layer_steps
+                g["lr"] = 0.0 if frozen else lr * g["lr_mult"]
+                g["weight_decay"] = wd * g["wd_mult"]
+            temp = float(sched.teacher_temp[step])
+            model.student.train()
+            acc: dict[str, float] = {}
+            for micro in range(accum):
+                samples = next(batches)
+                gen = torch.Generator().manual_seed(_mix(cfg.seed, 3, step * accum + micro, rank))
+                batch = collate_multicrop(samples, grid, mask_cfg, gen)
+                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, part = model(batch, temp)
+                loss = loss / accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                for k, v in part.items():
+                    acc[k] = acc.get(k, 0.0) + v / accum
+            _average_gradients(params, world)
+            if scaler:
+                scaler.unscale_(opt)
+            if o.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.update_teacher(float(sched.momentum[step]))
+            if cfg.train.verify_sync:
+                acc["sync_diff"] = _sync_diff(model, world)
+
+            now = time.perf_counter()
+            acc.update(step=step, epoch=step // steps_per_epoch, lr=lr, wd=wd,
+                       momentum=float(sched.momentum[step]), teacher_temp=temp,
+                       images_per_s=global_batch / max(now - t_last, 1e-9))
+            acc["collapse"] = collapse_flags(acc, model.dino_loss.out_dim, 2 * B)
+            if "teacher_entropy" in acc:
+                acc["teacher_info"] = acc["teacher_batch_entropy"] - acc["teacher_entropy"]
+            t_last = now
+            logs = acc
+            if writer and (step % cfg.train.log_every == 0 or step == stop_at - 1):
+                writer.writerow({k: _fmt(acc.get(k)) for k in LOG_FIELDS})
+                logf.flush()
+                if tb:
+                    for k in LOG_FIELDS[4:]:
+                        if isinstance(acc.get(k), float):
+                            tb.add_scalar(k, acc[k], step)
+            bar.set_postfix(loss=f"{acc['loss']:.3f}", img_s=f"{acc['images_per_s']:.1f}",
+                            collapse=acc["collapse"], refresh=False)
+            bar.update()
+            done = step + 1
+            if pre.flag:
+                save(done, logs)
+                status = "preempted"
+                break
+            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < stop_at:
+                save(done, logs)
+        else:
+            done = stop_at
+            save(done, logs)
+    bar.close()
+    if logf:
+        logf.close()
+    if tb:
+        tb.close()
+    return {"status": status, "steps": done, "total_steps": total, "checkpoint": str(ckpt_path),
+            "last": logs, "world_size": world, "precision": precision, "device": str(device)}
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Keep only rows before ``start`` so a resumed run's log reads like an uninterrupted one."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, LOG_FIELDS)
+    w.writeheader()
+    for r in rows:
+        if int(r["step"]) < start:
+            w.writerow(r)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: CSV only
+        return None
+    return SummaryWriter(str(out / "tb"))

@@ -1,0 +1,434 @@
+"""The ``features`` job: a manifest or image folder -> frozen encoder features on disk, cached.
+
+``extract_features(encoder_spec, data, out, image_size)`` reads the rows (a manifest, or every
+image under a plain folder), loads each row's first image with :func:`radgen.data.images.load_image`
+(a file that fails is skipped and recorded; the job goes on), preprocesses it like rad-dino at
+``image_size`` and encodes it with :func:`encoder.features.encode`. With ``out`` it writes, each
+atomically and ``meta.json`` last:
+
+* ``features.safetensors``: key ``features``, float32 ``(N, D)``, one row per kept image;
+* ``ids.json``: the N row ids, in order;
+* ``skipped.jsonl``: one record per skipped row (``id`` + the :class:`ImageLoadError` record);
+* ``meta.json``: encoder spec and weights hash, data hash, split, image size, pool, layers, dims,
+  counts, timing.
+
+A later call with the same ``out`` whose ``meta.json`` matches (same encoder *weights*, same rows
+and image files by path/size/mtime, split, image size, pool, layers) loads the files instead of
+recomputing.
+
+Encoder specs (:func:`load_encoder_spec`): a checkpoint file or HF Dinov2 folder (as
+:func:`encoder.checkpoint.load_encoder`), ``random:<arch>:<img_size>:<seed>``, or
+``random-like:<spec>:<seed>``, a seeded random init with exactly the ``ViTConfig`` of ``<spec>``
+(arch, patch size, img_size, registers, ...): the fair untrained control for a pretrained encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from encoder.checkpoint import CheckpointError, load_checkpoint, load_encoder
+from encoder.features import POOLS, encode_batches, feature_dim, resolve_layers
+from encoder.io import atomic_write_bytes, atomic_write_text
+from encoder.processor import RadDinoProcessor
+from encoder.vit import ViTConfig, ViTEncoder
+from radgen.data.images import ImageLoadError, load_image
+from radgen.data.manifest import ManifestError, image_folder_dataset, read_manifest
+
+__all__ = [
+    "FORMAT", "FeatureJobError", "FeatureSet", "extract_features", "load_features",
+    "load_encoder_spec", "encoder_config", "random_encoder", "random_like_spec",
+    "read_rows", "add_features_parser", "cmd_features",
+]
+
+FORMAT = "radgen-features/1"
+FEATURES_FILE, IDS_FILE, SKIPPED_FILE, META_FILE = (
+    "features.safetensors", "ids.json", "skipped.jsonl", "meta.json")
+# meta.json fields that must match for a cached result to be reused
+_CACHE_KEYS = ("format", "encoder_sha256", "data_sha256", "split", "image_size", "pool", "layers")
+
+
+class FeatureJobError(ValueError):
+    """Bad arguments or unusable outputs of the features job; the message says which."""
+
+
+class FeatureSet(tuple):
+    """``(ids, features)``: unpacks as a pair, and also carries ``skipped``, ``meta``, ``cached``."""
+
+    def __new__(cls, ids: list[str], features: np.ndarray, skipped: list[dict], meta: dict,
+                cached: bool = False):
+        self = super().__new__(cls, (ids, features))
+        self.skipped, self.meta, self.cached = skipped, meta, cached
+        return self
+
+    @property
+    def ids(self) -> list[str]:
+        return self[0]
+
+    @property
+    def features(self) -> np.ndarray:
+        return self[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoders from specs
+# ----------------------------------------------------------------------------------------------
+def random_encoder(cfg: ViTConfig | dict, seed: int = 0) -> ViTEncoder:
+    """A randomly initialised ``ViTEncoder(cfg)``; same seed and config -> same weights.
+
+    Seeds a forked RNG, so the caller's global torch RNG is untouched. Equal to what
+    ``load_encoder("random:<arch>:<size>:<seed>")`` builds for the same config.
+    """
+    if isinstance(cfg, dict):
+        cfg = ViTConfig(**cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return ViTEncoder(cfg)
+
+
+def _parse_random(spec: str) -> tuple[ViTConfig, int]:
+    parts = spec.split(":")[1:]
+    if len(parts) > 3:
+        raise FeatureJobError(f"bad encoder spec {spec!r} (expected random:<arch>:<img_size>:<seed>)")
+    defaults = ["vit_small", "224", "0"]
+    parts = [part or default for part, default in zip(parts + defaults[len(parts):], defaults)]
+    try:
+        return ViTConfig(arch=parts[0], img_size=int(parts[1])).resolved(), int(parts[2])
+    except ValueError as exc:
+        raise FeatureJobError(f"bad encoder spec {spec!r}: {exc}") from None
+
+
+def _parse_random_like(spec: str) -> tuple[str, int]:
+    body = spec[len("random-like:"):]
+    source, sep, seed = body.rpartition(":")
+    if not sep or not source or not seed.lstrip("-").isdigit():
+        raise FeatureJobError(f"bad encoder spec {spec!r} (expected random-like:<spec>:<seed>)")
+    return source, int(seed)
+
+
+def random_like_spec(source: str, seed: int) -> str:
+    """The spec of a seeded random init with the same ``ViTConfig`` as the encoder ``source``."""
+    return f"random-like:{source}:{int(seed)}"
+
+
+_CONFIG_MEMO: dict[tuple[str, int, int], ViTConfig] = {}
+
+
+def encoder_config(spec: str) -> ViTConfig:
+    """The (resolved) ``ViTConfig`` an encoder spec builds, reading as little as possible."""
+    spec = str(spec)
+    if spec.startswith("random-like:"):
+        return encoder_config(_parse_random_like(spec)[0])
+    if spec.startswith("random:"):
+        return _parse_random(spec)[0]
+    p = Path(spec)
+    if p.is_file():
+        st = p.stat()
+        memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if memo not in _CONFIG_MEMO:  # training checkpoints are big: read each once
+            ckpt = load_checkpoint(p)
+            if "vit_config" not in ckpt:
+                raise CheckpointError(f"{p}: checkpoint has no vit_config")
+            _CONFIG_MEMO[memo] = ViTConfig(**ckpt["vit_config"]).resolved()
+        return copy.deepcopy(_CONFIG_MEMO[memo])
+    if p.is_dir():
+        return load_encoder(p).cfg
+    raise FeatureJobError(f"encoder {spec!r}: no such checkpoint file or folder "
+                          "(or use random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed>)")
+
+
+def load_encoder_spec(spec: str, which: str = "teacher") -> ViTEncoder:
+    """An encoder from a spec: checkpoint file, HF folder, ``random:...`` or ``random-like:...``."""
+    spec = str(spec)
+    if spec.startswith("random-like:"):
+        source, seed = _parse_random_like(spec)
+        return random_encoder(encoder_config(source), seed)
+    if spec.startswith("random:"):
+        cfg, seed = _parse_random(spec)
+        return random_encoder(cfg, seed)
+    if not Path(spec).exists():
+        raise FeatureJobError(f"encoder {spec!r}: no such checkpoint file or folder "
+                              "(or use random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed>)")
+    return load_encoder(spec, which=which)
+
+
+def _weights_sha256(model: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows
+# ----------------------------------------------------------------------------------------------
+def read_rows(data: str | os.PathLike, split: str | None = None):
+    """A manifest (file, or folder holding one) or, for a plain folder, every image under it."""
+    p = Path(data)
+    if p.is_dir() and not any((p / n).is_file() for n in ("manifest.jsonl", "manifest.csv")):
+        if split is not None:
+            raise FeatureJobError(f"{p}: a plain image folder has no splits (split={split!r})")
+        return image_folder_dataset(p)
+    return read_manifest(p, split=split, check_files=False)  # missing files: skipped and recorded
+
+
+def _data_sha256(ids: Sequence[str], paths: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for rid, path in zip(ids, paths):
+        try:
+            st = os.stat(path)
+            stamp = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamp = None
+        h.update(json.dumps([rid, path, stamp]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _image_batches(ids: list[str], paths: list[str], proc: RadDinoProcessor, batch_size: int,
+                   workers: int, kept: list[str], skipped: list[dict],
+                   progress: bool) -> Iterator[torch.Tensor]:
+    """Preprocessed batches of the loadable images; fills ``kept`` and ``skipped`` as it goes.
+
+    With ``workers > 0`` a thread pool loads the next batch while the current one is encoded.
+    """
+    from tqdm import tqdm
+
+    def load(i: int):
+        try:
+            img, _ = load_image(paths[i])
+        except ImageLoadError as exc:
+            return None, {"id": ids[i], **exc.record()}
+        return proc.one(img), None
+
+    def collect(chunk, pending):
+        results = [f.result() for f in pending] if pool else [load(i) for i in chunk]
+        xs = []
+        for i, (x, err) in zip(chunk, results):
+            if err is None:
+                kept.append(ids[i])
+                xs.append(x)
+            else:
+                skipped.append(err)
+        bar.update(len(chunk))
+        if skipped:
+            bar.set_postfix(skipped=len(skipped))
+        return torch.stack(xs) if xs else None
+
+    chunks = [range(s, min(s + batch_size, len(ids))) for s in range(0, len(ids), batch_size)]
+    pool = ThreadPoolExecutor(workers) if workers > 0 else None
+    try:
+        with tqdm(total=len(ids), desc="features", unit="img", disable=not progress) as bar:
+            prev = None
+            for chunk in chunks:
+                pending = [pool.submit(load, i) for i in chunk] if pool else None
+                if prev is not None:
+                    batch = collect(*prev)
+                    if batch is not None:
+                        yield batch
+                prev = (chunk, pending)
+            if prev is not None:
+                batch = collect(*prev)
+                if batch is not None:
+                    yield batch
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+def load_features(out: str | os.PathLike) -> FeatureSet:
+    """Read a folder written by :func:`extract_features` (checks the features hash and shapes)."""
+    from safetensors.numpy import load as st_load
+
+    out = Path(out)
+    try:
+        meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
+        blob = (out / FEATURES_FILE).read_bytes()
+        ids = json.loads((out / IDS_FILE).read_text(encoding="utf-8"))
+        skipped = [json.loads(line) for line in
+                   (out / SKIPPED_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FeatureJobError(f"{out}: incomplete or unreadable features folder ({exc})") from None
+    if hashlib.sha256(blob).hexdigest() != meta.get("features_sha256"):
+        raise FeatureJobError(f"{out}: {FEATURES_FILE} does not match meta.json (partial write?)")
+    feats = st_load(blob)["features"]
+    if feats.shape != (len(ids), meta.get("dim")):
+        raise FeatureJobError(f"{out}: features {feats.shape} do not match {len(ids)} ids x dim {meta.get('dim')}")
+    return FeatureSet(list(ids), feats, skipped, meta, cached=True)
+
+
+def _write(out: Path, ids: list[str], feats: np.ndarray, skipped: list[dict], meta: dict) -> None:
+    from safetensors.numpy import save as st_save
+
+    out.mkdir(parents=True, exist_ok=True)
+    # meta.json is the commit record: remove the old one first, so a crash part-way never leaves
+    # an old meta.json vouching for new (or half-written) files.
+    (out / META_FILE).unlink(missing_ok=True)
+    blob = st_save({"features": np.ascontiguousarray(feats, dtype=np.float32)},
+                   metadata={"format": FORMAT})
+    atomic_write_bytes(out / FEATURES_FILE, blob)
+    atomic_write_text(out / IDS_FILE, json.dumps(ids, indent=0) + "\n")
+    atomic_write_text(out / SKIPPED_FILE, "".join(json.dumps(r) + "\n" for r in skipped))
+    meta["features_sha256"] = hashlib.sha256(blob).hexdigest()
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------
+def extract_features(
+    encoder_spec: str,
+    data: str | os.PathLike,
+    out: str | os.PathLike | None,
+    image_size: int,
+    batch_size: int = 32,
+    pool: str = "cls",
+    layers: Sequence[int] | int | None = None,
+    split: str | None = None,
+    progress: bool = True,
+    *,
+    workers: int = 0,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+) -> FeatureSet:
+    """Frozen features of every loadable image of ``data``: ``(ids, features (N, D) float32)``.
+
+    Args:
+        encoder_spec: checkpoint file, HF Dinov2 folder, ``random:<arch>:<img_size>:<seed>`` or
+            ``random-like:<spec>:<seed>`` (see :func:`load_encoder_spec`).
+        data: a manifest file, a folder holding ``manifest.jsonl``/``manifest.csv``, or a plain
+            folder of images (every image under it; no splits). Each row's first image is used.
+        out: folder for the outputs and cache (see the module docstring); ``None``: memory only.
+        image_size: shortest edge and centre crop of the rad-dino preprocessing.
+        pool, layers: see :func:`encoder.features.encode`.
+        split: only rows of this split (manifests only).
+        workers: threads loading images while the previous batch is encoded (0: none).
+        device: where the encoder runs (default: CUDA when available, else CPU).
+        overwrite: recompute even when ``out`` holds a matching result.
+
+    Returns:
+        A :class:`FeatureSet`: unpacks as ``ids, feats``; ``.skipped`` lists the rows whose
+        image failed to load (``id``, ``path``, ``error``, ``reason``), ``.meta`` the metadata
+        and ``.cached`` whether the result was read from ``out``.
+    """
+    if pool not in POOLS:
+        raise FeatureJobError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+    if image_size < 1 or batch_size < 1:
+        raise FeatureJobError(f"image_size and batch_size must be positive (got {image_size}, {batch_size})")
+    ds = read_rows(data, split=split)
+    ids = [str(i) for i in ds["id"]]
+    paths = [imgs[0] if imgs else "" for imgs in ds["images"]]
+    model = load_encoder_spec(encoder_spec)
+    try:
+        blocks = resolve_layers(model, layers)
+    except ValueError as exc:
+        raise FeatureJobError(str(exc)) from None
+    key = {"format": FORMAT, "encoder_sha256": _weights_sha256(model),
+           "data_sha256": _data_sha256(ids, paths), "split": split, "image_size": int(image_size),
+           "pool": pool, "layers": blocks}
+
+    if out is not None and not overwrite and (Path(out) / META_FILE).is_file():
+        try:
+            cached = load_features(out)
+        except FeatureJobError as exc:
+            print(f"features: cache at {out} unusable, recomputing ({exc})", file=sys.stderr)
+        else:
+            if all(cached.meta.get(k) == v for k, v in key.items()):
+                return cached
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    proc = RadDinoProcessor(shortest_edge=int(image_size), crop_size=int(image_size))
+    kept: list[str] = []
+    skipped: list[dict] = []
+    t0 = time.perf_counter()
+    batches = _image_batches(ids, paths, proc, batch_size, workers, kept, skipped, progress)
+    feats = encode_batches(model, batches, layers=blocks, pool=pool).numpy().astype(np.float32, copy=False)
+    seconds = time.perf_counter() - t0
+    assert feats.shape[0] == len(kept)
+    meta = {
+        **key,
+        "encoder": str(encoder_spec),
+        "vit_config": asdict(model.cfg),
+        "data": str(Path(data).resolve()),
+        "dim": feature_dim(model, blocks, pool),
+        "embed_dim": model.embed_dim,
+        "n_rows": len(ids),
+        "n_features": int(feats.shape[0]),
+        "n_skipped": len(skipped),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(ids) / seconds, 2) if seconds > 0 else None,
+        "device": str(device),
+    }
+    if out is not None:
+        _write(Path(out), kept, feats, skipped, meta)
+    return FeatureSet(kept, feats, skipped, meta, cached=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (wired into radgen/cli.py by add_features_parser)
+# ----------------------------------------------------------------------------------------------
+def add_features_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``radgen features`` on an ``add_subparsers()`` object; returns the parser."""
+    p = subparsers.add_parser(
+        "features", help="frozen encoder features of a manifest or image folder (cached)",
+        description="Encode every image of a manifest (or plain folder) with a frozen encoder and "
+                    "write features.safetensors, ids.json, skipped.jsonl and meta.json to --out. "
+                    "A matching earlier result in --out is reused.")
+    p.add_argument("--encoder", required=True, metavar="SPEC",
+                   help="checkpoint file, HF Dinov2 folder, random:<arch>:<img_size>:<seed> or "
+                        "random-like:<spec>:<seed>")
+    p.add_argument("--data", required=True, metavar="PATH", help="manifest file, folder with a manifest, or image folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output (and cache) folder")
+    p.add_argument("--image-size", type=int, default=224, help="preprocessing size (default 224)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--pool", choices=POOLS, default="cls", help="token pooling (default cls)")
+    p.add_argument("--layers", type=int, nargs="+", metavar="I",
+                   help="concatenate these blocks' outputs (e.g. -4 -3 -2 -1); default: final output")
+    p.add_argument("--split", help="only rows of this split (train/validate/test)")
+    p.add_argument("--workers", type=int, default=0, help="image-loading threads (default 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="recompute even if --out holds a matching result")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_features)
+    return p
+
+
+def cmd_features(args) -> int:
+    try:
+        fs = extract_features(args.encoder, args.data, args.out, args.image_size,
+                              batch_size=args.batch_size, pool=args.pool, layers=args.layers,
+                              split=args.split, progress=not args.quiet, workers=args.workers,
+                              device=args.device, overwrite=args.overwrite)
+    except (FeatureJobError, CheckpointError, ManifestError) as exc:
+        print(f"radgen features: error: {exc}", file=sys.stderr)
+        return 2
+    m = fs.meta
+    how = "cached" if fs.cached else f"{m['seconds']:.1f} s, {m['images_per_s']} img/s"
+    print(f"features: {len(fs.ids)} x {m['dim']} ({m['pool']}, layers {m['layers'] or 'final'}, "
+          f"image {m['image_size']}) -> {args.out}  [{how}]")
+    if fs.skipped:
+        print(f"skipped {len(fs.skipped)} unreadable image(s); see {Path(args.out) / SKIPPED_FILE}",
+              file=sys.stderr)
+    return 0

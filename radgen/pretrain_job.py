@@ -1,0 +1,41 @@
+"""``radgen pretrain-encoder``: files -> image Dataset -> ``encoder.train.train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from radgen.config import ConfigError
+from radgen.data.manifest import image_folder_dataset, read_manifest
+from radgen.data.torch_datasets import ImageTensorDataset
+
+__all__ = ["image_paths", "run_pretrain"]
+
+
+def image_paths(path: str, split: str | None) -> list[str]:
+    """All image paths of a manifest (one split) or an image folder."""
+    p = Path(path)
+    is_manifest = p.is_file() or (p.is_dir() and any((p / n).is_file() for n in ("manifest.jsonl", "manifest.csv")))
+    if is_manifest:
+        ds = read_manifest(p, split=split)
+        paths = [q for imgs in ds["images"] for q in imgs]
+    else:
+        paths = [imgs[0] for imgs in image_folder_dataset(p)["images"]]
+    if not paths:
+        raise ConfigError(f"pretrain-encoder: no images in {path}" + (f" (split {split})" if split else ""))
+    return paths
+
+
+def run_pretrain(cfg: DictConfig) -> dict:
+    from encoder.train import train, validate_config
+
+    if not cfg.data.path:
+        raise ConfigError("pretrain-encoder: 'data.path' (manifest or image folder) is required")
+    try:
+        validate_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    paths = image_paths(cfg.data.path, cfg.data.split)
+    images = ImageTensorDataset(paths, image_size=cfg.data.image_size, cache=cfg.data.cache)
+    return train(cfg, images)

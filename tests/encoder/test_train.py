@@ -1,0 +1,170 @@
+"""Pretraining mechanics on tiny runs: schedules, exact resume, torchrun sync, collapse monitors."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from encoder.checkpoint import load_checkpoint, load_encoder
+from encoder.train import build_param_groups, build_model, cosine_schedule, train
+from radgen.config import load_config
+
+TINY = [
+    "model.arch=vit_tiny", "model.embed_dim=48", "model.depth=2", "model.num_heads=3",
+    "model.img_size=56", "model.drop_path_rate=0.1", "model.layerscale_init=0.1",
+    "ssl.out_dim=64", "ssl.hidden_dim=64", "ssl.bottleneck_dim=32",
+    "crops.global_size=56", "crops.local_size=28", "crops.n_local=2",
+    "optim.batch_size=4", "optim.epochs=4", "optim.steps_per_epoch=4", "optim.warmup_epochs=1",
+    "optim.freeze_last_layer_epochs=1", "teacher.warmup_temp_epochs=1", "teacher.momentum=0.9",
+    "data.image_size=64", "train.progress=false", "train.checkpoint_every=0", "train.log_every=1",
+]
+
+
+def _images(n: int = 24, seed: int = 0) -> list[torch.Tensor]:
+    """Smooth random 'radiographs' (1, 64, 64) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 1, 6, 6, generator=g)
+    return list(torch.nn.functional.interpolate(low, size=64, mode="bicubic").clamp(0, 1))
+
+
+def _cfg(out: Path, *extra: str):
+    return load_config("encoder", [], [f"out={out}", *TINY, *extra])
+
+
+def _log(out: Path) -> list[dict]:
+    with open(out / "log.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cosine_schedule():
+    s = cosine_schedule(1.0, 0.0, 10, warmup=2)
+    assert len(s) == 10 and s[0] == 0.0 and s[2] == pytest.approx(1.0)
+    assert np.all(np.diff(s[2:]) <= 0) and s[-1] > 0.0
+
+
+def test_param_groups_layer_decay_and_no_weight_decay(tmp_path: Path):
+    model = build_model(_cfg(tmp_path))
+    groups = build_param_groups(model, layer_decay=0.5, patch_embed_lr_mult=0.2)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    bb = model.student["backbone"]
+    depth = len(bb.blocks)
+    assert by_param[id(bb.blocks[depth - 1].mlp.fc1.weight)]["lr_mult"] == pytest.approx(0.5)
+    assert by_param[id(bb.blocks[0].mlp.fc1.weight)]["lr_mult"] == pytest.approx(0.5**depth)
+    assert by_param[id(bb.patch_embed.proj.weight)]["lr_mult"] == pytest.approx(0.5 ** (depth + 1) * 0.2)
+    assert by_param[id(bb.blocks[0].attn.qkv.bias)]["wd_mult"] == 0.0
+    assert by_param[id(bb.pos_embed)]["wd_mult"] == 0.0
+    assert by_param[id(bb.blocks[0].attn.qkv.weight)]["wd_mult"] == 1.0
+    last = [g for g in groups if g["is_last_layer"]]
+    assert last and all(".last_layer." in n for n, p in model.student.named_parameters()
+                        if any(p is q for g in last for q in g["params"]))
+
+
+def test_exact_resume(tmp_path: Path):
+    """2N steps in one run == N steps, stop, resume, N more (losses and weights)."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    images = _images()
+    train(_cfg(full, "optim.max_steps=8"), images)
+    train(_cfg(split, "optim.max_steps=4"), images)
+    assert load_checkpoint(split / "checkpoint.pt")["step"] == 4
+    train(_cfg(split, "optim.max_steps=8"), images)
+    a, b = _log(full), _log(split)
+    assert [r["step"] for r in b] == [str(i) for i in range(8)]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "dino", "ibot", "koleo"):
+            assert abs(float(ra[k]) - float(rb[k])) <= 1e-6 * max(1.0, abs(float(ra[k])))
+    wa = load_checkpoint(full / "checkpoint.pt")["model"]
+    wb = load_checkpoint(split / "checkpoint.pt")["model"]
+    assert wa.keys() == wb.keys()
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) <= 1e-6
+    # The checkpoint rebuilds its own encoder.
+    enc = load_encoder(full / "checkpoint.pt")
+    assert enc(torch.zeros(1, 3, 56, 56))["cls"].shape == (1, 48)
+
+
+def test_last_layer_frozen_in_first_epoch(tmp_path: Path):
+    out = tmp_path / "f"
+    cfg = _cfg(out, "optim.max_steps=3")
+    torch.manual_seed(cfg.seed)
+    before = build_model(cfg).student["dino_head"].last_layer.parametrizations.weight.original1.clone()
+    train(cfg, _images())
+    after = load_checkpoint(out / "checkpoint.pt")["model"]["student.dino_head.last_layer.parametrizations.weight.original1"]
+    assert torch.equal(before, after)
+
+
+def test_loss_falls_and_monitors_healthy(tmp_path: Path):
+    """The cpu_tiny-style recipe (low fixed teacher temperature, no LayerScale damping) on a
+    tiny run: the loss falls well below its start and the monitors end healthy."""
+    out = tmp_path / "h"
+    train(_cfg(out, "optim.epochs=10", "optim.steps_per_epoch=4", "model.layerscale_init=1.0",
+               "teacher.warmup_temp=0.01", "teacher.temp=0.01", "optim.lr_scaling=none",
+               "optim.base_lr=0.001"), _images(32))
+    rows = _log(out)
+    first = float(rows[0]["loss"])
+    late = [float(r["loss"]) for r in rows[-10:]]
+    assert np.mean(late) < 0.8 * first, f"loss did not fall: {first:.3f} -> {np.mean(late):.3f}"
+    assert sum(r["collapse"] == "ok" for r in rows[-10:]) >= 5
+    assert float(rows[-1]["teacher_info"]) > 0.3
+
+
+def test_collapse_flagged_with_hot_teacher_and_no_centring(tmp_path: Path):
+    out = tmp_path / "c"
+    train(_cfg(out, "optim.max_steps=6", "ssl.center_momentum=1.0", "teacher.temp=5.0",
+               "teacher.warmup_temp=5.0"), _images())
+    rows = _log(out)
+    assert rows[-1]["collapse"] == "uniform"
+
+
+def test_sigterm_saves_checkpoint(tmp_path: Path):
+    """Preemption: SIGTERM during training writes a checkpoint at the step reached."""
+    data = tmp_path / "imgs"
+    data.mkdir()
+    from PIL import Image
+
+    for i, im in enumerate(_images(16)):
+        Image.fromarray((im[0].numpy() * 255).astype(np.uint8)).save(data / f"{i}.png")
+    exe = Path(sys.executable).parent / "radgen"
+    out = tmp_path / "p"
+    proc = subprocess.Popen([str(exe), "pretrain-encoder", "--data", str(data), "--out", str(out), *TINY,
+                             "optim.epochs=1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "log.csv").is_file():
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.terminate()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "preempted" in stdout
+    step = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert step >= 1 and len(_log(out)) == step
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_stay_identical(tmp_path: Path):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    from PIL import Image
+
+    for i, im in enumerate(_images(16)):
+        Image.fromarray((im[0].numpy() * 255).astype(np.uint8)).save(data / f"{i}.png")
+    bindir = Path(sys.executable).parent
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([str(bindir / "torchrun"), "--standalone", "--nproc_per_node=2",
+                          str(bindir / "radgen"), "pretrain-encoder", "--data", str(data), "--out", str(out),
+                          *TINY, "optim.max_steps=4", "train.verify_sync=true", "optim.batch_size=2"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _log(out)
+    assert len(rows) == 4
+    assert all(float(r["sync_diff"]) == 0.0 for r in rows)
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck["world_size"] == 2 and ck["global_batch"] == 4
