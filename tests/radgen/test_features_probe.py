@@ -231,3 +231,18 @@ def test_cli_parsers(synth: Path, ckpt: Path, tmp_path: Path, capsys):
     assert enc == {"random-0": "random:vit_tiny:112:0", "random-1": "random:vit_tiny:112:1"} and size == 112
     args = parser.parse_args(["probe", "--data", str(synth), "--random-seeds", "1"])
     assert args.func(args) == 2 and "random-arch" in capsys.readouterr().err
+
+
+def test_pretrain_study_end_to_end(tmp_path):
+    """One command: synthesise, pretrain a tiny encoder, probe it against random inits and pixels."""
+    from radgen.study_job import run_study
+
+    tiny = ["model.arch=vit_tiny", "model.embed_dim=48", "model.depth=2", "model.num_heads=3",
+            "model.img_size=56", "ssl.out_dim=32", "ssl.hidden_dim=64", "ssl.bottleneck_dim=32",
+            "crops.global_size=56", "crops.local_size=28", "crops.n_local=2", "optim.batch_size=8",
+            "optim.max_steps=3", "data.image_size=64", "data.cache=true", "train.checkpoint_every=0"]
+    table = run_study(str(tmp_path / "study"), ["cpu_tiny"], tiny, n=80, size=64, random_seeds=2,
+                      n_resamples=50, progress=False)
+    assert "pretrained" in table and "random-1" in table and "pixels-32" in table
+    assert (tmp_path / "study" / "study.md").is_file() and (tmp_path / "study" / "study.json").is_file()
+    assert (tmp_path / "study" / "pretrain" / "checkpoint.pt").is_file()
