@@ -275,9 +275,9 @@ def build_model(cfg: DictConfig) -> SSLMetaArch:
             loaded = load_hf_dinov2(src)
             sd = loaded.state_dict()
             if sd["pos_embed"].shape != backbone.pos_embed.shape:
-                from encoder.weights import _resize_pos_embed
+                from encoder.weights import resize_pos_embed
 
-                sd["pos_embed"] = _resize_pos_embed(sd["pos_embed"], backbone.pos_embed.shape[1] - 1)
+                sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], backbone.pos_embed.shape[1] - 1)
             backbone.load_state_dict(sd)
         else:
             load_dinov2_checkpoint(backbone, src)

@@ -32,6 +32,7 @@ __all__ = [
     "load_dinov2_checkpoint",
     "hf_to_ours",
     "ours_to_hf",
+    "resize_pos_embed",
     "RAD_DINO_PREPROCESSOR",
 ]
 
@@ -260,11 +261,12 @@ def load_dinov2_checkpoint(model: ViTEncoder, path: str | os.PathLike, strict: b
     if pe is not None and pe.shape != model.pos_embed.shape:
         if pe.shape[1] == model.pos_embed.shape[1] - 1:  # timm no_embed_class: no CLS position
             pe = torch.cat([torch.zeros_like(pe[:, :1]), pe], dim=1)
-        sd["pos_embed"] = _resize_pos_embed(pe, model.pos_embed.shape[1] - 1)
+        sd["pos_embed"] = resize_pos_embed(pe, model.pos_embed.shape[1] - 1)
     return _load_strict(model, sd, where=str(path), strict=strict)
 
 
-def _resize_pos_embed(pe: torch.Tensor, n_new: int) -> torch.Tensor:
+def resize_pos_embed(pe: torch.Tensor, n_new: int) -> torch.Tensor:
+    """(1, 1 + g0*g0, C) position embeddings -> (1, 1 + n_new, C) by bicubic resampling of the grid."""
     import torch.nn.functional as F
 
     g0, g1 = int(round((pe.shape[1] - 1) ** 0.5)), int(round(n_new**0.5))

@@ -17,7 +17,7 @@ from eval.probes.linear import ProbeResult, logistic_probe
 from radgen.data.images import load_image
 from radgen.data.manifest import read_manifest
 
-__all__ = ["pixel_features", "pixel_baseline", "format_probe_table"]
+__all__ = ["binary_targets", "pixel_features", "pixel_baseline", "format_probe_table"]
 
 
 def pixel_features(paths: list[str], size: int = 32, progress: bool = False) -> np.ndarray:
@@ -30,7 +30,7 @@ def pixel_features(paths: list[str], size: int = 32, progress: bool = False) -> 
     return out
 
 
-def _targets(ds) -> dict[str, np.ndarray]:
+def binary_targets(ds) -> dict[str, np.ndarray]:
     """Binary targets: each observation (1 = positive, uncertain rows dropped later) and sex."""
     t = {k: np.array([np.nan if v == -1 else float(v == 1) for v in ds[k]]) for k in CHEXPERT_14}
     t["sex (F)"] = np.array([np.nan if s is None else float(s == "F") for s in ds["sex"]])
@@ -47,7 +47,7 @@ def pixel_baseline(manifest: str | os.PathLike, size: int = 32, min_pos: int = 5
     x = pixel_features([imgs[0] for imgs in ds["images"]], size=size, progress=progress)
     tr, te = split == "train", np.isin(split, ["validate", "test"])
     results = []
-    for name, y in _targets(ds).items():
+    for name, y in binary_targets(ds).items():
         ok = ~np.isnan(y)
         ytr, yte = y[tr & ok], y[te & ok]
         if min(ytr.sum(), (1 - ytr).sum(), yte.sum(), (1 - yte).sum()) < min_pos:

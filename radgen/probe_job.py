@@ -28,7 +28,7 @@ import numpy as np
 from encoder.checkpoint import CheckpointError
 from encoder.io import atomic_write_text
 from eval.probes.linear import logistic_probe
-from radgen.baselines import _targets, pixel_features
+from radgen.baselines import binary_targets, pixel_features
 from radgen.data.images import ImageLoadError
 from radgen.data.manifest import ManifestError, read_manifest
 from radgen.features_job import (FeatureJobError, encoder_config, extract_features,
@@ -100,7 +100,7 @@ def probe_study(
         given, pixels last.
     """
     ds = read_manifest(data, check_files=False)
-    all_targets = _targets(ds)
+    all_targets = binary_targets(ds)
     unknown = [t for t in targets if t not in all_targets]
     if unknown:
         raise ProbeStudyError(f"unknown target(s) {unknown}; choose from {sorted(all_targets)}")

@@ -168,3 +168,21 @@ def test_torchrun_two_ranks_stay_identical(tmp_path: Path):
     assert all(float(r["sync_diff"]) == 0.0 for r in rows)
     ck = load_checkpoint(out / "checkpoint.pt")
     assert ck["world_size"] == 2 and ck["global_batch"] == 4
+
+
+def test_init_from_hf_folder_and_dinov2_pth(tmp_path: Path):
+    """model.init_from starts pretraining from published-layout weights (as RAD-DINO did)."""
+    from encoder.vit import ViTConfig, ViTEncoder
+    from encoder.weights import save_hf_dinov2
+
+    torch.manual_seed(3)
+    src = ViTEncoder(ViTConfig(arch="vit_tiny", embed_dim=48, depth=2, num_heads=3, img_size=112,
+                               layerscale_init=0.1))
+    save_hf_dinov2(src, tmp_path / "hf")
+    torch.save(src.state_dict(), tmp_path / "dinov2.pth")
+    for init in (tmp_path / "hf", tmp_path / "dinov2.pth"):
+        model = build_model(_cfg(tmp_path / "o", f"model.init_from={init}"))
+        bb = model.student["backbone"]
+        assert torch.equal(bb.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+        assert bb.pos_embed.shape == (1, 1 + 16, 48)  # 112-px grid resized to the 56-px model
+        assert torch.equal(model.teacher["backbone"].blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
