@@ -103,7 +103,6 @@ def render(c: Case, size: int) -> Rendered:
     x, y, px = g.x, g.y, g.px
     rng = np.random.default_rng(c.n_marking_seeds)
     W = a.W
-    ones = np.ones_like(x)
 
     # ---- soft tissue: trunk with shoulders and neck --------------------------------------------
     B = W + c.body_margin
@@ -206,7 +205,7 @@ def render(c: Case, size: int) -> Rendered:
             ya = y0 + 0.18 + 0.28 * np.clip(1 - u, 0, None) ** 1.6
             bone += 0.06 * _band(y - ya, 0.6 * th, px) * _soft(0.3 - u, px * 4) * lateral_ok
         # clavicle
-        cl_y = c.apex_y - 0.08 + (0.05 if c.view == "AP" else 0.0) * 0 - 0.02
+        cl_y = c.apex_y - 0.10
         ycl = cl_y - 0.07 * u + 0.03 * np.sin(np.pi * u * 1.5)
         bone += 0.35 * _band(y - ycl, 0.028, px) * _soft(0.08 - xs, px) * _soft(xs - 0.75 * W * 1.1, px)
         # scapula over the upper lateral lung (AP views keep it in the field)
@@ -248,7 +247,6 @@ def render(c: Case, size: int) -> Rendered:
                     ly = dome - 0.04 - j * 0.035
                     seg = _band(y - ly, 0.004, px) * _soft(np.abs(xs - (W - 0.05)) - 0.045, px)
                     opac += 0.5 * w * seg * lung_occ[s]
-            mark_mask = mark_mask  # vessels stay, but blurred by the haze
         elif f.kind == "Lung Lesion":
             s = f.side
             zone_y = {"upper": 0.25, "mid": 0.5, "lower": 0.72}[f.extra["zone"]]
@@ -305,7 +303,6 @@ def render(c: Case, size: int) -> Rendered:
     mask[lung_occ["right"] >= 0.5] = MASK_RIGHT_LUNG
     mask[lung_occ["left"] >= 0.5] = MASK_LEFT_LUNG
     mask[heart_occ >= 0.5] = MASK_HEART
-    del ones
     return Rendered(image=img, mask=mask)
 
 
