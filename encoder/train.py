@@ -9,9 +9,9 @@ Exactness: every random draw of a step is derived from ``(seed, step, rank)`` â€
 masks (a generator per micro-batch) and the global RNG used by drop-path (reseeded every step) â€”
 so a run resumed from a checkpoint follows the same trajectory as one that never stopped.
 
-Data parallelism: every rank computes gradients on its shard, then gradients are averaged with
-one all-reduce before clipping and the optimiser step (what DDP does, without overlapping the
-communication with the backward pass); all collectives are skipped in a single process.
+Data parallelism (``train.strategy``, see ``encoder/distributed.py``): ``ddp`` replicates the
+model and averages gradients with one all-reduce before clipping; ``fsdp`` shards student and
+teacher with FSDP2. All collectives are skipped in a single process.
 """
 
 from __future__ import annotations
@@ -27,13 +27,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from encoder.augment import MultiCrop, MultiCropConfig, collate_multicrop
 from encoder.checkpoint import load_checkpoint, save_checkpoint
+from encoder.distributed import (
+    average_gradients,
+    broadcast_model,
+    full_state,
+    load_full_state,
+    resolve_strategy,
+    setup_distributed,
+    shard_ssl_model,
+    sync_diff,
+)
 from encoder.io import atomic_write_text
 from encoder.ssl import SSLConfig, SSLMetaArch
 from encoder.vit import ViTConfig, ViTEncoder
@@ -192,54 +201,6 @@ def _list_collate(x):
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed helpers (guarded: a single process never touches torch.distributed)
-# ----------------------------------------------------------------------------------------------
-def _setup_distributed(device: torch.device) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    if world == 1:
-        return
-    # Every rank must reduce the same tensors: a parameter unused on one rank (e.g. the mask
-    # token when none of its crops was masked) contributes zeros there.
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
-        offset += n
-
-
-def _sync_diff(model: torch.nn.Module, world: int) -> float:
-    """Largest difference across ranks of per-tensor float64 checksums (0.0 = identical)."""
-    sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values()])
-    if world == 1:
-        return 0.0
-    gathered = [torch.zeros_like(sums) for _ in range(world)]
-    dist.all_gather(gathered, sums)
-    return float(max((g - gathered[0]).abs().max() for g in gathered))
-
-
-def _broadcast_model(model: torch.nn.Module, world: int) -> None:
-    if world == 1:
-        return
-    for t in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(t.data, src=0)
-
-
-# ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 def _device_and_precision(cfg: DictConfig) -> tuple[torch.device, str]:
@@ -343,7 +304,8 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     """Pretrain on ``images`` (items: float tensors (1, H, W) in [0, 1]); returns a summary."""
     validate_config(cfg)
     device, precision = _device_and_precision(cfg)
-    rank, world = _setup_distributed(device)
+    rank, world = setup_distributed(device)
+    strategy = resolve_strategy(cfg.train.strategy, world)
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -359,6 +321,9 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
+    broadcast_model(model, world)  # before sharding, so every rank shards the same weights
+    if strategy == "fsdp":
+        shard_ssl_model(model, device)
     groups = build_param_groups(model, o.layer_decay, o.patch_embed_lr_mult)
     opt = torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), weight_decay=0.0)
     params = [p for g in groups for p in g["params"]]
@@ -370,10 +335,8 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
         if ckpt.get("global_batch") != global_batch:
             raise ValueError(f"{ckpt_path}: written with global batch {ckpt.get('global_batch')}, "
                              f"now {global_batch}: resume would not be exact")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        load_full_state(model, opt, ckpt["model"], ckpt["optimizer"])
         start = int(ckpt["step"])
-    _broadcast_model(model, world)
 
     multicrop = _multicrop(cfg)
     sampler = ResumableSampler(len(images), B, rank, world, cfg.seed, start=start * accum)
@@ -397,10 +360,11 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     tb = _tensorboard(out) if rank == 0 else None
 
     def save(step_next: int, logs: dict) -> None:
+        model_sd, opt_sd = full_state(model, opt)  # collective under FSDP: every rank calls it
         if rank != 0:
             return
         save_checkpoint(ckpt_path, {
-            "step": step_next, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "step": step_next, "model": model_sd, "optimizer": opt_sd, "strategy": strategy,
             "config": OmegaConf.to_container(cfg, resolve=True),
             "vit_config": model.student["backbone"].cfg.to_dict(),
             "ssl_config": model.config_dict(), "global_batch": global_batch, "world_size": world,
@@ -434,7 +398,8 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
                 (scaler.scale(loss) if scaler else loss).backward()
                 for k, v in part.items():
                     acc[k] = acc.get(k, 0.0) + v / accum
-            _average_gradients(params, world)
+            if strategy == "ddp":
+                average_gradients(params, world)  # FSDP has already reduce-scattered them
             if scaler:
                 scaler.unscale_(opt)
             if o.clip_grad:
@@ -447,7 +412,7 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
             opt.zero_grad(set_to_none=True)
             model.update_teacher(float(sched.momentum[step]))
             if cfg.train.verify_sync:
-                acc["sync_diff"] = _sync_diff(model, world)
+                acc["sync_diff"] = sync_diff(model, world)
 
             now = time.perf_counter()
             acc.update(step=step, epoch=step // steps_per_epoch, lr=lr, wd=wd,
@@ -484,7 +449,7 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     if tb:
         tb.close()
     return {"status": status, "steps": done, "total_steps": total, "checkpoint": str(ckpt_path),
-            "last": logs, "world_size": world, "precision": precision, "device": str(device)}
+            "last": logs, "rank": rank, "world_size": world, "strategy": strategy, "precision": precision, "device": str(device)}
 
 
 def _fmt(v):

@@ -166,15 +166,19 @@ def cmd_pretrain(args) -> int:
     flags += [f"out={args.out}"] if args.out else []
     cfg = load_config("encoder", args.config, flags + list(args.overrides))
     summary = run_pretrain(cfg)
+    code = 143 if summary["status"] == "preempted" else 0
+    if summary["rank"] != 0:  # one summary per job, not one per torchrun rank
+        return code
     last = summary["last"]
     print(f"pretrain-encoder: {summary['status']} at step {summary['steps']}/{summary['total_steps']} "
-          f"({summary['device']}, {summary['precision']}, world size {summary['world_size']})")
+          f"({summary['device']}, {summary['precision']}, world size {summary['world_size']}, "
+          f"{summary['strategy']})")
     if last:
         print("  last step: " + ", ".join(f"{k} {last[k]:.4g}" for k in
                                           ("loss", "dino", "ibot", "koleo", "teacher_entropy", "cls_std")
                                           if isinstance(last.get(k), float)) + f", collapse {last.get('collapse')}")
     print(f"  checkpoint: {summary['checkpoint']}")
-    return 143 if summary["status"] == "preempted" else 0
+    return code
 
 
 def cmd_pixel_baseline(args) -> int:

@@ -1,0 +1,132 @@
+"""Data parallelism for pretraining: one process, DDP-style replication, or FSDP sharding.
+
+Guarded throughout: with one process nothing here touches ``torch.distributed``.
+
+* ``ddp``: every rank holds the whole model; gradients are averaged with one flat all-reduce
+  before clipping (what DDP does, without overlapping communication with backward).
+* ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every transformer block, each
+  backbone and each head of *both* student and teacher the same way, so the teacher EMA is a
+  shard-local update and no rank ever holds a whole copy. Gradients are reduce-scattered
+  (averaged) by FSDP itself. For ViT-L/g on many GPUs this is what keeps memory per GPU flat.
+
+Checkpoints are written in one format whatever the strategy: full (unsharded) model and optimizer
+state dicts keyed by parameter name (``torch.distributed.checkpoint.state_dict``), so a run can
+be resumed under a different world size or strategy only if the global batch is unchanged (the
+loop checks) and any checkpoint loads into a plain module for feature extraction.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+__all__ = ["STRATEGIES", "setup_distributed", "resolve_strategy", "shard_ssl_model", "average_gradients",
+           "broadcast_model", "sync_diff", "full_state", "load_full_state"]
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun describes; ``(rank, world)`` (``(0, 1)`` without torchrun)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolve_strategy(strategy: str, world: int) -> str:
+    """``single`` for one process; ``auto`` means ``ddp`` (ViT-B fits on any GPU that trains it)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"train.strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if world == 1:
+        return "single"
+    return "ddp" if strategy == "auto" else strategy
+
+
+def shard_ssl_model(model: nn.Module, device: torch.device) -> None:
+    """Apply FSDP2 in place: blocks first, then each backbone and head (student and teacher alike).
+
+    Student and teacher get the same sharding, so parameter i of the student and of the teacher
+    are shards of the same shape on every rank and the EMA needs no communication.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for branch in (model.student, model.teacher):
+        for blk in branch["backbone"].blocks:
+            fully_shard(blk, mesh=mesh, reshard_after_forward=True)
+        for name in branch.keys():
+            # reshard_after_forward=True also for these top-level modules: FSDP2 keeps a root
+            # unsharded after forward until its backward, which the teacher never runs.
+            fully_shard(branch[name], mesh=mesh, reshard_after_forward=True)
+
+
+def average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """DDP-style mean of gradients over ranks with one flat all-reduce."""
+    if world == 1:
+        return
+    # Every rank must reduce the same tensors: a parameter unused on one rank contributes zeros.
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def broadcast_model(model: nn.Module, world: int) -> None:
+    """Rank 0's weights and buffers everywhere (before sharding, so FSDP shards agree)."""
+    if world == 1:
+        return
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def sync_diff(model: nn.Module, world: int) -> float:
+    """Largest difference across ranks of per-tensor float64 checksums of the *full* weights (0.0 = identical)."""
+    if world == 1:
+        return 0.0
+    sums = torch.stack([_full(t.detach()).double().sum().cpu() for t in model.state_dict().values()])
+    gathered = [torch.zeros_like(sums) for _ in range(world)]
+    if dist.get_backend() == "nccl":
+        sums, gathered = sums.cuda(), [g.cuda() for g in gathered]
+    dist.all_gather(gathered, sums)
+    return float(max((g - gathered[0]).abs().max() for g in gathered))
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded CPU model and optimizer state dicts keyed by parameter name (collective under FSDP)."""
+    return get_model_state_dict(model, options=_FULL), get_optimizer_state_dict(model, opt, options=_FULL)
+
+
+def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, model_sd: dict, opt_sd: dict) -> None:
+    """Inverse of :func:`full_state`; works on plain, replicated and sharded models alike."""
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, opt, opt_sd, options=opts)
