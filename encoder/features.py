@@ -5,7 +5,9 @@ pools its output tokens into one vector per image:
 
 * ``"cls"``: the CLS token after the final LayerNorm (DINOv2's linear-probe feature);
 * ``"mean"``: the mean of the patch tokens (registers excluded);
-* ``"cls+mean"``: both, concatenated (``2 * C``).
+* ``"cls+mean"``: both, concatenated (``2 * C``);
+* ``"cls+grid2"``: CLS and the patch tokens average-pooled on a 2×2 grid of the image
+  (``5 * C``) — keeps coarse layout (heart vs lung bases, left vs right) that a global mean loses.
 
 With ``layers`` the pooled outputs of the chosen blocks (each through the final LayerNorm, as
 DINOv2's ``get_intermediate_layers(norm=True)``) are concatenated in the order given, so
@@ -25,7 +27,8 @@ from encoder.vit import ViTEncoder
 
 __all__ = ["POOLS", "encode", "encode_batches", "feature_dim", "resolve_layers"]
 
-POOLS = ("cls", "mean", "cls+mean")
+POOLS = ("cls", "mean", "cls+mean", "cls+grid2")
+_POOL_TOKENS = {"cls": 1, "mean": 1, "cls+mean": 2, "cls+grid2": 5}  # feature = tokens * C
 
 
 def resolve_layers(model: ViTEncoder, layers: Sequence[int] | int | None) -> list[int] | None:
@@ -63,12 +66,20 @@ def feature_dim(model: ViTEncoder, layers: Sequence[int] | int | None = None, po
     """Length of the feature vector :func:`encode` returns for these settings."""
     _check_pool(pool)
     blocks = resolve_layers(model, layers)
-    return model.embed_dim * (2 if pool == "cls+mean" else 1) * (1 if blocks is None else len(blocks))
+    return model.embed_dim * _POOL_TOKENS[pool] * (1 if blocks is None else len(blocks))
 
 
 def _pool(out: dict[str, Tensor], pool: str) -> Tensor:
     if pool == "cls":
         return out["cls"]
+    if pool == "cls+grid2":
+        p = out["patches"]  # (B, h*w, C), row-major; probe images are square
+        B, N, C = p.shape
+        side = int(round(N ** 0.5))
+        if side * side != N:
+            raise ValueError(f"pool 'cls+grid2' needs a square patch grid, got {N} patches")
+        grid = torch.nn.functional.adaptive_avg_pool2d(p.transpose(1, 2).reshape(B, C, side, side), 2)
+        return torch.cat([out["cls"], grid.flatten(2).transpose(1, 2).reshape(B, 4 * C)], dim=-1)
     mean = out["patches"].mean(dim=1)
     if pool == "mean":
         return mean

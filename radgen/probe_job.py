@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from encoder.checkpoint import CheckpointError
+from encoder.features import POOLS
 from encoder.io import atomic_write_text
 from eval.probes.linear import logistic_probe
 from radgen.baselines import binary_targets, pixel_features
@@ -251,7 +252,7 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--min-pos", type=int, default=5, help="minimum positives/negatives per split (default 5)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--pool", choices=("cls", "mean", "cls+mean"), default="cls")
+    p.add_argument("--pool", choices=POOLS, default="cls")
     p.add_argument("--layers", type=int, nargs="+", metavar="I", help="concatenate these blocks (e.g. -4 -3 -2 -1)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--out", metavar="DIR", help="write probe.json and probe.md here (features cached in DIR/features)")

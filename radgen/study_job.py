@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from encoder.features import POOLS
 from encoder.io import atomic_write_text
 from radgen.config import load_config
 from radgen.features_job import random_like_spec
@@ -21,7 +22,7 @@ __all__ = ["add_study_parser", "run_study"]
 
 def run_study(out: str, configs: list[str], overrides: list[str], data: str | None = None,
               n: int = 2000, size: int = 128, synth_seed: int = 1, random_seeds: int = 3,
-              n_resamples: int = 1000, pool: str = "cls+mean", progress: bool = True) -> str:
+              n_resamples: int = 1000, pool: str = "cls+grid2", progress: bool = True) -> str:
     out_p = Path(out)
     if data is None:
         data = str(out_p / "synth")
@@ -64,8 +65,9 @@ def add_study_parser(subparsers):
     p.add_argument("--size", type=int, default=128, help="synthetic image size (default 128)")
     p.add_argument("--random-seeds", type=int, default=3, help="random-init encoders (default 3)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--pool", default="cls+mean", choices=["cls", "mean", "cls+mean"],
-                   help="frozen features: CLS, mean patch token, or both (DINOv2 linear eval; default)")
+    p.add_argument("--pool", default="cls+grid2", choices=POOLS,
+                   help="frozen features: CLS, mean patch token, both (DINOv2 linear eval), or CLS + "
+                        "2x2 pooled patch grid (default: keeps the layout cardiomegaly is read from)")
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="encoder config override file(s), e.g. cpu_tiny")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="encoder config overrides")

@@ -37,14 +37,22 @@ def images() -> torch.Tensor:
     return torch.randn(4, 3, 56, 56, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("pool,dim", [("cls", C), ("mean", C), ("cls+mean", 2 * C)])
+def _quadrant_means(patches: torch.Tensor) -> torch.Tensor:
+    """(B, 16, C) on a 4x4 grid -> (B, 4*C): top-left, top-right, bottom-left, bottom-right means."""
+    g = patches.reshape(patches.shape[0], 4, 4, -1)
+    quads = [g[:, r:r + 2, c:c + 2].mean((1, 2)) for r in (0, 2) for c in (0, 2)]
+    return torch.stack(quads, 1).flatten(1)
+
+
+@pytest.mark.parametrize("pool,dim", [("cls", C), ("mean", C), ("cls+mean", 2 * C), ("cls+grid2", 5 * C)])
 def test_pool_shapes_and_values(model, images, pool, dim):
     f = encode(model, images, pool=pool)
     assert f.shape == (4, dim) and f.dtype == torch.float32 and feature_dim(model, None, pool) == dim
     with torch.no_grad():
         out = model.eval()(images)
     want = {"cls": out["cls"], "mean": out["patches"].mean(1),
-            "cls+mean": torch.cat([out["cls"], out["patches"].mean(1)], -1)}[pool]
+            "cls+mean": torch.cat([out["cls"], out["patches"].mean(1)], -1),
+            "cls+grid2": torch.cat([out["cls"], _quadrant_means(out["patches"])], -1)}[pool]
     torch.testing.assert_close(f, want)
 
 
