@@ -22,7 +22,6 @@ SHARED_DATA_HINT = "../shared/data"
 PLANNED = {
     "train": "train the report generator (frozen encoder -> projector -> LoRA LLM)",
     "generate": "generate findings for a folder or manifest of X-rays",
-    "evaluate": "score generated reports (lexical and clinical metrics with CIs)",
 }
 
 
@@ -42,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from radgen.features_job import add_features_parser
     from radgen.probe_job import add_probe_parser
+    from radgen.evaluate_job import add_evaluate_parser, add_labeler_check_parser
     from radgen.study_job import add_study_parser
 
     p = sub.add_parser("info", help="versions, device, and where models and data are looked up")
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_features_parser(sub)
     add_probe_parser(sub)
     add_study_parser(sub)
+    add_evaluate_parser(sub)
+    add_labeler_check_parser(sub)
 
     p = sub.add_parser("demo", help="the end-to-end demo on built-in synthetic data",
                        description="Generates a small synthetic set, prints its summary and the "
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from radgen.config import ConfigError
     from radgen.data.images import ImageLoadError
     from radgen.data.manifest import ManifestError
+    from radgen.evaluate_job import EvaluateError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ManifestError, ImageLoadError) as exc:
+    except (ConfigError, ManifestError, ImageLoadError, EvaluateError) as exc:
         print(f"radgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

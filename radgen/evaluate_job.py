@@ -1,0 +1,340 @@
+"""``radgen evaluate``: score generated reports against references and write JSON/CSV/Markdown/PNG.
+
+Files are JSONL (one object per line), JSON (a list of objects) or CSV/TSV with an id column and a
+text column. Rows are joined on id; ids present on one side only are an error unless
+``--allow-missing`` (missing predictions are then scored as empty reports, extra ones ignored,
+and both counts recorded). Empty predictions are always scored, never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+from encoder.io import atomic_write_bytes, atomic_write_text
+from eval.chexpert.observations import CHEXPERT_14
+from eval.score import DEFAULT_METRICS, METRICS, ScoreOptions, compare, score
+
+__all__ = ["EvaluateError", "read_reports", "join_reports", "run_evaluate", "add_evaluate_parser",
+           "format_scores", "add_labeler_check_parser"]
+
+TEXT_FIELDS = ("report", "text", "findings", "prediction", "generated", "hypothesis", "reference")
+
+
+class EvaluateError(ValueError):
+    """Bad input for ``radgen evaluate``; the message names the file and the reason."""
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise EvaluateError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise EvaluateError(f"{path}: not UTF-8 text ({e})") from None
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise EvaluateError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        return rows
+    if suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EvaluateError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(rows, list):
+            raise EvaluateError(f"{path}: expected a JSON list of objects")
+        return rows
+    if suffix in (".csv", ".tsv"):
+        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
+    raise EvaluateError(f"{path}: unsupported extension {suffix!r} (use .jsonl, .json, .csv or .tsv)")
+
+
+def read_reports(path: str | Path, id_field: str = "id", text_field: str | None = None) -> dict[str, str]:
+    """``{id: text}`` from one file; ``text_field=None`` picks the first of :data:`TEXT_FIELDS` present."""
+    path = Path(path)
+    rows = _rows(path)
+    if not rows:
+        raise EvaluateError(f"{path}: no rows")
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict):
+            raise EvaluateError(f"{path}: row {n} is not an object")
+    keys = rows[0].keys()
+    if id_field not in keys:
+        raise EvaluateError(f"{path}: no {id_field!r} column (columns: {', '.join(keys)}); set --id-field")
+    field = text_field or next((f for f in TEXT_FIELDS if f in keys), None)
+    if field is None or field not in keys:
+        raise EvaluateError(f"{path}: no text column {text_field or ' / '.join(TEXT_FIELDS)!r} "
+                            f"(columns: {', '.join(keys)}); set --text-field")
+    out: dict[str, str] = {}
+    for n, r in enumerate(rows, 1):
+        rid = r.get(id_field)
+        if rid is None or str(rid).strip() == "":
+            raise EvaluateError(f"{path}: row {n} has an empty {id_field!r}")
+        rid = str(rid).strip()
+        if rid in out:
+            raise EvaluateError(f"{path}: id {rid!r} appears more than once")
+        t = r.get(field)
+        if t is not None and not isinstance(t, str):
+            raise EvaluateError(f"{path}: row {n} (id {rid!r}): {field!r} is {type(t).__name__}, not text")
+        out[rid] = t or ""
+    return out
+
+
+def join_reports(refs: dict[str, str], preds: dict[str, str], allow_missing: bool = False,
+                 ref_name: str = "references", pred_name: str = "predictions") -> tuple[list[str], list[str], list[str], dict]:
+    """Pair on id, in reference order: ``(ids, ref_texts, pred_texts, join_record)``."""
+    missing = [i for i in refs if i not in preds]
+    extra = [i for i in preds if i not in refs]
+    if (missing or extra) and not allow_missing:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} id(s) of {ref_name} have no prediction in {pred_name} "
+                         f"(e.g. {', '.join(missing[:5])})")
+        if extra:
+            parts.append(f"{len(extra)} id(s) of {pred_name} are not in {ref_name} (e.g. {', '.join(extra[:5])})")
+        raise EvaluateError("; ".join(parts) + "; pass --allow-missing to score missing predictions as "
+                            "empty reports and ignore extra ones")
+    empty_refs = [i for i, t in refs.items() if not t.strip()]
+    if empty_refs:
+        raise EvaluateError(f"{ref_name}: {len(empty_refs)} reference(s) are empty (e.g. "
+                            f"{', '.join(empty_refs[:5])}); a metric against an empty reference is undefined")
+    ids = list(refs)
+    record = {"n_pairs": len(ids), "missing_predictions_scored_empty": len(missing),
+              "extra_predictions_ignored": len(extra),
+              "empty_predictions": sum(1 for i in ids if not preds.get(i, "").strip())}
+    return ids, [refs[i] for i in ids], [preds.get(i, "") for i in ids], record
+
+
+# ------------------------------------------------------------------------------------ outputs
+def _main_keys(scores: dict) -> list[str]:
+    return [k for k in scores if "/" not in k]
+
+
+def format_scores(result: dict, title: str = "") -> str:
+    """Markdown table of the headline scores with CIs, then omitted metrics and timings."""
+    lines = [f"## {title}", ""] if title else []
+    r = result["bootstrap"]
+    ci_head = f"{int(100 * (1 - r['alpha']))}% CI" if r["resamples"] else "CI"
+    lines += [f"| metric | value | {ci_head} |", "|---|---:|---:|"]
+    for k in _main_keys(result["scores"]):
+        ci = result["ci"].get(k)
+        ci_s = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"
+        lines.append(f"| {k} | {result['scores'][k]:.4f} | {ci_s} |")
+    lines.append("")
+    lines.append(f"{result['n_pairs']} report pairs; bootstrap: {r['resamples']} resamples, seed {r['seed']} "
+                 f"({r['method']}).")
+    for fam, why in result["omitted"].items():
+        lines.append(f"- omitted {fam}: {why}")
+    lab = result["info"].get("chexpert", {}).get("labeler")
+    if lab:
+        lines.append(f"- CheXpert labels from: {lab}")
+    secs = ", ".join(f"{k} {v:.2f} s" for k, v in result["seconds"].items())
+    lines.append(f"- time per metric: {secs}")
+    return "\n".join(lines)
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def _plot_per_observation(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    obs = list(CHEXPERT_14)
+    vals = np.array([result["scores"].get(f"chexpert_f1/{o}", np.nan) for o in obs])
+    cis = np.array([result["ci"].get(f"chexpert_f1/{o}", [np.nan, np.nan]) for o in obs])
+    err = np.vstack([vals - cis[:, 0], cis[:, 1] - vals]).clip(min=0)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.bar(range(len(obs)), vals, yerr=np.nan_to_num(err), capsize=3, color="#4c72b0")
+    ax.set_xticks(range(len(obs)), obs, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1 (uncertain = negative)")
+    lab = result["info"]["chexpert"].get("labeler", "?")
+    ax.set_title(f"CheXpert F1 per observation ({lab} labels, {result['n_pairs']} pairs, 95% CI)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _plot_comparison(cmp: dict, path: Path, names: tuple[str, str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = [k for k in cmp["comparison"] if "/" not in k]
+    d = np.array([cmp["comparison"][k]["diff"] for k in keys])
+    ci = np.array([cmp["comparison"][k]["ci"] for k in keys])
+    err = np.vstack([d - ci[:, 0], ci[:, 1] - d]).clip(min=0)
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(keys) + 1.5))
+    ax.barh(range(len(keys)), d, xerr=np.nan_to_num(err), capsize=3,
+            color=["#55a868" if x > 0 else "#c44e52" for x in d])
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(keys)), keys)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{names[0]} - {names[1]} (paired bootstrap 95% CI)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_result(result: dict, out: Path, ids: list[str]) -> list[str]:
+    written = []
+    main = [{"metric": k, "value": result["scores"][k], "ci_low": result["ci"].get(k, [None])[0],
+             "ci_high": result["ci"].get(k, [None, None])[1]} for k in result["scores"]]
+    per_pair = [{"id": i, **{k: v[j] for k, v in result["per_pair"].items()}} for j, i in enumerate(ids)]
+    files = {"metrics.json": json.dumps(result, indent=2, default=float),
+             "metrics.csv": _csv(main), "metrics.md": format_scores(result, "radgen evaluate") + "\n",
+             "per_report.csv": _csv(per_pair)}
+    if "per_observation" in result:
+        rows = [{**r, "f1_ci_low": result["ci"].get(f"chexpert_f1/{r['observation']}", [None])[0],
+                 "f1_ci_high": result["ci"].get(f"chexpert_f1/{r['observation']}", [None, None])[1]}
+                for r in result["per_observation"]]
+        files["per_observation.csv"] = _csv(rows)
+    for name, text in files.items():
+        atomic_write_text(out / name, text)
+        written.append(name)
+    if "per_observation" in result:
+        _plot_per_observation(result, out / "chexpert_f1_per_observation.png")
+        written.append("chexpert_f1_per_observation.png")
+    return written
+
+
+def run_evaluate(predictions: str, references: str, out: str, metrics: list[str] | None = None,
+                 compare_with: str | None = None, allow_missing: bool = False, id_field: str = "id",
+                 text_field: str | None = None, ref_text_field: str | None = None,
+                 options: ScoreOptions | None = None) -> dict:
+    """Read, join, score (and optionally compare), write outputs; returns the result dict."""
+    opts = options or ScoreOptions()
+    for m in metrics or []:
+        if m not in METRICS:
+            raise EvaluateError(f"unknown metric {m!r}; available: {', '.join(METRICS)}")
+    t0 = time.perf_counter()
+    refs = read_reports(references, id_field, ref_text_field or text_field)
+    preds = read_reports(predictions, id_field, text_field)
+    ids, ref_texts, hyp_texts, join = join_reports(refs, preds, allow_missing, str(references), str(predictions))
+    out_p = Path(out)
+    out_p.mkdir(parents=True, exist_ok=True)
+    result = score(ref_texts, hyp_texts, metrics, opts)
+    result["inputs"] = {"predictions": str(predictions), "references": str(references), **join}
+    result["seconds"]["total"] = time.perf_counter() - t0
+    result["written"] = _write_result(result, out_p, ids)
+    if compare_with:
+        other = read_reports(compare_with, id_field, text_field)
+        _, _, hyp_b, join_b = join_reports(refs, other, allow_missing, str(references), str(compare_with))
+        cmp = compare(ref_texts, hyp_texts, hyp_b, metrics, opts)
+        cmp["inputs"] = {"a": str(predictions), "b": str(compare_with), "join_b": join_b}
+        rows = [{"metric": k, **{kk: vv for kk, vv in v.items() if kk != "ci"},
+                 "ci_low": v["ci"][0], "ci_high": v["ci"][1]} for k, v in cmp["comparison"].items()]
+        atomic_write_text(out_p / "comparison.json", json.dumps(cmp, indent=2, default=float))
+        atomic_write_text(out_p / "comparison.csv", _csv(rows))
+        md = ["| metric | A | B | A - B | 95% CI | p (two-sided) |", "|---|---:|---:|---:|---:|---:|"]
+        md += [f"| {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | {r['diff']:+.4f} | "
+               f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_two_sided']:.3f} |"
+               for r in rows if "/" not in r["metric"]]
+        atomic_write_text(out_p / "comparison.md", f"A = {predictions}, B = {compare_with}\n\n" + "\n".join(md) + "\n")
+        _plot_comparison(cmp, out_p / "comparison.png", ("A", "B"))
+        result["comparison"] = cmp
+        result["written"] += ["comparison.json", "comparison.csv", "comparison.md", "comparison.png"]
+    return result
+
+
+def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate", help="score generated reports: BLEU/METEOR/ROUGE-L/CIDEr, CheXpert F1, RadGraph, CIs",
+        description="Score predictions against references (joined on id) with lexical and clinical "
+                    "metrics and 95%% bootstrap CIs; writes metrics.json/.csv/.md, per_report.csv, "
+                    "per_observation.csv and plots to --out. Offline by default: metrics whose "
+                    "weights are not supplied are omitted with the reason.")
+    p.add_argument("--predictions", required=True, metavar="FILE", help="generated reports (.jsonl/.json/.csv/.tsv)")
+    p.add_argument("--references", required=True, metavar="FILE", help="reference reports, same formats")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--compare", metavar="FILE", help="a second system's predictions: paired bootstrap A - B")
+    p.add_argument("--metrics", metavar="LIST", help=f"comma-separated families (default: {','.join(DEFAULT_METRICS)}; "
+                                                     f"available: {','.join(METRICS)})")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score missing predictions as empty reports and ignore extra ids instead of failing")
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--text-field", help=f"text column (default: first of {', '.join(TEXT_FIELDS)})")
+    p.add_argument("--ref-text-field", help="text column of the references, if different")
+    p.add_argument("--chexbert", metavar="PTH", help="CheXbert checkpoint: label with CheXbert instead of the rules")
+    p.add_argument("--radgraph-dir", metavar="DIR", help="RadGraph model weights (official RadGraph-F1)")
+    p.add_argument("--radgraph-model-type", default="radgraph", choices=("radgraph", "radgraph-xl"))
+    p.add_argument("--radgraph-case", default="lower", choices=("lower", "as-written"),
+                   help="compare RadGraph tokens lower-cased (default) or as written (radgraph 0.1.18)")
+    p.add_argument("--bertscore-model", metavar="DIR", help="local distilroberta-base (RadCliQ-v1)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (0: no CIs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def cmd_evaluate(args) -> int:
+    opts = ScoreOptions(chexbert=args.chexbert, radgraph_dir=args.radgraph_dir,
+                        radgraph_model_type=args.radgraph_model_type,
+                        radgraph_lowercase=args.radgraph_case == "lower", bertscore_model=args.bertscore_model,
+                        n_resamples=args.resamples, seed=args.seed)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    try:
+        result = run_evaluate(args.predictions, args.references, args.out, metrics, args.compare,
+                              args.allow_missing, args.id_field, args.text_field, args.ref_text_field, opts)
+    except (ValueError, RuntimeError, OSError) as e:  # e.g. a bad CheXbert checkpoint: one clear line
+        if isinstance(e, EvaluateError):
+            raise
+        raise EvaluateError(f"{type(e).__name__}: {e}") from e
+    print(format_scores(result, f"radgen evaluate: {args.predictions} vs {args.references}"))
+    if "comparison" in result:
+        print((Path(args.out) / "comparison.md").read_text())
+    print(f"wrote {', '.join(result['written'])} to {args.out}")
+    return 0
+
+
+def add_labeler_check_parser(subparsers) -> argparse.ArgumentParser:
+    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "reports" / "iu_xray_dev.csv"
+    p = subparsers.add_parser(
+        "labeler-check", help="measure the CheXpert report labeler against IU X-ray gold labels",
+        description="Per-finding precision/recall/F1 of the report labeler (rules, or CheXbert with "
+                    "--chexbert) against hand-made gold labels of IU X-ray reports; micro F1 last.")
+    p.add_argument("--data", default=str(default), help=f"IU reports CSV (default: {default})")
+    p.add_argument("--chexbert", metavar="PTH", help="measure CheXbert instead of the rule labeler")
+    p.add_argument("--uncertain", default="auto", choices=("auto", "present", "absent", "alternatives"),
+                   help="how an uncertain label is counted against the binary gold")
+    p.set_defaults(func=cmd_labeler_check)
+    return p
+
+
+def cmd_labeler_check(args) -> int:
+    from eval.chexpert.iu_xray import evaluate_labeler_on_iu, format_table
+
+    labeler = None
+    if args.chexbert:
+        from eval.chexpert.chexbert import CheXbertLabeler
+
+        labeler = CheXbertLabeler(args.chexbert)
+    rows, micro = evaluate_labeler_on_iu(args.data, labeler, uncertain=args.uncertain)
+    print(format_table(rows, micro))
+    return 0
