@@ -152,6 +152,16 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _save_png(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def _plot_per_observation(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -170,11 +180,7 @@ def _plot_per_observation(result: dict, path: Path) -> None:
     ax.set_ylabel("F1 (uncertain = negative)")
     lab = result["info"]["chexpert"].get("labeler", "?")
     ax.set_title(f"CheXpert F1 per observation ({lab} labels, {result['n_pairs']} pairs, 95% CI)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_png(fig, path)
 
 
 def _plot_comparison(cmp: dict, path: Path, names: tuple[str, str]) -> None:
@@ -195,11 +201,7 @@ def _plot_comparison(cmp: dict, path: Path, names: tuple[str, str]) -> None:
     ax.set_yticks(range(len(keys)), keys)
     ax.invert_yaxis()
     ax.set_xlabel(f"{names[0]} - {names[1]} (paired bootstrap 95% CI)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_png(fig, path)
 
 
 def _write_result(result: dict, out: Path, ids: list[str]) -> list[str]:

@@ -16,6 +16,20 @@ def module_path(name: str) -> str:
     return str(Path(__file__).resolve().parent / name)
 
 
+KWARGS = ("predictions: list of generated reports; references: list of reference reports "
+          "(same order); optional keyword arguments as in the module's _compute")
+
+
+def metric_info(description: str, citation: str):
+    """The ``evaluate.MetricInfo`` every module shares: two string features."""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(description=description, citation=citation, inputs_description=KWARGS,
+                               features=datasets.Features({"predictions": datasets.Value("string"),
+                                                           "references": datasets.Value("string")}))
+
+
 def compute_family(families: str | list[str], predictions, references, **options) -> dict:
     """Scores of the given metric families (no bootstrap: evaluate modules return point values).
 
