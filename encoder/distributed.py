@@ -129,4 +129,10 @@ def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, model_sd: dict
     """Inverse of :func:`full_state`; works on plain, replicated and sharded models alike."""
     opts = StateDictOptions(full_state_dict=True, strict=True)
     set_model_state_dict(model, model_sd, options=opts)
+    if any(isinstance(k, int) for k in opt_sd.get("state", {})):
+        # written before name-keyed optimizer state (plain opt.state_dict(), keyed by position)
+        if any(hasattr(p, "full_tensor") for p in model.parameters()):
+            raise ValueError("this checkpoint's optimizer state is keyed by position; resume it without FSDP")
+        opt.load_state_dict(opt_sd)
+        return
     set_optimizer_state_dict(model, opt, opt_sd, options=opts)

@@ -202,3 +202,24 @@ def test_init_from_hf_folder_and_dinov2_pth(tmp_path: Path):
         assert torch.equal(bb.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
         assert bb.pos_embed.shape == (1, 1 + 16, 48)  # 112-px grid resized to the 56-px model
         assert torch.equal(model.teacher["backbone"].blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+
+def test_load_full_state_accepts_position_keyed_optimizer_state():
+    """Checkpoints written before name-keyed optimizer state still resume (single process)."""
+    from encoder.distributed import full_state, load_full_state
+
+    def make():
+        m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        return m, torch.optim.AdamW(m.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    m, opt = make()
+    m(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    old_style = opt.state_dict()  # keyed 0, 1, 2, 3
+    m2, opt2 = make()
+    load_full_state(m2, opt2, m.state_dict(), old_style)
+    _, by_name = full_state(m, opt)
+    _, again = full_state(m2, opt2)
+    for k, st in by_name["state"].items():
+        torch.testing.assert_close(again["state"][k]["exp_avg"], st["exp_avg"])
