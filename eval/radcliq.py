@@ -49,7 +49,8 @@ def radcliq_v1(radgraph: Sequence[float], bertscore: Sequence[float], semb: Sequ
     return MetricOutput(stats=per[:, None], aggregate=mean_aggregate(["radcliq_v1"]),
                         info={"metric": "RadCliQ-v1", "lower_is_better": True,
                               "components": list(RADCLIQ_V1["columns"])},
-                        per_pair={"radcliq_v1": per, **{c: x[:, j] for j, c in enumerate(RADCLIQ_V1["columns"])}})
+                        per_pair={"radcliq_v1": per,
+                                  **{f"radcliq_v1/{c}": x[:, j] for j, c in enumerate(RADCLIQ_V1["columns"])}})
 
 
 def _entities(ann: dict) -> dict:
@@ -77,9 +78,14 @@ def radgraph_combined(ref_ann: dict, hyp_ann: dict) -> float:
     return (f1(ents(ref_ann), ents(hyp_ann)) + f1(rels(ref_ann), rels(hyp_ann))) / 2
 
 
+def _bleu_tokens(text: str) -> list[str]:
+    # the reference implementation's tokenisation: lower-case, full stops split off, split on " "
+    return text.lower().replace(".", " .").split(" ")
+
+
 def sentence_bleu_2(ref: str, hyp: str) -> float:
-    """Per-report BLEU-2 on lower-cased whitespace tokens (geometric mean of 1-/2-gram precision, brevity penalty)."""
-    r, h = ref.lower().split(), hyp.lower().split()
+    """Per-report BLEU-2 (geometric mean of 1-/2-gram precision, brevity penalty) on RadCliQ's tokens."""
+    r, h = _bleu_tokens(ref), _bleu_tokens(hyp)
     if not h or not r:
         return 0.0
     logs = []

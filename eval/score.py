@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import numpy as np
@@ -41,8 +41,9 @@ class ScoreOptions:
     labeler: Callable | None = None  # any texts -> (N, 14) labeler object (overrides chexbert)
 
     def record(self) -> dict:
-        d = asdict(self)
-        d["labeler"] = getattr(self.labeler, "name", None) if self.labeler else None
+        """JSON-able options; the labeler object is recorded by name, never copied."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "labeler"}
+        d["labeler"] = getattr(self.labeler, "name", type(self.labeler).__name__) if self.labeler else None
         return d
 
 
@@ -161,6 +162,8 @@ def _radcliq(refs, hyps, opts: ScoreOptions, cache: dict) -> MetricOutput:
 
 # ------------------------------------------------------------------------------------ scoring
 def _check_pairs(refs: Sequence[str], hyps: Sequence[str]) -> tuple[list[str], list[str]]:
+    if isinstance(refs, str) or isinstance(hyps, str):  # would otherwise score one "report" per character
+        raise TypeError("refs and hyps must be sequences of reports, not a single string (wrap it in a list)")
     if len(refs) != len(hyps):
         raise ValueError(f"got {len(refs)} references and {len(hyps)} hypotheses; they must pair up")
     if not refs:
@@ -219,6 +222,12 @@ def _interval(values: np.ndarray, alpha: float) -> list[float]:
     return [float(lo), float(hi)]
 
 
+def _options(options: ScoreOptions | None, option_kw: dict) -> ScoreOptions:
+    if options is not None and option_kw:
+        raise TypeError(f"pass options=ScoreOptions(...) or keyword options {sorted(option_kw)}, not both")
+    return options or ScoreOptions(**option_kw)
+
+
 def score(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence[str] | None = None,
           options: ScoreOptions | None = None, **option_kw) -> dict:
     """Score hypotheses against references (one reference per hypothesis, same order).
@@ -228,7 +237,7 @@ def score(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence[str] | Non
     "options": {...}}``. ``metrics`` defaults to :data:`DEFAULT_METRICS`; keyword arguments set
     :class:`ScoreOptions` fields (e.g. ``n_resamples=0`` for no CIs, ``chexbert="chexbert.pth"``).
     """
-    opts = options or ScoreOptions(**option_kw)
+    opts = _options(options, option_kw)
     outputs, omitted, seconds = compute_outputs(refs, hyps, metrics, opts)
     n = len(refs)
     result: dict = {"n_pairs": n, "scores": {}, "ci": {}, "info": {}, "omitted": omitted,
@@ -241,6 +250,9 @@ def score(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence[str] | Non
     for fam, out in outputs.items():
         result["scores"].update(out.scores())
         result["info"][fam] = out.info
+        clash = set(out.per_pair) & set(result["per_pair"])
+        if clash:  # a silent overwrite would put one metric's values under another's column
+            raise ValueError(f"metric family {fam!r} reuses per-pair names {sorted(clash)}")
         result["per_pair"].update({k: np.asarray(v).tolist() for k, v in out.per_pair.items()})
         if idx is not None:
             with warnings.catch_warnings():
@@ -263,7 +275,7 @@ def compare(refs: Sequence[str], hyps_a: Sequence[str], hyps_b: Sequence[str],
     resample scores both systems on the same reports) and ``p_two_sided`` = 2 · min(share of
     resampled diffs <= 0, share >= 0), capped at 1.
     """
-    opts = options or ScoreOptions(**option_kw)
+    opts = _options(options, option_kw)
     if len(hyps_a) != len(hyps_b):
         raise ValueError(f"system A has {len(hyps_a)} hypotheses, system B {len(hyps_b)}")
     out_a, omitted, sec_a = compute_outputs(refs, hyps_a, metrics, opts)

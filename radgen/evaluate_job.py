@@ -83,7 +83,9 @@ def read_reports(path: str | Path, id_field: str = "id", text_field: str | None 
         rid = str(rid).strip()
         if rid in out:
             raise EvaluateError(f"{path}: id {rid!r} appears more than once")
-        t = r.get(field)
+        if field not in r:
+            raise EvaluateError(f"{path}: row {n} (id {rid!r}) has no {field!r} field (use null or \"\" for an empty report)")
+        t = r[field]
         if t is not None and not isinstance(t, str):
             raise EvaluateError(f"{path}: row {n} (id {rid!r}): {field!r} is {type(t).__name__}, not text")
         out[rid] = t or ""
@@ -183,7 +185,7 @@ def _plot_per_observation(result: dict, path: Path) -> None:
     _save_png(fig, path)
 
 
-def _plot_comparison(cmp: dict, path: Path, names: tuple[str, str]) -> None:
+def _plot_comparison(cmp: dict, path: Path, names: tuple[str, str]) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,6 +193,8 @@ def _plot_comparison(cmp: dict, path: Path, names: tuple[str, str]) -> None:
     import numpy as np
 
     keys = [k for k in cmp["comparison"] if "/" not in k]
+    if not keys:  # every requested metric was omitted: nothing to draw
+        return False
     d = np.array([cmp["comparison"][k]["diff"] for k in keys])
     ci = np.array([cmp["comparison"][k]["ci"] for k in keys])
     err = np.vstack([d - ci[:, 0], ci[:, 1] - d]).clip(min=0)
@@ -200,8 +204,9 @@ def _plot_comparison(cmp: dict, path: Path, names: tuple[str, str]) -> None:
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(keys)), keys)
     ax.invert_yaxis()
-    ax.set_xlabel(f"{names[0]} - {names[1]} (paired bootstrap 95% CI)")
+    ax.set_xlabel(f"{names[0]} - {names[1]} (paired bootstrap {1 - cmp['bootstrap']['alpha']:.0%} CI)")
     _save_png(fig, path)
+    return True
 
 
 def _write_result(result: dict, out: Path, ids: list[str]) -> list[str]:
@@ -254,14 +259,15 @@ def run_evaluate(predictions: str, references: str, out: str, metrics: list[str]
                  "ci_low": v["ci"][0], "ci_high": v["ci"][1]} for k, v in cmp["comparison"].items()]
         atomic_write_text(out_p / "comparison.json", json.dumps(cmp, indent=2, default=float))
         atomic_write_text(out_p / "comparison.csv", _csv(rows))
-        md = ["| metric | A | B | A - B | 95% CI | p (two-sided) |", "|---|---:|---:|---:|---:|---:|"]
+        level = f"{1 - opts.alpha:.0%} CI"
+        md = [f"| metric | A | B | A - B | {level} | p (two-sided) |", "|---|---:|---:|---:|---:|---:|"]
         md += [f"| {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | {r['diff']:+.4f} | "
                f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_two_sided']:.3f} |"
                for r in rows if "/" not in r["metric"]]
         atomic_write_text(out_p / "comparison.md", f"A = {predictions}, B = {compare_with}\n\n" + "\n".join(md) + "\n")
-        _plot_comparison(cmp, out_p / "comparison.png", ("A", "B"))
+        plotted = _plot_comparison(cmp, out_p / "comparison.png", ("A", "B"))
         result["comparison"] = cmp
-        result["written"] += ["comparison.json", "comparison.csv", "comparison.md", "comparison.png"]
+        result["written"] += ["comparison.json", "comparison.csv", "comparison.md"] + (["comparison.png"] if plotted else [])
     return result
 
 
