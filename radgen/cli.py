@@ -203,12 +203,33 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     cfg = load_config("synth", ["demo"], [f"out={out / 'synth'}", "overwrite=true"])
-    print(f"[1/2] synthetic data -> {cfg.out}")
+    print(f"[1/3] synthetic data -> {cfg.out}")
     summary = generate_dataset(cfg)
     print(summary.format())
-    print("[2/2] raw-pixel baseline (what a learned encoder has to beat)")
+    print("[2/3] raw-pixel baseline (what a learned encoder has to beat)")
     print(format_probe_table(pixel_baseline(cfg.out, n_resamples=200, progress=False)))
+    print("[3/3] report metrics of a template baseline (every test image gets a normal report) "
+          "against the synthetic findings: the floor a report generator has to beat")
+    _demo_template_baseline(Path(cfg.out), out / "eval")
     return 0
+
+
+NORMAL_TEMPLATE = ("Heart size is normal. The mediastinal contours are normal. The lungs are clear. "
+                   "No pleural effusion or pneumothorax.")
+
+
+def _demo_template_baseline(synth_dir: Path, out: Path) -> None:
+    import json
+
+    from radgen.data.manifest import read_manifest
+    from radgen.evaluate_job import format_scores, run_evaluate
+
+    rows = [r for r in read_manifest(synth_dir / "manifest.csv") if r["split"] == "test" and r["findings"]]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("references", lambda r: r["findings"]), ("predictions", lambda r: NORMAL_TEMPLATE)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps({"id": r["id"], "report": text(r)}) + "\n" for r in rows))
+    result = run_evaluate(str(out / "predictions.jsonl"), str(out / "references.jsonl"), str(out))
+    print(format_scores(result, f"normal-template baseline on {len(rows)} synthetic test reports"))
 
 
 # ----------------------------------------------------------------------------------------------
