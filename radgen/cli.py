@@ -8,6 +8,7 @@ next to its outputs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -32,17 +33,24 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Jobs whose modules register their own sub-parser; imported only when needed (see build_parser).
+JOB_PARSERS = {
+    "features": ("radgen.features_job", "add_features_parser"),
+    "probe": ("radgen.probe_job", "add_probe_parser"),
+    "pretrain-study": ("radgen.study_job", "add_study_parser"),
+    "evaluate": ("radgen.evaluate_job", "add_evaluate_parser"),
+    "labeler-check": ("radgen.evaluate_job", "add_labeler_check_parser"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``command`` only that job's module is imported (fast start-up)."""
     parser = argparse.ArgumentParser(
         prog="radgen",
         description="Chest X-ray AI: image-only encoder pretraining (RAD-DINO), probes, "
                     "LLaVA-style report generation and clinical metrics.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from radgen.features_job import add_features_parser
-    from radgen.probe_job import add_probe_parser
-    from radgen.evaluate_job import add_evaluate_parser, add_labeler_check_parser
-    from radgen.study_job import add_study_parser
 
     p = sub.add_parser("info", help="versions, device, and where models and data are looked up")
     p.set_defaults(func=cmd_info)
@@ -79,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    add_features_parser(sub)
-    add_probe_parser(sub)
-    add_study_parser(sub)
-    add_evaluate_parser(sub)
-    add_labeler_check_parser(sub)
+    for name, (module, fn) in JOB_PARSERS.items():
+        if command in (None, name):
+            getattr(importlib.import_module(module), fn)(sub)
+        else:  # another command runs: don't pay for importing this job's stack (torch, timm)
+            sub.add_parser(name)
 
     p = sub.add_parser("demo", help="the end-to-end demo on built-in synthetic data",
                        description="Generates a small synthetic set, prints its summary and the "
@@ -239,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     from radgen.data.manifest import ManifestError
     from radgen.evaluate_job import EvaluateError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in JOB_PARSERS else None
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
