@@ -91,15 +91,19 @@ def _chexbert(opts: ScoreOptions, cache: dict):
 def _chexpert(refs, hyps, opts: ScoreOptions, cache: dict) -> MetricOutput:
     from eval.chexpert.f1 import chexpert_f1
 
+    texts = list(refs) + list(hyps)
     if opts.labeler is not None:
         labeler = opts.labeler
+        labels = labeler(texts)
     elif opts.chexbert:
         labeler = _chexbert(opts, cache)
+        labels, cache["chexbert_emb"] = labeler.label_and_embed(texts)  # RadCliQ reuses the embeddings
     else:
         from eval.chexpert.labeler import RuleLabeler
 
         labeler = RuleLabeler()
-    labels = np.asarray(labeler(list(refs) + list(hyps)), dtype=np.float64)
+        labels = labeler(texts)
+    labels = np.asarray(labels, dtype=np.float64)
     out = chexpert_f1(labels[:len(refs)], labels[len(refs):], labeler.name)
     out.info["labeler_info"] = getattr(labeler, "info", {})
     return out
@@ -152,7 +156,7 @@ def _radcliq(refs, hyps, opts: ScoreOptions, cache: dict) -> MetricOutput:
         raise MetricUnavailable("RadCliQ-v1 needs " + ", ".join(missing))
     ref_ann, hyp_ann = _radgraph_annotations(refs, hyps, opts, cache)
     rg = [radgraph_combined(a, b) for a, b in zip(ref_ann, hyp_ann)]
-    emb = _chexbert(opts, cache).embed(list(refs) + list(hyps))
+    emb = cache["chexbert_emb"] if "chexbert_emb" in cache else _chexbert(opts, cache).embed(list(refs) + list(hyps))
     a, b = emb[:len(refs)], emb[len(refs):]
     semb = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
     bs = bertscore_f1(refs, hyps, opts.bertscore_model)

@@ -450,3 +450,61 @@ def test_sentence_bleu_2_by_hand():
     assert sentence_bleu_2("heart normal", "normal heart") == 0.0  # no 2-gram matches
     assert sentence_bleu_2("heart normal", "") == 0.0 and sentence_bleu_2("", "heart") == 0.0
     assert sentence_bleu_2("the heart is normal", "the heart is normal") == pytest.approx(1.0)
+
+
+def test_model_backed_metrics_wiring_with_stand_in_models(monkeypatch):
+    """RadGraph-F1, CheXbert F1 and RadCliQ-v1 as score() wires them, with stand-in models (no weights here)."""
+    import eval.radcliq as radcliq_mod
+    import eval.radgraph.model as rg_model
+    import eval.score as score_mod
+    from eval.radcliq import radgraph_combined, sentence_bleu_2
+    from eval.radgraph.reward import radgraph_reward
+
+    refs = ["Left effusion.", "Heart is enlarged."]
+    hyps = ["Left effusion.", "Clear lungs."]
+
+    def ann(text: str) -> dict:  # one OBS-DP entity per word, each word located_at the next
+        words = text.lower().rstrip(".").split()
+        ents = {str(i): {"tokens": w, "label": "OBS-DP", "start_ix": i, "end_ix": i,
+                         "relations": [["located_at", str(i + 1)]] if i + 1 < len(words) else []}
+                for i, w in enumerate(words)}
+        return {"text": text, "entities": ents}
+
+    class FakeAnnotator:
+        model_type, package_version = "radgraph", "stand-in"
+
+        def __init__(self, **kw):
+            pass
+
+        def __call__(self, texts):
+            return [ann(t) for t in texts]
+
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # refs then hyps
+
+    class FakeCheXbert:
+        name = "chexbert"
+        embed_calls = 0
+
+        def label_and_embed(self, texts):
+            return _labels([{"Pleural Effusion": 1}, {"Cardiomegaly": 1}, {"Pleural Effusion": 1}, {}]), emb
+
+        def embed(self, texts):
+            FakeCheXbert.embed_calls += 1
+            return emb
+
+    monkeypatch.setattr(rg_model, "RadGraphAnnotator", FakeAnnotator)
+    monkeypatch.setattr(score_mod, "_chexbert", lambda opts, cache: cache.setdefault("chexbert", FakeCheXbert()))
+    monkeypatch.setattr(radcliq_mod, "bertscore_f1", lambda r, h, model: np.array([0.9, 0.1]))
+    res = score(refs, hyps, metrics=["chexpert", "radgraph", "radcliq"], n_resamples=0,
+                chexbert="chexbert.pth", radgraph_dir="/models/radgraph", bertscore_model="/models/distilroberta")
+    assert res["omitted"] == {}
+    assert res["info"]["chexpert"]["labeler"] == "chexbert"
+    assert res["scores"]["chexpert_f1_14_micro"] == pytest.approx(2 / 3)  # TP effusion; FN cardiomegaly
+    want_rg = radgraph_reward([ann(t) for t in refs], [ann(t) for t in hyps]).scores()
+    assert {k: res["scores"][k] for k in want_rg} == pytest.approx(want_rg)
+    assert res["info"]["radgraph"]["model_type"] == "radgraph"
+    semb = [1.0, 1 / np.sqrt(2)]
+    want = radcliq_v1([radgraph_combined(ann(r), ann(h)) for r, h in zip(refs, hyps)], [0.9, 0.1], semb,
+                      [sentence_bleu_2(r, h) for r, h in zip(refs, hyps)]).scores()["radcliq_v1"]
+    assert res["scores"]["radcliq_v1"] == pytest.approx(want)
+    assert FakeCheXbert.embed_calls == 0  # embeddings reused from the labelling pass
