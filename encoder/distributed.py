@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 __all__ = ["STRATEGIES", "setup_distributed", "resolve_strategy", "shard_ssl_model", "average_gradients",
-           "broadcast_model", "sync_diff", "full_state", "load_full_state"]
+           "set_gradient_sync", "broadcast_model", "sync_diff", "full_state", "load_full_state"]
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 
@@ -72,6 +72,12 @@ def shard_ssl_model(model: nn.Module, device: torch.device) -> None:
             # reshard_after_forward=True also for these top-level modules: FSDP2 keeps a root
             # unsharded after forward until its backward, which the teacher never runs.
             fully_shard(branch[name], mesh=mesh, reshard_after_forward=True)
+
+
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """FSDP: whether this backward reduce-scatters (False accumulates unsharded gradients locally)."""
+    for name in model.student.keys():
+        model.student[name].set_requires_gradient_sync(sync)
 
 
 def average_gradients(params: list[nn.Parameter], world: int) -> None:

@@ -39,6 +39,7 @@ from encoder.distributed import (
     full_state,
     load_full_state,
     resolve_strategy,
+    set_gradient_sync,
     setup_distributed,
     shard_ssl_model,
     sync_diff,
@@ -388,6 +389,8 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
             model.student.train()
             acc: dict[str, float] = {}
             for micro in range(accum):
+                if strategy == "fsdp":  # reduce-scatter once, after the last micro-batch
+                    set_gradient_sync(model, micro == accum - 1)
                 samples = next(batches)
                 gen = torch.Generator().manual_seed(_mix(cfg.seed, 3, step * accum + micro, rank))
                 batch = collate_multicrop(samples, grid, mask_cfg, gen)

@@ -184,6 +184,13 @@ def test_torchrun_ddp_and_fsdp(tmp_path: Path):
             assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-5)
         for k, v in ck["ddp"]["model"].items():
             torch.testing.assert_close(ck[other]["model"][k], v, atol=1e-6, rtol=0)
+    # gradient accumulation (FSDP reduce-scatters only after the last micro-batch)
+    for strategy in ("ddp", "fsdp"):
+        _torchrun(data, tmp_path / f"accum_{strategy}", "optim.max_steps=2", "optim.accum_steps=2",
+                  f"train.strategy={strategy}")
+    a, b = (load_checkpoint(tmp_path / f"accum_{s}" / "checkpoint.pt")["model"] for s in ("ddp", "fsdp"))
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, atol=1e-6, rtol=0)
 
 
 def test_init_from_hf_folder_and_dinov2_pth(tmp_path: Path):
