@@ -361,6 +361,8 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     tb = _tensorboard(out) if rank == 0 else None
 
     def save(step_next: int, logs: dict) -> None:
+        if rank != 0 and strategy != "fsdp":
+            return
         model_sd, opt_sd = full_state(model, opt)  # collective under FSDP: every rank calls it
         if rank != 0:
             return

@@ -541,30 +541,27 @@ def _python_families(
                 "seconds": seconds["bleu"],
             },
         )
-    if "rouge_l" in families:
-        from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
 
+    # family -> (score name, pycocoevalcap scorer, info); both score as the mean of per-pair values
+    mean_families = {
+        "rouge_l": ("rouge_l", Rouge, {
+            "implementation": "pycocoevalcap 1.2 Rouge: LCS F-measure, beta=1.2",
+            "aggregate": "mean of per-pair scores (as pycocoevalcap)"}),
+        "cider": ("cider_d", Cider, {
+            "implementation": "pycocoevalcap 1.2 Cider, which is CIDEr-D (n=4, sigma=6, clipped counts, "
+                              "Gaussian length penalty, x10)",
+            "aggregate": "mean of per-pair scores (as pycocoevalcap); IDF comes from the references of "
+                         "this call and stays fixed when rows are resampled"}),
+    }
+    for family, (name, scorer, info) in mean_families.items():
+        if family not in families:
+            continue
         t = time.perf_counter()
-        _, scores = Rouge().compute_score(_as_dict(rt), _as_dict(ht))
-        seconds["rouge_l"] = time.perf_counter() - t
-        outputs["rouge_l"] = _mean_output(
-            "rouge_l" + suffix, scores, base_info, seconds["rouge_l"],
-            implementation="pycocoevalcap 1.2 Rouge: LCS F-measure, beta=1.2",
-            aggregate="mean of per-pair scores (as pycocoevalcap)",
-        )
-    if "cider" in families:
-        from pycocoevalcap.cider.cider import Cider
-
-        t = time.perf_counter()
-        _, scores = Cider().compute_score(_as_dict(rt), _as_dict(ht))
-        seconds["cider"] = time.perf_counter() - t
-        outputs["cider"] = _mean_output(
-            "cider_d" + suffix, scores, base_info, seconds["cider"],
-            implementation="pycocoevalcap 1.2 Cider, which is CIDEr-D (n=4, sigma=6, clipped counts, "
-            "Gaussian length penalty, x10)",
-            aggregate="mean of per-pair scores (as pycocoevalcap); IDF comes from the references of "
-            "this call and stays fixed when rows are resampled",
-        )
+        _, scores = scorer().compute_score(_as_dict(rt), _as_dict(ht))
+        seconds[family] = time.perf_counter() - t
+        outputs[family] = _mean_output(name + suffix, scores, base_info, seconds[family], **info)
     return outputs
 
 

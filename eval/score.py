@@ -19,7 +19,7 @@ import numpy as np
 from eval.metric import MetricOutput
 
 __all__ = ["ScoreOptions", "MetricUnavailable", "METRICS", "DEFAULT_METRICS", "register", "score",
-           "compare", "compute_outputs", "bootstrap_indices"]
+           "compare", "compute_outputs", "summarise", "bootstrap_indices"]
 
 
 class MetricUnavailable(RuntimeError):
@@ -242,8 +242,14 @@ def score(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence[str] | Non
     :class:`ScoreOptions` fields (e.g. ``n_resamples=0`` for no CIs, ``chexbert="chexbert.pth"``).
     """
     opts = _options(options, option_kw)
-    outputs, omitted, seconds = compute_outputs(refs, hyps, metrics, opts)
-    n = len(refs)
+    return summarise(compute_outputs(refs, hyps, metrics, opts), len(refs), opts)
+
+
+def summarise(computed: tuple[dict[str, MetricOutput], dict[str, str], dict[str, float]], n: int,
+              opts: ScoreOptions) -> dict:
+    """The :func:`score` dict from :func:`compute_outputs`' result: scores, bootstrap CIs, provenance."""
+    outputs, omitted, seconds = computed
+    seconds = dict(seconds)
     result: dict = {"n_pairs": n, "scores": {}, "ci": {}, "info": {}, "omitted": omitted,
                     "seconds": seconds, "per_pair": {}, "options": opts.record(),
                     "bootstrap": {"resamples": opts.n_resamples, "seed": opts.seed, "alpha": opts.alpha,
@@ -272,17 +278,20 @@ def score(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence[str] | Non
 
 
 def compare(refs: Sequence[str], hyps_a: Sequence[str], hyps_b: Sequence[str],
-            metrics: Sequence[str] | None = None, options: ScoreOptions | None = None, **option_kw) -> dict:
+            metrics: Sequence[str] | None = None, options: ScoreOptions | None = None,
+            computed_a: tuple | None = None, **option_kw) -> dict:
     """Paired bootstrap comparison of systems A and B on the same studies.
 
     For every score: A, B, ``diff = A - B``, its percentile CI from resampling the *pairs* (each
     resample scores both systems on the same reports) and ``p_two_sided`` = 2 · min(share of
-    resampled diffs <= 0, share >= 0), capped at 1.
+    resampled diffs <= 0, share >= 0), capped at 1. ``computed_a``: system A's
+    :func:`compute_outputs` result when already at hand (it is not recomputed).
     """
     opts = _options(options, option_kw)
     if len(hyps_a) != len(hyps_b):
         raise ValueError(f"system A has {len(hyps_a)} hypotheses, system B {len(hyps_b)}")
-    out_a, omitted, sec_a = compute_outputs(refs, hyps_a, metrics, opts)
+    out_a, omitted, sec_a = computed_a or compute_outputs(refs, hyps_a, metrics, opts)
+    omitted = dict(omitted)
     out_b, omitted_b, sec_b = compute_outputs(refs, hyps_b, metrics, opts)
     omitted.update(omitted_b)
     idx = bootstrap_indices(len(refs), max(opts.n_resamples, 1), opts.seed)

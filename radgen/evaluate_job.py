@@ -17,7 +17,7 @@ from pathlib import Path
 
 from encoder.io import atomic_write_bytes, atomic_write_text
 from eval.chexpert.observations import CHEXPERT_14
-from eval.score import DEFAULT_METRICS, METRICS, ScoreOptions, compare, score
+from eval.score import DEFAULT_METRICS, METRICS, ScoreOptions, compare, compute_outputs, summarise
 
 __all__ = ["EvaluateError", "read_reports", "join_reports", "run_evaluate", "add_evaluate_parser",
            "format_scores", "add_labeler_check_parser"]
@@ -246,14 +246,15 @@ def run_evaluate(predictions: str, references: str, out: str, metrics: list[str]
     ids, ref_texts, hyp_texts, join = join_reports(refs, preds, allow_missing, str(references), str(predictions))
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
-    result = score(ref_texts, hyp_texts, metrics, opts)
+    computed = compute_outputs(ref_texts, hyp_texts, metrics, opts)  # reused by --compare
+    result = summarise(computed, len(ids), opts)
     result["inputs"] = {"predictions": str(predictions), "references": str(references), **join}
     result["seconds"]["total"] = time.perf_counter() - t0
     result["written"] = _write_result(result, out_p, ids)
     if compare_with:
         other = read_reports(compare_with, id_field, text_field)
         _, _, hyp_b, join_b = join_reports(refs, other, allow_missing, str(references), str(compare_with))
-        cmp = compare(ref_texts, hyp_texts, hyp_b, metrics, opts)
+        cmp = compare(ref_texts, hyp_texts, hyp_b, metrics, opts, computed_a=computed)
         cmp["inputs"] = {"a": str(predictions), "b": str(compare_with), "join_b": join_b}
         rows = [{"metric": k, **{kk: vv for kk, vv in v.items() if kk != "ci"},
                  "ci_low": v["ci"][0], "ci_high": v["ci"][1]} for k, v in cmp["comparison"].items()]

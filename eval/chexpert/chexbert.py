@@ -51,24 +51,9 @@ __all__ = [
     "load_chexbert_state_dict",
 ]
 
-# Head order of the released model (CheXbert src/constants.py CONDITIONS): "No Finding" is LAST,
-# unlike CHEXPERT_14 where it is first.
-CHEXBERT_CONDITIONS: tuple[str, ...] = (
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-    "No Finding",
-)
+# Head order of the released model (CheXbert src/constants.py CONDITIONS): CHEXPERT_14's order with
+# "No Finding" moved from first to last.
+CHEXBERT_CONDITIONS: tuple[str, ...] = tuple(o for o in CHEXPERT_14 if o != NO_FINDING) + (NO_FINDING,)
 
 # Class index -> CheXpert value, as CheXbert's label.py writes its CSV (0 -> blank, 2 -> 0, 3 -> -1).
 _FOUR_CLASS_VALUES = np.array([np.nan, 1.0, 0.0, -1.0])

@@ -11,13 +11,7 @@ from encoder.vit import ViTConfig, ViTEncoder
 C = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to busy-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(registers: int = 0, seed: int = 0) -> ViTEncoder:

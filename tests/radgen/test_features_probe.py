@@ -25,13 +25,7 @@ TINY = dict(arch="test-tiny", embed_dim=32, depth=2, num_heads=2, img_size=56)
 TARGETS = ("Cardiomegaly", "Pleural Effusion", "sex (F)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to busy-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
