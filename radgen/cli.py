@@ -35,11 +35,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 # Jobs whose modules register their own sub-parser; imported only when needed (see build_parser).
 JOB_PARSERS = {
-    "features": ("radgen.features_job", "add_features_parser"),
-    "probe": ("radgen.probe_job", "add_probe_parser"),
-    "pretrain-study": ("radgen.study_job", "add_study_parser"),
-    "evaluate": ("radgen.evaluate_job", "add_evaluate_parser"),
-    "labeler-check": ("radgen.evaluate_job", "add_labeler_check_parser"),
+    "features": ("radgen.jobs.features", "add_features_parser"),
+    "probe": ("radgen.jobs.probe", "add_probe_parser"),
+    "pretrain-study": ("radgen.jobs.study", "add_study_parser"),
+    "evaluate": ("radgen.jobs.evaluate", "add_evaluate_parser"),
+    "labeler-check": ("radgen.jobs.evaluate", "add_labeler_check_parser"),
 }
 
 
@@ -170,7 +170,7 @@ def cmd_synth(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from radgen.config import load_config
-    from radgen.pretrain_job import run_pretrain
+    from radgen.jobs.pretrain import run_pretrain
 
     flags = [f"data.path={args.data}"] if args.data else []
     flags += [f"out={args.out}"] if args.out else []
@@ -192,7 +192,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_pixel_baseline(args) -> int:
-    from radgen.baselines import format_probe_table, pixel_baseline
+    from radgen.jobs.baselines import format_probe_table, pixel_baseline
 
     results = pixel_baseline(args.data, size=args.size, n_resamples=args.resamples)
     print(format_probe_table(results, title=f"raw-pixel baseline ({args.size}x{args.size}, "
@@ -205,7 +205,7 @@ def cmd_pixel_baseline(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from radgen.baselines import format_probe_table, pixel_baseline
+    from radgen.jobs.baselines import format_probe_table, pixel_baseline
     from radgen.config import load_config
     from radgen.data.synth.generate import generate_dataset
 
@@ -230,7 +230,7 @@ def _demo_template_baseline(synth_dir: Path, out: Path) -> None:
     import json
 
     from radgen.data.manifest import read_manifest
-    from radgen.evaluate_job import format_scores, run_evaluate
+    from radgen.jobs.evaluate import format_scores, run_evaluate
 
     rows = [r for r in read_manifest(synth_dir / "manifest.csv") if r["split"] == "test" and r["findings"]]
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     from radgen.config import ConfigError
     from radgen.data.images import ImageLoadError
     from radgen.data.manifest import ManifestError
-    from radgen.evaluate_job import EvaluateError
+    from radgen.jobs.evaluate import EvaluateError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in JOB_PARSERS else None

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-import radgen.features_job as fj
+import radgen.jobs.features as fj
 from encoder.checkpoint import load_encoder, save_checkpoint
 from encoder.vit import ViTConfig, ViTEncoder
 from radgen.config import load_config
 from radgen.data.synth.generate import generate_dataset
-from radgen.features_job import (FeatureJobError, extract_features, load_encoder_spec,
+from radgen.jobs.features import (FeatureJobError, extract_features, load_encoder_spec,
                                  load_features, random_like_spec)
-from radgen.probe_job import (format_probe_study, probe_study, resolve_encoders,
+from radgen.jobs.probe import (format_probe_study, probe_study, resolve_encoders,
                               summarize_probe_study)
 
 TINY = dict(arch="test-tiny", embed_dim=32, depth=2, num_heads=2, img_size=56)
@@ -191,8 +191,8 @@ def test_probe_study_end_to_end(synth: Path, ckpt: Path, tmp_path: Path):
 
 
 def test_cli_parsers(synth: Path, ckpt: Path, tmp_path: Path, capsys):
-    from radgen.features_job import add_features_parser
-    from radgen.probe_job import add_probe_parser
+    from radgen.jobs.features import add_features_parser
+    from radgen.jobs.probe import add_probe_parser
 
     parser = argparse.ArgumentParser(prog="radgen")
     sub = parser.add_subparsers(dest="command")
@@ -229,7 +229,7 @@ def test_cli_parsers(synth: Path, ckpt: Path, tmp_path: Path, capsys):
 
 def test_pretrain_study_end_to_end(tmp_path):
     """One command: synthesise, pretrain a tiny encoder, probe it against random inits and pixels."""
-    from radgen.study_job import run_study
+    from radgen.jobs.study import run_study
 
     tiny = ["model.arch=vit_tiny", "model.embed_dim=48", "model.depth=2", "model.num_heads=3",
             "model.img_size=56", "ssl.out_dim=32", "ssl.hidden_dim=64", "ssl.bottleneck_dim=32",

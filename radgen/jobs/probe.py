@@ -4,8 +4,8 @@
 image_size)`` extracts features of every row of a manifest with each encoder (cached per encoder
 under ``cache_dir/<name>``), fits a logistic probe (:func:`eval.probes.linear.logistic_probe`) on
 the ``train`` split and reports AUROC with a bootstrap CI on ``validate`` + ``test``, per target.
-The raw-pixel baseline (:func:`radgen.baselines.pixel_features`) runs on the same rows. Targets
-follow :func:`radgen.baselines.pixel_baseline`: 1 = positive, 0 or blank = negative, uncertain
+The raw-pixel baseline (:func:`radgen.jobs.baselines.pixel_features`) runs on the same rows. Targets
+follow :func:`radgen.jobs.baselines.pixel_baseline`: 1 = positive, 0 or blank = negative, uncertain
 (-1) rows dropped per target; ``sex (F)`` from the ``sex`` column.
 
 All models are scored on the same rows (those whose image every model could load) with the same
@@ -29,10 +29,10 @@ from encoder.checkpoint import CheckpointError
 from encoder.features import POOLS
 from encoder.io import atomic_write_text
 from eval.probes.linear import logistic_probe
-from radgen.baselines import binary_targets, pixel_features
+from radgen.jobs.baselines import binary_targets, pixel_features
 from radgen.data.images import ImageLoadError
 from radgen.data.manifest import ManifestError, read_manifest
-from radgen.features_job import (FeatureJobError, encoder_config, extract_features,
+from radgen.jobs.features import (FeatureJobError, encoder_config, extract_features,
                                  random_like_spec)
 
 __all__ = ["DEFAULT_TARGETS", "ProbeStudyError", "is_random_spec", "probe_study",

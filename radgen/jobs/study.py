@@ -2,7 +2,7 @@
 
 Synthesises a set (or uses ``--data``), pretrains an encoder with the given config, then compares
 frozen-feature linear probes of the pretrained encoder, random inits of the same architecture
-(several seeds) and the raw-pixel baseline, with bootstrap CIs (``radgen.probe_job``).
+(several seeds) and the raw-pixel baseline, with bootstrap CIs (``radgen.jobs.probe``).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 from encoder.features import POOLS
 from encoder.io import atomic_write_text
 from radgen.config import load_config
-from radgen.features_job import random_like_spec
-from radgen.pretrain_job import run_pretrain
-from radgen.probe_job import DEFAULT_TARGETS, format_probe_study, probe_study, summarize_probe_study
+from radgen.jobs.features import random_like_spec
+from radgen.jobs.pretrain import run_pretrain
+from radgen.jobs.probe import DEFAULT_TARGETS, format_probe_study, probe_study, summarize_probe_study
 
 __all__ = ["add_study_parser", "run_study"]
 
