@@ -7,12 +7,23 @@ the Hugging Face ``Dinov2Model`` layout is a fixed renaming (``encoder/weights.p
 
 Token preparation is written here rather than taken from timm because parity with DINOv2 / HF
 needs its exact recipe: masked patches replaced by a learnable mask token *before* position
-embeddings are added, and position embeddings resized with bicubic interpolation without
-antialiasing (timm antialiases), with registers inserted after the CLS token without position.
+embeddings are added, and registers inserted after the CLS token without position. How the
+position grid is resized for other image sizes depends on where the weights came from, so it is
+part of the config (``ViTConfig.pos_interp``, one of :data:`POS_INTERP`):
+
+* ``bicubic``: float32 bicubic to the target grid, no antialiasing (transformers ``Dinov2Model``;
+  the default, so models trained here keep their behaviour);
+* ``bicubic_antialias``: the same with antialiasing (transformers ``Dinov2WithRegistersModel``,
+  the original DINOv2 ``*_reg`` models, timm);
+* ``dinov2_offset``: the original DINOv2 (non-register) code: bicubic, no antialiasing, with the
+  scale factors ``((h + 0.1) / g0, (w + 0.1) / g0)`` instead of the target size, which shifts the
+  sampling grid slightly (the 0.1 was a work-around for a float issue in DINO, kept for parity).
 """
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
@@ -21,7 +32,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-__all__ = ["ViTConfig", "ViTEncoder", "ARCHS", "build_vit"]
+__all__ = ["ViTConfig", "ViTEncoder", "ARCHS", "POS_INTERP", "build_vit", "resample_pos_grid",
+           "square_size"]
 
 # name -> (embed_dim, depth, num_heads)
 ARCHS: dict[str, tuple[int, int, int]] = {
@@ -30,6 +42,49 @@ ARCHS: dict[str, tuple[int, int, int]] = {
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
 }
+
+# Position-embedding interpolation recipes (module docstring).
+POS_INTERP = ("bicubic", "bicubic_antialias", "dinov2_offset")
+DINOV2_INTERP_OFFSET = 0.1  # original DINOv2's ``interpolate_offset``
+
+
+def square_size(value, name: str = "img_size") -> int:
+    """An int, or a square ``[h, w]`` pair as HF configs may store it, as one int.
+
+    The position grid is square (DINOv2 and transformers assume it too), so ``h != w`` is refused.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        vals = list(value)
+        if len(vals) == 2 and vals[0] == vals[1]:
+            return square_size(vals[0], name)
+    raise ValueError(f"{name} must be an int or a square [h, w] pair (the position grid is square), "
+                     f"got {value!r}")
+
+
+def resample_pos_grid(grid: torch.Tensor, h: int, w: int, pos_interp: str = "bicubic") -> torch.Tensor:
+    """Resize a (1, C, g0, g0) position grid to (1, C, h, w) with one of :data:`POS_INTERP`.
+
+    Computed in float32 (bicubic in half precision shifts the embeddings), returned in the
+    grid's dtype, as DINOv2 and transformers do.
+    """
+    x = grid.float()
+    if pos_interp == "dinov2_offset":
+        # scale_factor, not size: PyTorch then samples at (i + 0.5) / scale - 0.5 with the given
+        # scale, which is what makes the offset move the grid.
+        scale = ((h + DINOV2_INTERP_OFFSET) / grid.shape[-2], (w + DINOV2_INTERP_OFFSET) / grid.shape[-1])
+        out = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
+        if tuple(out.shape[-2:]) != (h, w):  # floor(g0 * (h + 0.1) / g0) is h; checked, not assumed
+            raise RuntimeError(f"offset interpolation gave a {tuple(out.shape[-2:])} grid, not {(h, w)}")
+    elif pos_interp in ("bicubic", "bicubic_antialias"):
+        out = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False,
+                            antialias=pos_interp == "bicubic_antialias")
+    else:
+        raise ValueError(f"pos_interp must be one of {POS_INTERP}, got {pos_interp!r}")
+    return out.to(grid.dtype)
 
 
 @dataclass
@@ -49,7 +104,15 @@ class ViTConfig:
     layerscale_init: float | None = 1e-5  # None disables LayerScale
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-6
+    # position-embedding resizing (POS_INTERP); set by the loaders from where the weights came from
+    pos_interp: str = "bicubic"
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.img_size = square_size(self.img_size, "img_size")
+        self.patch_size = square_size(self.patch_size, "patch_size")
+        if self.pos_interp not in POS_INTERP:
+            raise ValueError(f"pos_interp must be one of {POS_INTERP}, got {self.pos_interp!r}")
 
     def resolved(self) -> "ViTConfig":
         if self.arch not in ARCHS and None in (self.embed_dim, self.depth, self.num_heads):
@@ -112,16 +175,17 @@ class ViTEncoder(nn.Module):
         return height // self.cfg.patch_size, width // self.cfg.patch_size
 
     def interpolate_pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """Position embeddings for an h x w patch grid: (1, 1 + h*w, C)."""
+        """Position embeddings for an h x w patch grid: (1, 1 + h*w, C), by ``cfg.pos_interp``."""
         n0 = self.pos_embed.shape[1] - 1
         g0 = int(round(n0**0.5))
+        # native grid: as is, as DINOv2 and transformers (for dinov2_offset resampling it would
+        # not be the identity)
         if h == g0 and w == g0:
             return self.pos_embed
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         patch_pos = patch_pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2)  # (1, C, g0, g0)
-        # float32 bicubic without antialias: matches DINOv2 and transformers.Dinov2Model
-        patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        patch_pos = resample_pos_grid(patch_pos, h, w, self.cfg.pos_interp)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
     def prepare_tokens(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,6 +10,12 @@ Layouts:
 * Original DINOv2 (``dinov2_vitb14_pretrain.pth``) and timm: ``cls_token``, ``pos_embed``,
   ``blocks.N.*`` with fused ``attn.qkv`` — our own names, so they load by name (block-chunked
   FSDP keys ``blocks.C.N.*`` are flattened; a missing ``mask_token`` keeps its init).
+
+Position-embedding interpolation (``ViTConfig.pos_interp``, see ``encoder/vit.py``) follows where
+the weights came from: HF ``dinov2`` -> ``bicubic``, HF ``dinov2_with_registers`` ->
+``bicubic_antialias`` (as transformers), original DINOv2 checkpoints -> ``dinov2_offset``
+(registers: ``bicubic_antialias``), as the original code. An HF export cannot carry
+``dinov2_offset`` (transformers has no such option): ``save_hf_dinov2`` warns and records it.
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from encoder.io import atomic_write_text
-from encoder.vit import ViTConfig, ViTEncoder
+from encoder.vit import ViTConfig, ViTEncoder, resample_pos_grid, square_size
 
 __all__ = [
     "WeightsError",
@@ -34,6 +42,8 @@ __all__ = [
     "ours_to_hf",
     "resize_pos_embed",
     "RAD_DINO_PREPROCESSOR",
+    "HF_POS_INTERP",
+    "preprocessor_for",
 ]
 
 # microsoft/rad-dino's preprocessor (BitImageProcessor), written next to exported models.
@@ -51,6 +61,15 @@ RAD_DINO_PREPROCESSOR = {
     "image_std": [0.2583, 0.2583, 0.2583],
     "do_convert_rgb": True,
 }
+
+# The position-embedding interpolation transformers applies, per model_type.
+HF_POS_INTERP = {"dinov2": "bicubic", "dinov2_with_registers": "bicubic_antialias"}
+
+
+def preprocessor_for(img_size: int) -> dict:
+    """rad-dino's preprocessor resized to ``img_size`` (same mean, std, resampling)."""
+    return {**RAD_DINO_PREPROCESSOR, "size": {"shortest_edge": img_size},
+            "crop_size": {"height": img_size, "width": img_size}}
 
 
 class WeightsError(ValueError):
@@ -100,10 +119,15 @@ def config_from_hf(hf: dict) -> ViTConfig:
         raise WeightsError("SwiGLU feed-forward (ViT-g) is not supported by this backbone")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise WeightsError(f"hidden_act {hf.get('hidden_act')!r} not supported (gelu only)")
+    try:  # HF allows [h, w] lists; our position grid is square
+        img_size = square_size(hf.get("image_size", 518), "image_size")
+        patch_size = square_size(hf.get("patch_size", 14), "patch_size")
+    except ValueError as exc:
+        raise WeightsError(str(exc)) from exc
     return ViTConfig(
         arch="custom",
-        img_size=int(hf.get("image_size", 518)),
-        patch_size=int(hf.get("patch_size", 14)),
+        img_size=img_size,
+        patch_size=patch_size,
         in_chans=int(hf.get("num_channels", 3)),
         embed_dim=int(hf["hidden_size"]),
         depth=int(hf["num_hidden_layers"]),
@@ -114,6 +138,7 @@ def config_from_hf(hf: dict) -> ViTConfig:
         layerscale_init=float(hf.get("layerscale_value", 1.0)),
         drop_path_rate=0.0,
         layer_norm_eps=float(hf.get("layer_norm_eps", 1e-6)),
+        pos_interp=HF_POS_INTERP[hf["model_type"]],
     )
 
 
@@ -144,6 +169,9 @@ def hf_config_from(cfg: ViTConfig) -> dict:
     if cfg.num_register_tokens:
         out.update(architectures=["Dinov2WithRegistersModel"], model_type="dinov2_with_registers",
                    num_register_tokens=cfg.num_register_tokens)
+    if cfg.pos_interp != HF_POS_INTERP[out["model_type"]]:
+        # transformers ignores this key; it records that features at other sizes will differ
+        out["radgen_pos_interp"] = cfg.pos_interp
     return out
 
 
@@ -201,7 +229,12 @@ def ours_to_hf(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tenso
     for i in range(depth):
         p = f"encoder.layer.{i}."
         for hk, ok in _HF_BLOCK.items():
-            out[p + hk] = sd[f"blocks.{i}.{ok}"]
+            key = f"blocks.{i}.{ok}"
+            if key not in sd and ok.endswith(".gamma"):
+                # no LayerScale (layerscale_init=None); HF Dinov2 always has it: ones = identity
+                out[p + hk] = torch.ones_like(sd[f"blocks.{i}.norm1.weight"])
+            else:
+                out[p + hk] = sd[key]
         for kind in ("weight", "bias"):
             key = f"blocks.{i}.attn.qkv.{kind}"
             if key in sd:
@@ -217,32 +250,56 @@ def load_hf_dinov2(folder: str | os.PathLike) -> ViTEncoder:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise WeightsError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    cfg = config_from_hf(json.loads(cfg_path.read_text()))
+    hf = json.loads(cfg_path.read_text())
+    cfg = config_from_hf(hf)
     model = ViTEncoder(cfg)
     sd = hf_to_ours(_read_hf_folder(folder), cfg.depth)
+    if not hf.get("use_mask_token", True) and "mask_token" not in sd:
+        # saved without one (Dinov2Config(use_mask_token=False)): keep our (zero) init, which
+        # only matters for masked inputs (iBOT pretraining from these weights)
+        sd["mask_token"] = model.mask_token.detach().clone()
     _load_strict(model, sd, where=str(folder))
     return model
 
 
 def save_hf_dinov2(model: ViTEncoder, folder: str | os.PathLike, preprocessor: dict | None = None) -> Path:
-    """Export to a HF folder that ``transformers.AutoModel.from_pretrained`` loads as Dinov2Model."""
+    """Export to a HF folder that ``transformers.AutoModel.from_pretrained`` loads as Dinov2Model.
+
+    ``preprocessor`` (``preprocessor_config.json``) defaults to rad-dino's at the model's size.
+    A model whose ``pos_interp`` is not what transformers does for its type (e.g. an original
+    DINOv2 checkpoint's ``dinov2_offset``) gives the same features at its native size only: a
+    warning says so and ``config.json`` records it as ``radgen_pos_interp``.
+    """
     folder = Path(folder)
+    hf_cfg = hf_config_from(model.cfg)
+    if "radgen_pos_interp" in hf_cfg:
+        warnings.warn(f"{folder}: transformers' {hf_cfg['architectures'][0]} resizes position "
+                      f"embeddings with {HF_POS_INTERP[hf_cfg['model_type']]!r}, this model with "
+                      f"{model.cfg.pos_interp!r}: features will differ at sizes other than "
+                      f"{model.cfg.img_size} px (recorded as radgen_pos_interp in config.json)",
+                      UserWarning, stacklevel=2)
     folder.mkdir(parents=True, exist_ok=True)
     sd = ours_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.cfg.depth)
     tmp = folder / ".model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
-    atomic_write_text(folder / "config.json", json.dumps(hf_config_from(model.cfg), indent=2))
+    atomic_write_text(folder / "config.json", json.dumps(hf_cfg, indent=2))
     atomic_write_text(folder / "preprocessor_config.json",
-                      json.dumps(preprocessor or RAD_DINO_PREPROCESSOR, indent=2))
+                      json.dumps(preprocessor or preprocessor_for(model.cfg.img_size), indent=2))
     return folder
 
 
-def load_dinov2_checkpoint(model: ViTEncoder, path: str | os.PathLike, strict: bool = True) -> ViTEncoder:
+def load_dinov2_checkpoint(model: ViTEncoder, path: str | os.PathLike, strict: bool = True,
+                           pos_interp: str | None = None) -> ViTEncoder:
     """Load an original DINOv2 (or timm ``vit_*_dinov2``) checkpoint into ``model`` by name.
 
-    The position embeddings are resized to the model's grid when they differ, so a 518-px
-    DINOv2 checkpoint initialises a 224-px model (as RAD-DINO initialised from DINOv2).
+    ``model.cfg.pos_interp`` is set to the interpolation the weights were published with
+    (``pos_interp`` overrides): ``dinov2_offset`` for original DINOv2 models, ``bicubic_antialias``
+    for registers models (``dinov2_*_reg``) and timm-layout checkpoints (timm antialiases; its
+    non-register DINOv2 files have the original names, so give ``pos_interp`` for those).
+    The position embeddings are resized to the model's grid with that recipe when they differ, so
+    a 518-px DINOv2 checkpoint initialises a 224-px model (as RAD-DINO initialised from DINOv2)
+    that gives, at 224 px, what the original code gives at 224 px.
     """
     path = Path(path)
     if not path.is_file():
@@ -251,28 +308,39 @@ def load_dinov2_checkpoint(model: ViTEncoder, path: str | os.PathLike, strict: b
     sd = {re.sub(r"^(backbone|module|student\.backbone|teacher\.backbone)\.", "", k): v for k, v in sd.items()}
     sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}  # FSDP chunks
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.", "dino_head", "ibot_head"))}
+    pe = sd.get("pos_embed")
+    # timm no_embed_class (its *_reg_dinov2 models): a square grid with no CLS position
+    no_cls_pos = pe is not None and _is_square(pe.shape[1]) and not _is_square(pe.shape[1] - 1)
+    timm_layout = "reg_token" in sd or no_cls_pos
     if "reg_token" in sd:  # timm name
         sd["register_tokens"] = sd.pop("reg_token")
+    if pos_interp is None:  # DINOv2's hub: interpolate_antialias=True, offset 0 for *_reg models
+        pos_interp = "bicubic_antialias" if timm_layout or "register_tokens" in sd else "dinov2_offset"
+    model.cfg = replace(model.cfg, pos_interp=pos_interp)  # validates the name
     if "mask_token" not in sd:
         sd["mask_token"] = model.mask_token.detach().clone()
     if "mask_token" in sd and sd["mask_token"].dim() == 1:
         sd["mask_token"] = sd["mask_token"][None]
-    pe = sd.get("pos_embed")
-    if pe is not None and pe.shape != model.pos_embed.shape:
-        if pe.shape[1] == model.pos_embed.shape[1] - 1:  # timm no_embed_class: no CLS position
+    if pe is not None:
+        if no_cls_pos:  # a zero CLS position adds nothing, as in timm
             pe = torch.cat([torch.zeros_like(pe[:, :1]), pe], dim=1)
-        sd["pos_embed"] = resize_pos_embed(pe, model.pos_embed.shape[1] - 1)
+        if pe.shape[1] != model.pos_embed.shape[1]:
+            pe = resize_pos_embed(pe, model.pos_embed.shape[1] - 1, pos_interp)
+        sd["pos_embed"] = pe
     return _load_strict(model, sd, where=str(path), strict=strict)
 
 
-def resize_pos_embed(pe: torch.Tensor, n_new: int) -> torch.Tensor:
-    """(1, 1 + g0*g0, C) position embeddings -> (1, 1 + n_new, C) by bicubic resampling of the grid."""
-    import torch.nn.functional as F
+def _is_square(n: int) -> bool:
+    return n > 0 and int(round(n**0.5)) ** 2 == n
 
+
+def resize_pos_embed(pe: torch.Tensor, n_new: int, pos_interp: str = "bicubic") -> torch.Tensor:
+    """(1, 1 + g0*g0, C) position embeddings -> (1, 1 + n_new, C) by resampling the grid with
+    ``pos_interp`` (see ``encoder/vit.py``)."""
     g0, g1 = int(round((pe.shape[1] - 1) ** 0.5)), int(round(n_new**0.5))
-    grid = pe[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(g1, g1), mode="bicubic", align_corners=False)
-    return torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g1 * g1, -1).to(pe.dtype)], dim=1)
+    grid = pe[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
+    grid = resample_pos_grid(grid, g1, g1, pos_interp)
+    return torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g1 * g1, -1)], dim=1)
 
 
 def _load_strict(model: ViTEncoder, sd: dict, where: str, strict: bool = True) -> ViTEncoder:

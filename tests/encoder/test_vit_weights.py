@@ -26,6 +26,10 @@ RAD_DINO_CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_attention_head
                        layer_norm_eps=1e-6, qkv_bias=True, use_swiglu_ffn=False, hidden_act="gelu",
                        drop_path_rate=0.0)
 
+# fp32 parity is measured at 0.0; 1e-6 still fails a LayerNorm eps of 1e-5 instead of 1e-6
+# (outputs move by ~1e-4; tests/encoder/test_interop.py checks that this is caught).
+TOL = 1e-6
+
 
 @pytest.fixture(scope="module")
 def rad_dino_folder(tmp_path_factory) -> Path:
@@ -50,8 +54,8 @@ def test_parity_with_transformers_at_518(rad_dino_folder: Path):
         ref = hf(pixel_values=x)
         out = ours(x)
     assert out["patches"].shape == (2, 37 * 37, 768)
-    assert (out["cls"] - ref.pooler_output).abs().max() <= 1e-4
-    assert (out["patches"] - ref.last_hidden_state[:, 1:]).abs().max() <= 1e-4
+    assert (out["cls"] - ref.pooler_output).abs().max() <= TOL
+    assert (out["patches"] - ref.last_hidden_state[:, 1:]).abs().max() <= TOL
 
     # Export: transformers loads our folder as a Dinov2Model and matches.
     export = rad_dino_folder.parent / "export"
@@ -60,9 +64,9 @@ def test_parity_with_transformers_at_518(rad_dino_folder: Path):
     assert type(back).__name__ == "Dinov2Model"
     with torch.no_grad():
         again = back(pixel_values=x)
-    assert (again.pooler_output - out["cls"]).abs().max() <= 1e-4
-    assert (again.last_hidden_state[:, 1:] - out["patches"]).abs().max() <= 1e-4
-    assert json.loads((export / "preprocessor_config.json").read_text())["image_mean"] == [0.5307] * 3
+    assert (again.pooler_output - out["cls"]).abs().max() <= TOL
+    assert (again.last_hidden_state[:, 1:] - out["patches"]).abs().max() <= TOL
+    assert json.loads((export / "preprocessor_config.json").read_text()) == RAD_DINO_PREPROCESSOR
 
 
 def test_parity_other_size_and_masks(rad_dino_folder: Path):
@@ -75,7 +79,7 @@ def test_parity_other_size_and_masks(rad_dino_folder: Path):
     with torch.no_grad():
         ref = hf(pixel_values=x, bool_masked_pos=masks).last_hidden_state
         out = ours.forward_tokens(x, masks)
-    assert (out - ref).abs().max() <= 1e-4
+    assert (out - ref).abs().max() <= TOL
 
 
 def test_tiny_roundtrip_and_intermediate_layers(tmp_path: Path):
@@ -92,6 +96,7 @@ def test_tiny_roundtrip_and_intermediate_layers(tmp_path: Path):
 
 
 def test_registers_shape():
+    """Shapes only; values against transformers at several sizes: tests/encoder/test_interop.py."""
     m = ViTEncoder(ViTConfig(arch="vit_tiny", img_size=56, num_register_tokens=4)).eval()
     out = m(torch.randn(2, 3, 56, 56))
     assert out["registers"].shape == (2, 4, 192) and out["patches"].shape == (2, 16, 192)
@@ -110,10 +115,13 @@ def test_original_dinov2_layout_loads_with_pos_resize(tmp_path: Path):
     load_dinov2_checkpoint(dst, tmp_path / "dinov2_vitt14_pretrain.pth")
     assert torch.equal(dst.blocks[5].attn.qkv.weight, src.blocks[5].attn.qkv.weight)
     assert dst.pos_embed.shape == (1, 1 + 16 * 16, 192)
-    # Resizing then evaluating on a 224 grid equals the source model evaluated at 224.
+    # Resizing then evaluating on a 224 grid equals the source model evaluated at 224 as the
+    # original DINOv2 code does (its interpolation recipe, which the loader records).
+    assert dst.cfg.pos_interp == "dinov2_offset"
+    src.cfg.pos_interp = "dinov2_offset"
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        assert (src.eval()(x)["cls"] - dst.eval()(x)["cls"]).abs().max() < 1e-4
+        assert (src.eval()(x)["cls"] - dst.eval()(x)["cls"]).abs().max() <= TOL
 
 
 def test_weight_errors(tmp_path: Path):
