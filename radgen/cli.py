@@ -19,13 +19,6 @@ __all__ = ["main", "build_parser"]
 
 SHARED_DATA_HINT = "../shared/data"
 
-# Jobs that later issues implement: listed so `radgen --help` shows the whole system.
-PLANNED = {
-    "train": "train the report generator (frozen encoder -> projector -> LoRA LLM)",
-    "generate": "generate findings for a folder or manifest of X-rays",
-}
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="override file(s) merged onto the job's default config, in order; "
@@ -40,6 +33,8 @@ JOB_PARSERS = {
     "pretrain-study": ("radgen.jobs.study", "add_study_parser"),
     "evaluate": ("radgen.jobs.evaluate", "add_evaluate_parser"),
     "labeler-check": ("radgen.jobs.evaluate", "add_labeler_check_parser"),
+    "train": ("radgen.jobs.train", "add_train_parser"),
+    "generate": ("radgen.jobs.generate", "add_generate_parser"),
 }
 
 
@@ -98,20 +93,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "raw-pixel baseline. Later stages join as they land.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.set_defaults(func=cmd_demo)
-
-    for name, text in PLANNED.items():
-        p = sub.add_parser(name, help=f"{text} [not implemented yet]",
-                           description=f"{text}. Not implemented yet in this version.")
-        _add_config_args(p)
-        p.set_defaults(func=_planned(name))
     return parser
-
-
-def _planned(name: str):
-    def run(args) -> int:
-        print(f"radgen {name}: not implemented yet in this version of radgen.", file=sys.stderr)
-        return 2
-    return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +122,8 @@ def cmd_info(args) -> int:
     print("lookup paths (every loader takes a local path; nothing is downloaded at run time):")
     print(f"  configs:        {configs_dir()}")
     print(f"  RADGEN_HOME:    {os.environ.get('RADGEN_HOME', str(Path.home() / '.cache' / 'radgen'))}")
+    from radgen.model.llm import builtin_llm_cache_dir  # light: transformers is imported lazily there
+    print(f"  built-in LLM:   {builtin_llm_cache_dir()}")
     print(f"  HF_HOME:        {os.environ.get('HF_HOME', str(Path.home() / '.cache' / 'huggingface'))}"
           f"  (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')})")
     shared = Path(SHARED_DATA_HINT).resolve()

@@ -1,0 +1,113 @@
+"""Rows of the report generator (image + findings + optional indication) and image streaming.
+
+``read_report_rows`` turns a manifest (or a plain folder of X-rays) into :class:`ReportRow`s;
+``image_batches`` streams them as preprocessed tensors in their order, with a thread pool loading
+the next batch while the current one runs, so a folder of any size never sits in memory at once.
+A file that fails to load becomes a failure record (path, error, reason: never patient data)
+and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from radgen.data.images import ImageLoadError, load_image
+from radgen.data.manifest import FEATURES, ManifestError, image_folder_dataset, read_manifest
+
+__all__ = ["ReportRow", "read_report_rows", "image_batches", "ImageBatch"]
+
+
+@dataclass
+class ReportRow:
+    id: str
+    image: str                     # path of the image the model reads (a study's first image)
+    text: str | None = None        # reference findings
+    indication: str | None = None
+
+
+def _has_manifest(p: Path) -> bool:
+    return p.is_file() or any((p / n).is_file() for n in ("manifest.jsonl", "manifest.csv"))
+
+
+def read_report_rows(data: str | os.PathLike, split: str | None = None, text_field: str = "findings",
+                     indication_field: str | None = None, require_text: bool = False) -> list[ReportRow]:
+    """Rows of a manifest (file or folder holding one) or of a plain image folder.
+
+    For a plain folder the id is the file's path relative to the folder (with its suffix, so
+    ``a.png`` and ``a.dcm`` stay apart) and there is no text. ``require_text`` drops rows whose
+    ``text_field`` is empty (training needs a target); missing image files are kept, so the
+    caller records them like any other unreadable image.
+    """
+    p = Path(data)
+    if p.is_dir() and not _has_manifest(p):
+        if split is not None:
+            raise ManifestError(p, f"a plain image folder has no splits (split={split!r})")
+        ds = image_folder_dataset(p)
+        return [ReportRow(id=str(Path(imgs[0]).relative_to(p)), image=imgs[0]) for imgs in ds["images"]]
+    extra = [f for f in (text_field, indication_field) if f and f not in FEATURES]
+    ds = read_manifest(p, split=split, check_files=False, keep_extra=extra)
+    if text_field not in ds.column_names:
+        raise ManifestError(p, f"no column {text_field!r} (data.text_field)")
+    rows = []
+    for r in ds:
+        text = r.get(text_field)
+        if require_text and not (text and text.strip()):
+            continue
+        rows.append(ReportRow(id=str(r["id"]), image=r["images"][0] if r["images"] else "",
+                              text=text, indication=r.get(indication_field) if indication_field else None))
+    return rows
+
+
+@dataclass
+class ImageBatch:
+    rows: list[ReportRow]           # the rows whose image loaded, in order
+    pixel_values: torch.Tensor | None  # (B, 3, S, S), or None when every image failed
+    failures: list[tuple[ReportRow, dict]]  # (row, ImageLoadError record) of the others
+
+
+def image_batches(rows: Sequence[ReportRow], preprocess: Callable, batch_size: int,
+                  workers: int = 2) -> Iterator[ImageBatch]:
+    """Preprocessed batches of ``rows`` in order; the next batch loads while this one is used.
+
+    ``preprocess`` maps a float (H, W) image in [0, 1] to a (3, S, S) tensor. With ``workers > 0``
+    at most two batches of images are in flight, whatever the number of rows.
+    """
+    def load(row: ReportRow):
+        try:
+            if not row.image:
+                raise ImageLoadError("<none>", "row has no image")
+            img, _ = load_image(row.image)
+            return preprocess(img), None
+        except ImageLoadError as exc:
+            return None, exc.record()
+
+    def assemble(chunk: Sequence[ReportRow], results) -> ImageBatch:
+        ok, xs, failures = [], [], []
+        for row, (x, err) in zip(chunk, results):
+            if err is None:
+                ok.append(row)
+                xs.append(x)
+            else:
+                failures.append((row, err))
+        return ImageBatch(ok, torch.stack(xs) if xs else None, failures)
+
+    chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+    if workers <= 0:
+        for chunk in chunks:
+            yield assemble(chunk, [load(r) for r in chunk])
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending = None
+        for chunk in chunks:
+            futures = [pool.submit(load, r) for r in chunk]
+            if pending is not None:
+                yield assemble(pending[0], [f.result() for f in pending[1]])
+            pending = (chunk, futures)
+        if pending is not None:
+            yield assemble(pending[0], [f.result() for f in pending[1]])

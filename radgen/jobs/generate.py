@@ -1,0 +1,349 @@
+"""``radgen generate``: findings for a folder (or manifest) of X-rays, batched, streamed, resumable.
+
+Images are decoded and preprocessed by a thread pool while the model generates the previous
+batch; prompts are left-padded and generated together with the KV cache. Output is one record
+per input, appended and fsync'ed batch by batch (JSONL, or CSV when ``--out`` ends in ``.csv``):
+
+``{"id", "image", "status": "ok"|"error", "findings", "reference"?, "error"?, "reason"?,
+"model_sha256", "settings"}``
+
+An unreadable image gets an ``error`` record and the run goes on; the exit status is 3 when any
+input failed. ``--resume`` keeps the records already written (a torn last line from a kill is
+dropped) and does only the rest. Under ``torchrun`` each rank takes every ``world``-th input and
+writes a part file; rank 0 merges the parts in input order. Records never hold DICOM metadata:
+the id is the file's path relative to the input folder (or the manifest id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from encoder.io import atomic_write_text
+from encoder.processor import RadDinoProcessor
+from radgen.data.reports import ReportRow, image_batches, read_report_rows
+from radgen.model.run import (GENERATION_KEYS, BuiltModel, RunError, generate_reports, generation_kwargs,
+                              load_run)
+
+__all__ = ["run_generate", "read_records", "merge_lora", "add_generate_parser", "cmd_generate",
+           "GenerateError", "EXIT_FAILURES"]
+
+EXIT_FAILURES = 3
+CSV_FIELDS = ["id", "image", "status", "findings", "reference", "error", "reason", "model_sha256", "settings"]
+
+
+class GenerateError(ValueError):
+    """Bad arguments or an unusable output file; the message says which."""
+
+
+def model_sha256(run_dir: str | os.PathLike) -> str:
+    """Hash of what a run folder trained (model.json, projector, adapter files)."""
+    run_dir = Path(run_dir)
+    h = hashlib.sha256()
+    files = [run_dir / "model.json", run_dir / "projector.safetensors"]
+    files += sorted((run_dir / "adapter").glob("*")) if (run_dir / "adapter").is_dir() else []
+    files += sorted((run_dir / "llm").glob("*")) if (run_dir / "llm").is_dir() else []  # merged runs
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Output records
+# ----------------------------------------------------------------------------------------------
+def _is_csv(path: Path) -> bool:
+    return path.suffix.lower() in (".csv", ".tsv")
+
+
+def read_records(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """Records of an output file; with ``repair`` a torn (unterminated) last line is cut off."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        if repair:
+            with path.open("r+b") as fh:
+                fh.truncate(cut)
+        data = data[:cut]
+    text = data.decode("utf-8")
+    if _is_csv(path):
+        rows = list(csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+        for r in rows:
+            r["settings"] = json.loads(r["settings"]) if r.get("settings") else {}
+        return rows
+    out = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise GenerateError(f"{path}, line {i}: not JSON ({exc.msg})") from None
+    return out
+
+
+class _Writer:
+    """Appends records and makes each batch durable (flush + fsync) before the next starts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.csv = _is_csv(path)
+        new = not path.is_file() or path.stat().st_size == 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = path.open("a", encoding="utf-8", newline="")
+        if self.csv:
+            self.w = csv.DictWriter(self.fh, fieldnames=CSV_FIELDS, extrasaction="ignore",
+                                    delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            if new:
+                self.w.writeheader()
+
+    def write(self, records: list[dict]) -> None:
+        for r in records:
+            if self.csv:
+                self.w.writerow({**r, "settings": json.dumps(r.get("settings", {}), sort_keys=True)})
+            else:
+                self.fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------
+def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike,
+                 settings: dict | None = None, *, batch_size: int | None = None, split: str | None = None,
+                 resume: bool = False, overwrite: bool = False, workers: int = 2,
+                 device: str | None = None, precision: str = "fp32", seed: int = 0,
+                 progress: bool = True, built: BuiltModel | None = None) -> dict:
+    """Generate findings for every image of ``images`` into ``out``; returns a summary dict.
+
+    ``settings`` override the run's generation defaults (``max_new_tokens``, ``num_beams``,
+    ``do_sample``, ``temperature``, ``top_p``, ``repetition_penalty``).
+    """
+    from tqdm import tqdm
+
+    from encoder.distributed import setup_distributed
+
+    out = Path(out)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = setup_distributed(dev)
+    if precision not in ("fp32", "bf16"):
+        raise GenerateError(f"precision must be fp32 or bf16, got {precision!r}")
+    if out.exists() and out.stat().st_size > 0 and not (resume or overwrite):
+        raise GenerateError(f"{out} exists; pass --resume to continue it or --overwrite to replace it")
+    src = Path(images)
+    if built is None:
+        built = load_run(model_dir, device=dev)
+    fields = built.info.get("data") or {}
+    rows = read_report_rows(src, split=split, text_field=fields.get("text_field") or "findings",
+                            indication_field=fields.get("indication_field"))
+    root = src if src.is_dir() else src.parent
+    gen = {k: v for k, v in (built.info.get("generate") or {}).items() if k in GENERATION_KEYS}
+    gen.update({k: v for k, v in (settings or {}).items() if v is not None})
+    bs = int(batch_size or gen.pop("batch_size", 8) or 8)
+    gen.pop("batch_size", None)
+    mhash = model_sha256(model_dir)
+    effective = {k: v for k, v in generation_kwargs(gen, built.tokens).items()
+                 if k not in ("pad_token_id", "eos_token_id")}
+    rec_settings = {**effective, "precision": precision, **({"seed": seed} if gen.get("do_sample") else {})}
+
+    part = out if world == 1 else out.with_name(f"{out.name}.part{rank}-of-{world}")
+    if rank == 0 and overwrite and not resume:
+        out.unlink(missing_ok=True)
+    if overwrite and not resume:
+        part.unlink(missing_ok=True)
+    done = {r["id"] for r in read_records(out)} if resume else set()
+    done |= {r["id"] for r in read_records(part, repair=True)} if resume and part != out else set()
+    if resume and part == out:
+        read_records(out, repair=True)
+    mine = [r for i, r in enumerate(rows) if i % world == rank and r.id not in done]
+
+    proc = RadDinoProcessor(shortest_edge=built.image_size, crop_size=built.image_size)
+    writer = _Writer(part)
+    n_ok = n_err = 0
+    t0 = time.perf_counter()
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    try:
+        with tqdm(total=len(mine), desc="generate", unit="report", disable=not (progress and rank == 0)) as bar:
+            for k, b in enumerate(image_batches(mine, proc.one, bs, workers)):
+                records = {}
+                for row, err in b.failures:
+                    records[row.id] = {"id": row.id, "image": _rel(row.image, root), "status": "error",
+                                       "findings": None, **_ref(row), "error": err["error"],
+                                       "reason": err["reason"], "model_sha256": mhash, "settings": rec_settings}
+                if b.pixel_values is not None:
+                    if gen.get("do_sample"):
+                        torch.manual_seed(seed * 1_000_003 + rank * 10_007 + k)
+                    with ctx:
+                        texts = generate_reports(built, [r.indication for r in b.rows], gen,
+                                                 pixel_values=b.pixel_values)
+                    for row, text in zip(b.rows, texts):
+                        records[row.id] = {"id": row.id, "image": _rel(row.image, root), "status": "ok",
+                                           "findings": text, **_ref(row), "model_sha256": mhash,
+                                           "settings": rec_settings}
+                batch_rows = [r for r in (b.rows + [f[0] for f in b.failures])]
+                order = {r.id: i for i, r in enumerate(mine)}
+                writer.write([records[r.id] for r in sorted(batch_rows, key=lambda r: order[r.id])])
+                n_ok += len(b.rows)
+                n_err += len(b.failures)
+                bar.update(len(b.rows) + len(b.failures))
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(reports_s=f"{(n_ok + n_err) / max(elapsed, 1e-9):.2f}", failed=n_err)
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - t0
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            _merge_parts(out, world, [r.id for r in rows])
+        dist.barrier()
+    records = read_records(out) if rank == 0 else []
+    return {"rank": rank, "world_size": world, "n_inputs": len(rows), "n_resumed": len(done),
+            "n_ok": n_ok, "n_failed": n_err,
+            "n_failed_total": sum(1 for r in records if r.get("status") == "error"),
+            "n_records": len(records), "seconds": round(seconds, 2),
+            "reports_per_s": round((n_ok + n_err) / seconds, 3) if seconds > 0 else None, "out": str(out)}
+
+
+def _rel(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _ref(row: ReportRow) -> dict:
+    return {"reference": row.text} if row.text is not None else {}
+
+
+def _merge_parts(out: Path, world: int, order: list[str]) -> None:
+    """Rank 0: existing ``out`` records + every part file -> ``out`` in input order (atomic)."""
+    by_id = {r["id"]: r for r in read_records(out)}
+    parts = [out.with_name(f"{out.name}.part{r}-of-{world}") for r in range(world)]
+    for p in parts:
+        by_id.update({r["id"]: r for r in read_records(p, repair=True)})
+    pos = {i: k for k, i in enumerate(order)}
+    recs = sorted(by_id.values(), key=lambda r: pos.get(r["id"], len(pos)))
+    tmp = out.with_name(f".{out.name}.merge")
+    tmp.unlink(missing_ok=True)
+    w = _Writer(tmp)
+    w.write(recs)
+    w.close()
+    os.replace(tmp, out)
+    for p in parts:
+        p.unlink(missing_ok=True)
+
+
+def merge_lora(model_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """A standalone run folder: the LLM with LoRA merged (``dest/llm``), projector, model.json."""
+    import shutil
+
+    from radgen.model.llm import folder_sha256
+    from radgen.model.run import MODEL_JSON, PROJECTOR_FILE
+
+    model_dir, dest = Path(model_dir), Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise GenerateError(f"{dest} is not empty")
+    built = load_run(model_dir)
+    llm = built.model.llm
+    if hasattr(llm, "merge_and_unload"):
+        llm = llm.merge_and_unload()
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "llm").mkdir(parents=True)
+    llm.save_pretrained(str(tmp / "llm"))
+    built.tokens.tokenizer.save_pretrained(str(tmp / "llm"))
+    shutil.copy2(model_dir / PROJECTOR_FILE, tmp / PROJECTOR_FILE)
+    shutil.copy2(model_dir / "config.yaml", tmp / "config.yaml")
+    info = json.loads((model_dir / MODEL_JSON).read_text())
+    info["lora"] = None
+    info["merged_from"] = str(model_dir.resolve())
+    info["llm"] = {**info["llm"], "path": str((dest / "llm").resolve()), "sha256": folder_sha256(tmp / "llm"),
+                   "merged_lora": True}
+    atomic_write_text(tmp / MODEL_JSON, json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate", help="generate findings for a folder or manifest of X-rays",
+        description="Batched generation with a trained run folder. One JSONL (or CSV) record per input, "
+                    "written as it goes; unreadable images are recorded and exit status 3 reports them.")
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="run folder written by radgen train")
+    p.add_argument("--images", metavar="FOLDER_OR_MANIFEST", help="folder of PNG/JPEG/DICOM (recursive) or a manifest")
+    p.add_argument("--out", metavar="FILE", help="reports.jsonl (or .csv)")
+    p.add_argument("--split", help="only this split of a manifest (e.g. test)")
+    p.add_argument("--batch-size", type=int, help="images per generate call (default: the run's, 8)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--num-beams", type=int, help="beam search width (1: greedy, the default)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32 (default; batched text equals one-at-a-time) or bf16 autocast")
+    p.add_argument("--workers", type=int, default=2, help="image-loading threads (default 2)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--resume", action="store_true", help="keep the records already in --out, do the rest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--merge-lora", metavar="DIR",
+                   help="write a standalone run folder with LoRA merged into the LLM (then generate with it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+    return p
+
+
+def cmd_generate(args) -> int:
+    try:
+        model_dir = args.model
+        if args.merge_lora:
+            model_dir = str(merge_lora(args.model, args.merge_lora))
+            print(f"generate: merged LoRA into a standalone run folder {model_dir}")
+        if not args.images:
+            if args.merge_lora:
+                return 0
+            raise GenerateError("--images is required")
+        if not args.out:
+            raise GenerateError("--out is required")
+        settings = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
+                    "do_sample": True if args.sample else None, "temperature": args.temperature,
+                    "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
+        s = run_generate(model_dir, args.images, args.out, settings, batch_size=args.batch_size,
+                         split=args.split, resume=args.resume, overwrite=args.overwrite,
+                         workers=args.workers, device=args.device, precision=args.precision,
+                         seed=args.seed, progress=not args.quiet)
+    except (GenerateError, RunError) as exc:
+        print(f"radgen generate: error: {exc}", file=sys.stderr)
+        return 2
+    if s["rank"] != 0:
+        return 0
+    print(f"generate: {s['n_ok']} report(s), {s['n_failed']} unreadable input(s) in {s['seconds']} s "
+          f"({s['reports_per_s']} reports/s); {s['n_resumed']} kept from before; "
+          f"{s['n_records']} records in {s['out']}")
+    if s["n_failed_total"]:
+        print(f"generate: {s['n_failed_total']} input(s) failed (status 'error' records in {s['out']})",
+              file=sys.stderr)
+        return EXIT_FAILURES
+    return 0

@@ -1,0 +1,582 @@
+"""``radgen train``: the report generator's two stages, one process or ``torchrun``, exact resume.
+
+Stage 1 trains the projector only (the LLM and its LoRA adapter frozen; LoRA starts at zero, so
+this is the plain LLM reading projected image tokens); stage 2 trains projector + LoRA. Each stage
+has its own AdamW optimiser and warm-up + cosine schedule.
+
+Why our own loop rather than the HF Trainer: a run folder must hold only what was trained
+(the Trainer checkpoints whole models), two stages with their own optimisers and schedules form
+one resumable run, and resume must be exact at step granularity. Every random draw of a step is
+derived from ``(seed, stage, step, rank)`` (the data order is a seeded permutation per epoch and
+the global RNG, used by LoRA dropout, is reseeded each step), and the checkpoint holds the
+trainable weights and optimiser state, so a run killed at any point and resumed follows the same
+trajectory as one that never stopped. The loss is summed over target tokens and divided by the
+token count of the whole (accumulated, all-rank) batch, so every target token weighs the same
+whatever the padding, accumulation or world size.
+
+Outputs in ``--out``: ``config.yaml``, ``log.csv`` (one row per logged step, validation rows
+included), ``samples.jsonl`` (sample generations at each evaluation), ``skipped.jsonl``
+(unreadable images), ``checkpoint.pt`` while training, and at the end the trained parts
+(:mod:`radgen.model.run`) plus ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from encoder.checkpoint import load_checkpoint, save_checkpoint
+from encoder.distributed import setup_distributed
+from encoder.io import atomic_write_text
+from encoder.processor import RadDinoProcessor
+from encoder.train import cosine_schedule
+from radgen.config import ConfigError, save_config
+from radgen.data.reports import ReportRow, image_batches, read_report_rows
+from radgen.model.run import (ADAPTER_DIR, MODEL_JSON, BuiltModel, build_model, generate_reports,
+                              save_trained)
+
+__all__ = ["run_train", "validate_config", "add_train_parser", "cmd_train", "STAGES", "STATE_FORMAT"]
+
+STAGES = ("stage1", "stage2")
+STATE_FORMAT = "radgen-reportgen-state/1"
+STATE_FILE, LOG_FILE, SAMPLES_FILE, SKIPPED_FILE, SUMMARY_FILE = (
+    "checkpoint.pt", "log.csv", "samples.jsonl", "skipped.jsonl", "summary.json")
+LOG_FIELDS = ["stage", "step", "total_steps", "epoch", "lr", "loss", "val_loss", "tokens",
+              "tokens_per_s", "seconds"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Config validation (everything checked before any model is loaded)
+# ----------------------------------------------------------------------------------------------
+def validate_config(cfg: DictConfig) -> None:
+    """Raise one :class:`ConfigError` listing every problem of a ``configs/reportgen`` config."""
+    from radgen.model.projector import PROJECTORS
+    from radgen.model.vision import SELECTS
+
+    errors = []
+    if not cfg.out:
+        errors.append("out is not set (--out RUN_DIR)")
+    if not cfg.data.path:
+        errors.append("data.path is not set (--data MANIFEST)")
+    elif not Path(str(cfg.data.path)).exists():
+        errors.append(f"data.path {cfg.data.path}: no such file or folder")
+    spec = cfg.encoder.spec
+    if not spec:
+        errors.append("encoder.spec is not set (--encoder SPEC)")
+    elif not str(spec).startswith(("random:", "random-like:")) and not Path(str(spec)).exists():
+        errors.append(f"encoder.spec {spec}: no such checkpoint file or folder")
+    llm = str(cfg.llm.path or "")
+    if not llm:
+        errors.append("llm.path is not set")
+    elif not llm.startswith("builtin") and not (Path(llm) / "config.json").is_file():
+        errors.append(f"llm.path {llm}: not a local Hugging Face model folder (no config.json)")
+    if cfg.projector.name not in PROJECTORS:
+        errors.append(f"projector.name {cfg.projector.name!r}: choose one of {sorted(PROJECTORS)}")
+    if cfg.encoder.select not in SELECTS:
+        errors.append(f"encoder.select {cfg.encoder.select!r}: choose one of {list(SELECTS)}")
+    if cfg.encoder.pool is not None and int(cfg.encoder.pool) < 1:
+        errors.append("encoder.pool must be a positive integer or null")
+    if cfg.train.precision not in ("auto", "fp32", "bf16"):
+        errors.append(f"train.precision {cfg.train.precision!r}: choose auto, fp32 or bf16")
+    if cfg.llm.dtype not in ("float32", "bfloat16"):
+        errors.append(f"llm.dtype {cfg.llm.dtype!r}: choose float32 or bfloat16")
+    for name in STAGES:
+        st = cfg[name]
+        for key in ("batch_size", "accum_steps"):
+            if int(st[key]) < 1:
+                errors.append(f"{name}.{key} must be >= 1")
+        if st.max_steps is None and float(st.epochs) <= 0:
+            errors.append(f"{name}: epochs must be > 0 (or set max_steps; 0 skips the stage)")
+        if st.max_steps is not None and int(st.max_steps) < 0:
+            errors.append(f"{name}.max_steps must be >= 0")
+        if float(st.lr) <= 0:
+            errors.append(f"{name}.lr must be > 0")
+    if int(cfg.prompt.max_target_tokens) < 2:
+        errors.append("prompt.max_target_tokens must be >= 2")
+    if "{indication}" not in str(cfg.prompt.indication):
+        errors.append("prompt.indication must contain '{indication}'")
+    if errors:
+        raise ConfigError("invalid report-generator config:\n  " + "\n  ".join(errors))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def _bf16_ok(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _autocast(device: torch.device, precision: str):
+    use = precision == "bf16" or (precision == "auto" and _bf16_ok(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use), ("bf16" if use else "fp32")
+
+
+def _stage_seed(seed: int, stage: int, step: int, rank: int) -> int:
+    return (int(seed) * 1_000_003 + stage * 100_003 + step * 101 + rank) % (2**63 - 1)
+
+
+def _trainable(built: BuiltModel, stage: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """Freeze everything, then unfreeze the parts this stage trains; named parameters, sorted."""
+    model = built.model
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if stage == "stage2":
+        for name, p in model.llm.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _stage_plan(cfg: DictConfig, stage: str, n_train: int, world: int) -> dict:
+    st = cfg[stage]
+    global_batch = int(st.batch_size) * int(st.accum_steps) * world
+    per_epoch = max(1, math.ceil(n_train / global_batch))
+    total = int(math.ceil(float(st.epochs) * per_epoch)) if st.max_steps is None else int(st.max_steps)
+    warmup = int(math.ceil(float(st.warmup_ratio) * total))
+    lr = cosine_schedule(float(st.lr), float(st.min_lr), total, warmup) if total else []
+    return {"global_batch": global_batch, "per_epoch": per_epoch, "total": total, "lr": lr}
+
+
+def _batch_indices(seed: int, stage_i: int, step: int, plan: dict, n: int, rank: int, world: int,
+                   micro: int) -> list[list[int]]:
+    """This rank's micro-batches of step ``step``: a seeded permutation per epoch, cut in order."""
+    epoch, within = divmod(step, plan["per_epoch"])
+    g = torch.Generator().manual_seed(_stage_seed(seed, stage_i, epoch, 7))
+    perm = torch.randperm(n, generator=g).tolist()
+    gb = plan["global_batch"]
+    idx = perm[within * gb:(within + 1) * gb]
+    if len(idx) < gb:  # last step of an epoch: top up from the start of the permutation
+        idx += perm[: gb - len(idx)]
+    mine = idx[rank::world]
+    return [mine[s:s + micro] for s in range(0, len(mine), micro)]
+
+
+class _VisionInputs:
+    """Encoder tokens for rows by index: all computed once (``cache``) or per batch from files."""
+
+    def __init__(self, built: BuiltModel, rows: list[ReportRow], cache: bool, device: torch.device,
+                 workers: int, skipped: list[dict], progress: bool, desc: str):
+        self.built, self.rows, self.device, self.workers = built, rows, device, workers
+        self.proc = RadDinoProcessor(shortest_edge=built.image_size, crop_size=built.image_size)
+        self.tokens: torch.Tensor | None = None
+        self.ok: list[int] = list(range(len(rows)))
+        self.failed: set[str] = set()
+        if cache:
+            self._fill(skipped, progress, desc)
+
+    def _fill(self, skipped: list[dict], progress: bool, desc: str) -> None:
+        from tqdm import tqdm
+
+        chunks, keep = [], []
+        index = {id(r): i for i, r in enumerate(self.rows)}
+        with tqdm(total=len(self.rows), desc=desc, unit="img", disable=not progress) as bar:
+            for b in image_batches(self.rows, self.proc.one, 32, self.workers):
+                for row, err in b.failures:
+                    skipped.append({"id": row.id, **err})
+                if b.pixel_values is not None:
+                    chunks.append(self.built.model.vision(b.pixel_values.to(self.device)).cpu())
+                    keep += [index[id(r)] for r in b.rows]
+                bar.update(len(b.rows) + len(b.failures))
+        if not keep:
+            raise ConfigError(f"{desc}: no image could be loaded (see {SKIPPED_FILE})")
+        self.ok = keep
+        full = torch.cat(chunks)
+        self.tokens = full
+        self._pos = {i: k for k, i in enumerate(keep)}
+
+    def __call__(self, idx: list[int]) -> dict | None:
+        """``{"vision_tokens"|"pixel_values": tensor, "rows": [...]}`` for positions of ``self.ok``
+        (``None`` when no image of the batch loads: uncached mode skips unreadable files)."""
+        rows = [self.rows[self.ok[i]] for i in idx]
+        if self.tokens is not None:
+            return {"vision_tokens": self.tokens[[self._pos[self.ok[i]] for i in idx]], "rows": rows}
+        b = next(image_batches(rows, self.proc.one, len(rows), 0))
+        for row, err in b.failures:
+            if row.id not in self.failed:
+                self.failed.add(row.id)
+                print(f"warning: skipping {err['path']}: {err['reason']}", file=sys.stderr)
+        return None if b.pixel_values is None else {"pixel_values": b.pixel_values, "rows": b.rows}
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------
+def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False,
+              _stop_at: tuple[str, int] | None = None) -> dict:
+    """Train (or resume) the run ``cfg.out``; returns a summary dict (``status``: complete |
+    preempted | already-complete; with ``return_model`` also ``model``, the trained
+    :class:`~radgen.model.run.BuiltModel`). ``_stop_at=(stage, step)`` raises after that step
+    (a simulated kill, for tests)."""
+    validate_config(cfg)
+    out = Path(str(cfg.out))
+    device = _device(str(cfg.train.device))
+    rank, world = setup_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    summary_path = out / SUMMARY_FILE
+    if (out / MODEL_JSON).is_file() and summary_path.is_file() and not (out / STATE_FILE).is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("status") == "complete":
+            return {**summary, "status": "already-complete", "rank": rank}
+    state = None
+    if (out / STATE_FILE).is_file():
+        state = load_checkpoint(out / STATE_FILE, fmt=STATE_FORMAT)
+        if _core(state["config"]) != _core(OmegaConf.to_container(cfg, resolve=True)):
+            raise ConfigError(f"{out} holds a run with a different config; resume it with the same "
+                              "config or choose a new --out")
+
+    rows_train = read_report_rows(str(cfg.data.path), split=cfg.data.train_split, text_field=str(cfg.data.text_field),
+                                  indication_field=cfg.data.indication_field, require_text=True)
+    if cfg.data.max_train_samples:
+        rows_train = rows_train[: int(cfg.data.max_train_samples)]
+    rows_val = []
+    if cfg.data.val_split:
+        rows_val = read_report_rows(str(cfg.data.path), split=cfg.data.val_split, text_field=str(cfg.data.text_field),
+                                    indication_field=cfg.data.indication_field, require_text=True)
+        rows_val = rows_val[: int(cfg.data.max_val_samples or len(rows_val))]
+    if not rows_train:
+        raise ConfigError(f"{cfg.data.path}: no {cfg.data.train_split!r} rows with a {cfg.data.text_field!r} text")
+
+    torch.manual_seed(int(cfg.seed))
+    built = build_model(cfg)
+    built.model.to(device)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    show = progress and rank == 0
+    skipped: list[dict] = []
+    train_in = _VisionInputs(built, rows_train, bool(cfg.data.cache_vision), device, int(cfg.data.workers),
+                             skipped, show, "encode train")
+    val_in = (_VisionInputs(built, rows_val, bool(cfg.data.cache_vision), device, int(cfg.data.workers),
+                            skipped, show, "encode val") if rows_val else None)
+    if rank == 0:
+        atomic_write_text(out / SKIPPED_FILE, "".join(json.dumps(r) + "\n" for r in skipped))
+    ctx_precision = _autocast(device, str(cfg.train.precision))[1]
+
+    log_rows = _read_log(out / LOG_FILE) if state else []
+    done_stages = list(state["stages_done"]) if state else []
+    stop = {"flag": False}
+    # SIGTERM (pre-emption): finish the step, checkpoint, exit 143; torchrun signals every rank
+    prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    n_train = len(train_in.ok)
+    status = "complete"
+    t_start = time.perf_counter()
+    try:
+        for stage_i, stage in enumerate(STAGES):
+            if stage in done_stages:
+                continue
+            plan = _stage_plan(cfg, stage, n_train, world)
+            params = _trainable(built, stage)
+            opt = torch.optim.AdamW([p for _, p in params], lr=float(cfg[stage].lr),
+                                    weight_decay=float(cfg[stage].weight_decay), betas=(0.9, 0.999))
+            start, tokens0 = 0, 0
+            if state and state["stage"] == stage:
+                _load_trainable(built, state)
+                opt.load_state_dict(state["optimizer"])
+                start, tokens0 = int(state["step"]), int(state.get("tokens", 0))
+                log_rows = [r for r in log_rows if (STAGES.index(r["stage"]), int(r["step"])) <= (stage_i, start)]
+                _truncate_samples(out / SAMPLES_FILE, stage_i, start)
+            elif state:
+                _load_trainable(built, state)  # previous stage's final weights
+            status = _run_stage(cfg, built, stage, stage_i, plan, params, opt, start, tokens0, train_in, val_in,
+                                device, rank, world, out, log_rows, done_stages, stop, show, _stop_at)
+            state = None
+            if status != "complete":
+                break
+            done_stages.append(stage)
+    finally:
+        if prev_handler is not None:
+            signal.signal(signal.SIGTERM, prev_handler)
+    summary = {"status": status, "rank": rank, "world_size": world, "device": str(device),
+               "precision": ctx_precision, "n_train": n_train, "n_val": len(val_in.ok) if val_in else 0,
+               "n_skipped": len(skipped), "seconds": round(time.perf_counter() - t_start, 1),
+               "out": str(out)}
+    if status == "complete":
+        if rank == 0:
+            save_trained(built, out, stage="stage2")
+            last = [r for r in log_rows if r.get("val_loss")]
+            summary["final_val_loss"] = float(last[-1]["val_loss"]) if last else None
+            atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+            (out / STATE_FILE).unlink(missing_ok=True)
+            (out / (STATE_FILE + ".sha256")).unlink(missing_ok=True)
+        _barrier(world)
+    if return_model:
+        summary["model"] = built
+    return summary
+
+
+def _truncate_samples(path: Path, stage_i: int, step: int) -> None:
+    """Drop sample generations logged after the checkpoint being resumed (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line from a kill
+        if (STAGES.index(r["stage"]), int(r["step"])) <= (stage_i, step):
+            keep.append(line + "\n")
+    atomic_write_text(path, "".join(keep))
+
+
+def _core(cfg: dict) -> dict:
+    """The parts of a config that must not change across a resume (logging and caps may)."""
+    keep = {k: v for k, v in cfg.items() if k not in ("train", "generate", "out")}
+    keep["data"] = {k: v for k, v in cfg["data"].items() if k not in ("workers", "cache_vision")}
+    return keep
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _load_trainable(built: BuiltModel, state: dict) -> None:
+    built.model.projector.load_state_dict(state["projector"])
+    if state.get("lora"):
+        missing = built.model.llm.load_state_dict(state["lora"], strict=False)
+        bad = [k for k in state["lora"] if k in missing.unexpected_keys]
+        if bad:
+            raise ConfigError(f"checkpoint LoRA weights do not fit the model: {bad[:3]}")
+
+
+def _save_state(out: Path, built: BuiltModel, stage: str, step: int, opt, done_stages: list[str], cfg,
+                tokens: int) -> None:
+    lora = {n: p.detach().cpu().clone() for n, p in built.model.llm.named_parameters() if "lora_" in n}
+    save_checkpoint(out / STATE_FILE, {
+        "stage": stage, "step": step, "stages_done": list(done_stages),
+        "projector": {k: v.detach().cpu().clone() for k, v in built.model.projector.state_dict().items()},
+        "lora": lora, "optimizer": opt.state_dict(), "tokens": int(tokens),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }, fmt=STATE_FORMAT)
+
+
+def _sum_grads(params, world: int) -> None:
+    """Sum gradients over ranks (the loss is already divided by the all-rank token count)."""
+    if world == 1:
+        return
+    grads = [p.grad for _, p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _all_sum(x: float, device: torch.device, world: int) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, params, opt, start: int,
+               tokens_seen: int, train_in: _VisionInputs, val_in: _VisionInputs | None, device, rank: int, world: int,
+               out: Path, log_rows: list[dict], done_stages: list[str], stop: dict, show: bool,
+               stop_at) -> str:
+    from tqdm import tqdm
+
+    st, tr = cfg[stage], cfg.train
+    total = plan["total"]
+    model = built.model
+    model.train()
+    micro = int(st.batch_size)
+    n = len(train_in.ok)
+    t_last, tok_last = time.perf_counter(), tokens_seen
+    bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not show)
+    for step in range(start, total):
+        torch.manual_seed(_stage_seed(int(cfg.seed), stage_i, step, rank))
+        for g in opt.param_groups:
+            g["lr"] = float(plan["lr"][step])
+        batches = [b for idx in _batch_indices(int(cfg.seed), stage_i, step, plan, n, rank, world, micro)
+                   if (b := train_in(idx)) is not None]
+        encoded = [built.tokens.train_batch([r.text for r in b["rows"]], [r.indication for r in b["rows"]])
+                   for b in batches]
+        n_tok = sum(int((e["labels"][:, 1:] != -100).sum()) for e in encoded)
+        n_tok_all = _all_sum(float(n_tok), device, world)
+        loss_total = 0.0
+        for b, e in zip(batches, encoded):
+            ctx, _ = _autocast(device, str(tr.precision))
+            with ctx:
+                res = model(**{k: v.to(device) for k, v in e.items()},
+                            **{k: v.to(device) for k, v in b.items() if k != "rows"})
+            loss = res["loss_sum"] / max(n_tok_all, 1.0)
+            loss.backward()
+            loss_total += float(loss.detach())
+        _sum_grads(params, world)
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], float(st.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_total = _all_sum(loss_total, device, world)
+        tokens_seen += int(n_tok_all)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_total:.3f}")
+        row = None
+        if done % max(1, int(tr.log_every)) == 0 or done == total:
+            now = time.perf_counter()
+            row = {"stage": stage, "step": done, "total_steps": total, "epoch": round(done / plan["per_epoch"], 3),
+                   "lr": float(plan["lr"][step]), "loss": loss_total, "tokens": tokens_seen,
+                   "tokens_per_s": (tokens_seen - tok_last) / max(now - t_last, 1e-9),
+                   "seconds": round(now - t_last, 3)}
+            t_last, tok_last = now, tokens_seen
+        evaluate = (int(tr.eval_every) > 0 and done % int(tr.eval_every) == 0) or done == total
+        if evaluate and val_in is not None:
+            row = row or {"stage": stage, "step": done, "total_steps": total,
+                          "epoch": round(done / plan["per_epoch"], 3), "lr": float(plan["lr"][step])}
+            row["val_loss"] = _validate(cfg, built, val_in, device, stage, done, out, rank, show=False)
+            model.train()
+        if row is not None and rank == 0:
+            log_rows.append({k: _fmt(v) for k, v in row.items()})
+            _write_log(out / LOG_FILE, log_rows)
+        stopping = _all_sum(1.0 if stop["flag"] else 0.0, device, world) > 0  # every rank stops together
+        ckpt = (done % max(1, int(tr.checkpoint_every)) == 0) or done == total or stopping
+        if ckpt and rank == 0:
+            _save_state(out, built, stage, done, opt, done_stages, cfg, tokens_seen)
+        if ckpt:
+            _barrier(world)
+        if stop_at is not None and stop_at == (stage, done):
+            bar.close()
+            raise _Stopped(f"stopped after {stage} step {done}")
+        if stopping:
+            bar.close()
+            return "preempted"
+    bar.close()
+    return "complete"
+
+
+class _Stopped(RuntimeError):
+    """Raised by the ``_stop_at`` test hook (a simulated kill)."""
+
+
+@torch.no_grad()
+def _validate(cfg, built: BuiltModel, val_in: _VisionInputs, device, stage: str, step: int, out: Path,
+              rank: int, show: bool) -> float:
+    """Token-weighted validation loss; rank 0 also writes a few greedy sample generations."""
+    model = built.model
+    model.eval()
+    loss_sum, n_tok = 0.0, 0
+    bs = int(cfg[stage].batch_size)
+    idx = list(range(len(val_in.ok)))
+    for s in range(0, len(idx), bs):
+        b = val_in(idx[s:s + bs])
+        e = built.tokens.train_batch([r.text for r in b["rows"]], [r.indication for r in b["rows"]])
+        ctx, _ = _autocast(device, str(cfg.train.precision))
+        with ctx:
+            res = model(**{k: v.to(device) for k, v in e.items()},
+                        **{k: v.to(device) for k, v in b.items() if k != "rows"})
+        loss_sum += float(res["loss_sum"])
+        n_tok += res["n_tokens"]
+    k = int(cfg.train.sample_generations)
+    if rank == 0 and k > 0:
+        b = val_in(idx[:k])
+        ctx, _ = _autocast(device, str(cfg.train.precision))
+        with ctx:
+            texts = generate_reports(built, [r.indication for r in b["rows"]], dict(cfg.generate),
+                                     **{k2: v for k2, v in b.items() if k2 != "rows"})
+        with (out / SAMPLES_FILE).open("a", encoding="utf-8") as fh:
+            for r, t in zip(b["rows"], texts):
+                fh.write(json.dumps({"stage": stage, "step": step, "id": r.id, "reference": r.text,
+                                     "generated": t}) + "\n")
+    return loss_sum / max(n_tok, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train", help="train the report generator (frozen encoder -> projector -> LoRA LLM)",
+        description="Two-stage training (projector only, then projector + LoRA) on a manifest with "
+                    "findings. One process or torchrun (DDP). Re-running the same command resumes.")
+    p.add_argument("--data", metavar="MANIFEST", help="manifest file or folder holding one (data.path)")
+    p.add_argument("--encoder", metavar="SPEC", help="frozen encoder: checkpoint, HF Dinov2 folder, "
+                   "random:..., random-like:... (encoder.spec)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder (out)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="override file(s) onto configs/reportgen/default.yaml; a bare name like "
+                        "'cpu_smollm2' means configs/reportgen/cpu_smollm2.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def cmd_train(args) -> int:
+    from radgen.config import load_config
+
+    flags = [f"data.path={args.data}"] if args.data else []
+    flags += [f"encoder.spec={args.encoder}"] if args.encoder else []
+    flags += [f"out={args.out}"] if args.out else []
+    from radgen.model.llm import LLMError
+    from radgen.model.run import RunError
+
+    cfg = load_config("reportgen", args.config, flags + list(args.overrides))
+    try:
+        summary = run_train(cfg, progress=not args.quiet)
+    except (RunError, LLMError) as exc:
+        print(f"radgen train: error: {exc}", file=sys.stderr)
+        return 2
+    if summary["rank"] != 0:
+        return 143 if summary["status"] == "preempted" else 0
+    if summary["status"] == "already-complete":
+        print(f"train: {summary['out']} is already complete (delete it or choose another --out to retrain)")
+        return 0
+    print(f"train: {summary['status']} in {summary['seconds']} s ({summary['device']}, {summary['precision']}, "
+          f"world size {summary['world_size']}); {summary['n_train']} training / {summary['n_val']} validation images"
+          + (f", {summary['n_skipped']} unreadable skipped" if summary["n_skipped"] else ""))
+    if summary["status"] == "complete":
+        print(f"  run folder: {summary['out']} (model.json, projector.safetensors, {ADAPTER_DIR}/, log.csv)"
+              + (f"; final val loss {summary['final_val_loss']:.4f}" if summary.get("final_val_loss") else ""))
+        return 0
+    print("  preempted: re-run the same command to resume from the last checkpoint", file=sys.stderr)
+    return 143

@@ -1,0 +1,1 @@
+"""The report generator's model: frozen vision encoder -> projector -> LoRA-tuned causal LLM."""

@@ -1,0 +1,81 @@
+"""The report generator: frozen encoder -> projector -> (LoRA-tuned) causal LLM.
+
+``ReportGenerator`` has three named parts, as transformers' LLaVA: ``vision`` (a
+:class:`~radgen.model.vision.FrozenVision`), ``projector`` (from the registry) and ``llm`` (a
+Hugging Face causal LM, usually wrapped by peft). Image features enter through
+:func:`~radgen.model.splice.splice_image_features` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from radgen.model.splice import IGNORE_INDEX, splice_image_features
+from radgen.model.vision import FrozenVision
+
+__all__ = ["ReportGenerator", "token_loss_sum"]
+
+
+def token_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Summed next-token cross-entropy and the number of predicted tokens.
+
+    ``logits`` (B, L, V) at positions 0..L-1 predict ``labels`` (B, L) at 1..L; ``IGNORE_INDEX``
+    labels are skipped. Summing (rather than averaging per micro-batch) lets gradient
+    accumulation and data parallelism weight every target token equally.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    n = int((shift_labels != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, n
+
+
+class ReportGenerator(nn.Module):
+    def __init__(self, vision: FrozenVision, projector: nn.Module, llm: nn.Module, image_token_id: int):
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.image_token_id = int(image_token_id)
+
+    def image_features(self, pixel_values: Tensor | None = None, vision_tokens: Tensor | None = None) -> Tensor:
+        """Projected image tokens (B, T, D_llm) from images (B, 3, S, S) or cached encoder tokens (B, T, C)."""
+        if vision_tokens is None:
+            if pixel_values is None:
+                raise ValueError("give pixel_values or vision_tokens")
+            vision_tokens = self.vision(pixel_values)
+        p = next(self.projector.parameters())
+        return self.projector(vision_tokens.to(device=p.device, dtype=p.dtype))
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+              vision_tokens: Tensor | None = None) -> Tensor:
+        """Token embeddings (B, L, D) with the image tokens spliced in at the placeholder ids."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        feats = self.image_features(pixel_values, vision_tokens)
+        return splice_image_features(embeds, input_ids, feats, self.image_token_id)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
+                vision_tokens: Tensor | None = None, position_ids: Tensor | None = None,
+                labels: Tensor | None = None) -> dict[str, Tensor]:
+        """``logits`` (B, L, V); with ``labels`` also ``loss_sum`` and ``n_tokens`` (see :func:`token_loss_sum`)."""
+        embeds = self.embed(input_ids, pixel_values, vision_tokens)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False)
+        result = {"logits": out.logits}
+        if labels is not None:
+            result["loss_sum"], result["n_tokens"] = token_loss_sum(out.logits, labels)
+        return result
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
+                 vision_tokens: Tensor | None = None, **generate_kwargs) -> Tensor:
+        """New token ids (B, T_new) for left-padded prompts; ``generate_kwargs`` go to HF ``generate``.
+
+        Uses the KV cache; the image placeholder id is never generated.
+        """
+        embeds = self.embed(input_ids, pixel_values, vision_tokens)
+        suppress = list(generate_kwargs.pop("suppress_tokens", None) or []) + [self.image_token_id]
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                 suppress_tokens=suppress, **generate_kwargs)

@@ -1,0 +1,80 @@
+"""Prompts and token sequences of the report generator (tokenizer in, id lists and batches out).
+
+The user turn is ``<image>`` + newline + the instruction (+ newline + the indication line when a
+manifest column supplies one), wrapped in the tokenizer's chat template when it has one
+(:func:`radgen.model.llm.chat_prompt`). The single ``<image>`` id is expanded to as many ids as
+the projector emits tokens (:func:`~radgen.model.splice.expand_image_placeholder`). The target is
+the findings text followed by the end-of-sequence token, which is what generation stops on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import Tensor
+
+from radgen.model.llm import chat_prompt
+from radgen.model.splice import build_example, expand_image_placeholder, pad_batch
+
+__all__ = ["PromptConfig", "ReportTokenizer"]
+
+
+@dataclass
+class PromptConfig:
+    instruction: str = "Write the findings section of the radiology report for this chest X-ray."
+    indication: str = "Indication: {indication}"  # used only when a row has an indication
+    image_token: str = "<image>"
+
+    def user_text(self, indication: str | None = None) -> str:
+        text = f"{self.image_token}\n{self.instruction}"
+        if indication and indication.strip():
+            text += "\n" + self.indication.format(indication=indication.strip())
+        return text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ReportTokenizer:
+    """Turns (indication, findings) pairs into model inputs for one tokenizer and image length."""
+
+    def __init__(self, tokenizer, prompt: PromptConfig, image_token_id: int, n_image_tokens: int,
+                 max_target_tokens: int = 256):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the LLM's tokenizer has no end-of-sequence token")
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.image_token_id = int(image_token_id)
+        self.n_image_tokens = int(n_image_tokens)
+        self.max_target_tokens = int(max_target_tokens)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._prompt_cache: dict[str | None, list[int]] = {}
+
+    def prompt_text(self, indication: str | None = None) -> str:
+        return chat_prompt(self.tokenizer, self.prompt.user_text(indication))
+
+    def prompt_ids(self, indication: str | None = None) -> list[int]:
+        """The prompt with its image placeholder expanded: ``n_image_tokens`` image ids in it."""
+        key = indication or None
+        if key not in self._prompt_cache:
+            ids = self.tokenizer(self.prompt_text(key), add_special_tokens=False)["input_ids"]
+            self._prompt_cache[key] = expand_image_placeholder(ids, self.image_token_id, self.n_image_tokens)
+        return list(self._prompt_cache[key])
+
+    def target_ids(self, text: str) -> list[int]:
+        """Findings tokens (at most ``max_target_tokens - 1``) followed by EOS."""
+        ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+        return ids[: self.max_target_tokens - 1] + [self.tokenizer.eos_token_id]
+
+    def train_batch(self, targets: list[str], indications: list[str | None] | None = None) -> dict[str, Tensor]:
+        """Right-padded ``input_ids``, ``attention_mask``, ``position_ids``, ``labels`` (B, L)."""
+        indications = indications or [None] * len(targets)
+        pairs = [build_example(self.prompt_ids(ind), self.target_ids(t)) for t, ind in zip(targets, indications)]
+        return pad_batch([p[0] for p in pairs], self.pad_id, side="right", labels=[p[1] for p in pairs])
+
+    def generation_batch(self, indications: list[str | None]) -> dict[str, Tensor]:
+        """Left-padded prompts (B, L) for batched generation."""
+        return pad_batch([self.prompt_ids(ind) for ind in indications], self.pad_id, side="left")
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

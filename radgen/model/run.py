@@ -1,0 +1,236 @@
+"""Build a report generator from config, and save / load the run folder that describes it.
+
+A run folder holds only what was trained plus what rebuilds the rest:
+
+* ``model.json``: format tag, the encoder spec + weights SHA-256 + ``ViTConfig``, the vision
+  feature choice, image size, the LLM path + folder SHA-256, the image token, projector name and
+  dims, LoRA settings, prompt, and the stage the weights come from;
+* ``projector.safetensors``: the projector's weights;
+* ``adapter/``: the LoRA adapter in peft's own format (``adapter_config.json`` +
+  ``adapter_model.safetensors``);
+* ``config.yaml``: the resolved training config.
+
+:func:`load_run` rebuilds the model from these and the two frozen parts on disk, checking their
+hashes, so a moved or changed encoder / LLM is an error rather than silently different reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from encoder.io import atomic_write_bytes, atomic_write_text
+from radgen.model.llm import add_image_token, apply_lora, folder_sha256, load_llm, resolve_llm_path
+from radgen.model.model import ReportGenerator
+from radgen.model.projector import build_projector
+from radgen.model.prompt import PromptConfig, ReportTokenizer
+from radgen.model.vision import FrozenVision, VisionFeatures
+
+__all__ = ["FORMAT", "RunError", "BuiltModel", "build_model", "save_trained", "load_run",
+           "weights_sha256", "MODEL_JSON", "PROJECTOR_FILE", "ADAPTER_DIR"]
+
+FORMAT = "radgen-reportgen/1"
+MODEL_JSON, PROJECTOR_FILE, ADAPTER_DIR = "model.json", "projector.safetensors", "adapter"
+
+
+class RunError(ValueError):
+    """A run folder is missing, incomplete, or its frozen parts changed; the message says which."""
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer (names, dtypes, shapes, values) of ``module``."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class BuiltModel:
+    """A model with its tokenizer helper and the description ``model.json`` stores."""
+
+    def __init__(self, model: ReportGenerator, tokens: ReportTokenizer, info: dict):
+        self.model, self.tokens, self.info = model, tokens, info
+
+    @property
+    def image_size(self) -> int:
+        return int(self.info["image_size"])
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16}[str(name)]
+    except KeyError:
+        raise RunError(f"llm.dtype must be float32 or bfloat16, got {name!r}") from None
+
+
+def build_model(cfg, encoder=None, with_lora: bool = True) -> BuiltModel:
+    """A fresh model from a ``configs/reportgen`` config (``encoder``: an already loaded one).
+
+    The projector gets the seeded default init of its layers; LoRA B matrices start at zero,
+    so the stage-1 model is the frozen LLM reading projected image tokens.
+    """
+    from radgen.jobs.features import load_encoder_spec
+
+    if encoder is None:
+        if not cfg.encoder.spec:
+            raise RunError("encoder.spec is not set (--encoder SPEC)")
+        encoder = load_encoder_spec(str(cfg.encoder.spec), which=str(cfg.encoder.which))
+    features = VisionFeatures(layer=int(cfg.encoder.layer), select=str(cfg.encoder.select),
+                              norm=bool(cfg.encoder.norm),
+                              pool=None if cfg.encoder.pool is None else int(cfg.encoder.pool))
+    vision = FrozenVision(encoder, features)
+    image_size = int(cfg.data.image_size or encoder.cfg.img_size)
+    llm_path = resolve_llm_path(str(cfg.llm.path))
+    llm, tokenizer = load_llm(str(llm_path), dtype=_dtype(cfg.llm.dtype))
+    image_token_id = add_image_token(tokenizer, llm, token=str(cfg.prompt.image_token))
+    if cfg.llm.get("gradient_checkpointing"):
+        llm.gradient_checkpointing_enable()
+        llm.enable_input_require_grads()
+    hidden = int(llm.config.get_text_config().hidden_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.seed))
+        projector = build_projector(str(cfg.projector.name), vision.embed_dim, hidden)
+    lora = cfg.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    if with_lora:
+        llm = apply_lora(llm, r=int(lora.r), alpha=float(lora.alpha), dropout=float(lora.dropout),
+                         target_modules=targets)
+    model = ReportGenerator(vision, projector, llm, image_token_id)
+    prompt = PromptConfig(instruction=str(cfg.prompt.instruction), indication=str(cfg.prompt.indication),
+                          image_token=str(cfg.prompt.image_token))
+    tokens = ReportTokenizer(tokenizer, prompt, image_token_id, vision.num_tokens(image_size),
+                             max_target_tokens=int(cfg.prompt.max_target_tokens))
+    info = {
+        "format": FORMAT,
+        "encoder": {"spec": str(cfg.encoder.spec), "which": str(cfg.encoder.which),
+                    "sha256": weights_sha256(encoder), "vit_config": asdict(encoder.cfg)},
+        "vision": features.to_dict(),
+        "image_size": image_size,
+        "n_image_tokens": tokens.n_image_tokens,
+        "llm": {"path": str(llm_path), "spec": str(cfg.llm.path), "sha256": folder_sha256(llm_path),
+                "dtype": str(cfg.llm.dtype), "architecture": type(llm.get_base_model() if with_lora else llm).__name__,
+                "image_token": str(cfg.prompt.image_token), "image_token_id": image_token_id,
+                "vocab_size": len(tokenizer)},
+        "projector": {"name": str(cfg.projector.name), "in_dim": vision.embed_dim, "out_dim": hidden},
+        "lora": {"r": int(lora.r), "alpha": float(lora.alpha), "dropout": float(lora.dropout),
+                 "target_modules": targets} if with_lora else None,
+        "prompt": {**prompt.to_dict(), "max_target_tokens": tokens.max_target_tokens},
+        # manifest columns the model reads at generation time (the indication goes in the prompt)
+        "data": {"text_field": str(cfg.data.text_field), "indication_field": cfg.data.indication_field},
+        "generate": dict(cfg.generate) if "generate" in cfg else {},
+    }
+    return BuiltModel(model, tokens, info)
+
+
+def save_trained(built: BuiltModel, run_dir: str | os.PathLike, stage: str, extra: dict | None = None) -> Path:
+    """Write projector, adapter and ``model.json`` (last, as the commit record) into ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MODEL_JSON).unlink(missing_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in built.model.projector.state_dict().items()}
+    from safetensors.torch import save as st_save
+
+    atomic_write_bytes(run_dir / PROJECTOR_FILE, st_save(sd, metadata={"format": FORMAT}))
+    llm = built.model.llm
+    if hasattr(llm, "peft_config"):
+        tmp = run_dir / f".{ADAPTER_DIR}.tmp"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        # The resized embedding rows are rebuilt deterministically (zeros) from the LLM path, so
+        # the adapter holds only LoRA weights (peft would otherwise save the whole embedding).
+        llm.save_pretrained(str(tmp), save_embedding_layers=False)
+        final = run_dir / ADAPTER_DIR
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    info = {**built.info, "stage": stage, **(extra or {})}
+    atomic_write_text(run_dir / MODEL_JSON, json.dumps(info, indent=2) + "\n")
+    built.info = info
+    return run_dir
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", check_hashes: bool = True,
+             encoder_spec: str | None = None, llm_path: str | None = None) -> BuiltModel:
+    """Rebuild a trained model from its run folder (``encoder_spec`` / ``llm_path`` relocate the
+    frozen parts; their hashes must still match)."""
+    from omegaconf import OmegaConf
+    from peft import PeftModel
+
+    from radgen.jobs.features import load_encoder_spec
+
+    run_dir = Path(run_dir)
+    mj = run_dir / MODEL_JSON
+    if not mj.is_file():
+        raise RunError(f"{run_dir}: no {MODEL_JSON} (not a finished report-generator run)")
+    info = json.loads(mj.read_text(encoding="utf-8"))
+    if info.get("format") != FORMAT:
+        raise RunError(f"{mj}: format {info.get('format')!r} is not {FORMAT!r}")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    spec = encoder_spec or info["encoder"]["spec"]
+    encoder = load_encoder_spec(spec, which=info["encoder"]["which"])
+    if check_hashes and weights_sha256(encoder) != info["encoder"]["sha256"]:
+        raise RunError(f"encoder {spec!r} is not the one {run_dir} was trained with (weights SHA-256 differs)")
+    cfg.encoder.spec = spec
+    cfg.llm.path = llm_path or info["llm"]["path"]
+    if check_hashes and folder_sha256(resolve_llm_path(str(cfg.llm.path))) != info["llm"]["sha256"]:
+        raise RunError(f"LLM {cfg.llm.path} is not the one {run_dir} was trained with (files SHA-256 differ)")
+    built = build_model(cfg, encoder=encoder, with_lora=False)
+    built.model.projector.load_state_dict(load_file(str(run_dir / PROJECTOR_FILE)))
+    adapter = run_dir / ADAPTER_DIR
+    if info.get("lora"):
+        if not (adapter / "adapter_config.json").is_file():
+            raise RunError(f"{run_dir}: {ADAPTER_DIR}/ is missing or incomplete")
+        built.model.llm = PeftModel.from_pretrained(built.model.llm, str(adapter), is_trainable=False)
+    built.info = {**built.info, **{k: info[k] for k in ("stage", "lora") if k in info}}
+    built.info.update({k: v for k, v in info.items() if k not in built.info})
+    built.model.to(device).eval()
+    return built
+
+
+GENERATION_KEYS = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p",
+                   "repetition_penalty")
+
+
+def generation_kwargs(settings: dict, tokens: ReportTokenizer) -> dict:
+    """HF ``generate`` arguments from radgen's generation settings (greedy unless told otherwise)."""
+    kw = {k: settings[k] for k in GENERATION_KEYS if settings.get(k) is not None}
+    kw["max_new_tokens"] = int(kw.get("max_new_tokens", 160))
+    kw["num_beams"] = int(kw.get("num_beams", 1))
+    if not kw.get("do_sample"):
+        kw.pop("temperature", None)
+        kw.pop("top_p", None)  # greedy / beam: no sampling knobs (avoids HF warnings)
+        kw["do_sample"] = False
+    kw.update(pad_token_id=tokens.pad_id, eos_token_id=tokens.tokenizer.eos_token_id)
+    return kw
+
+
+def generate_reports(built: BuiltModel, indications: list[str | None], settings: dict,
+                     pixel_values: torch.Tensor | None = None,
+                     vision_tokens: torch.Tensor | None = None) -> list[str]:
+    """Findings text for a batch of images (left-padded prompts, KV cache, one ``generate`` call)."""
+    model = built.model
+    device = next(model.projector.parameters()).device
+    batch = built.tokens.generation_batch(indications)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                             pixel_values=None if pixel_values is None else pixel_values.to(device),
+                             vision_tokens=None if vision_tokens is None else vision_tokens.to(device),
+                             **generation_kwargs(settings, built.tokens))
+    finally:
+        model.train(was_training)
+    return [built.tokens.decode(row) for row in out]
