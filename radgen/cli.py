@@ -35,6 +35,7 @@ JOB_PARSERS = {
     "labeler-check": ("radgen.jobs.evaluate", "add_labeler_check_parser"),
     "train": ("radgen.jobs.train", "add_train_parser"),
     "generate": ("radgen.jobs.generate", "add_generate_parser"),
+    "export": ("radgen.jobs.export", "add_export_parser"),
 }
 
 

@@ -106,6 +106,11 @@ def validate_config(cfg: DictConfig) -> None:
         errors.append("prompt.max_target_tokens must be >= 2")
     if "{indication}" not in str(cfg.prompt.indication):
         errors.append("prompt.indication must contain '{indication}'")
+    if cfg.train.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            errors.append("train.tensorboard needs the tensorboard package (pip install tensorboard)")
     if errors:
         raise ConfigError("invalid report-generator config:\n  " + "\n  ".join(errors))
 
@@ -433,6 +438,11 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
     n = len(train_in.ok)
     t_last, tok_last = time.perf_counter(), tokens_seen
     bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not show)
+    tb = None
+    if tr.tensorboard and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tensorboard"))
     for step in range(start, total):
         torch.manual_seed(_stage_seed(int(cfg.seed), stage_i, step, rank))
         for g in opt.param_groups:
@@ -478,6 +488,11 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
         if row is not None and rank == 0:
             log_rows.append({k: _fmt(v) for k, v in row.items()})
             _write_log(out / LOG_FILE, log_rows)
+            if tb is not None:
+                for key in ("loss", "val_loss", "lr", "tokens_per_s"):
+                    if row.get(key) is not None:
+                        tb.add_scalar(f"{stage}/{key}", float(row[key]), done)
+                tb.flush()
         stopping = _all_sum(1.0 if stop["flag"] else 0.0, device, world) > 0  # every rank stops together
         ckpt = (done % max(1, int(tr.checkpoint_every)) == 0) or done == total or stopping
         if ckpt and rank == 0:
@@ -491,6 +506,8 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             bar.close()
             return "preempted"
     bar.close()
+    if tb is not None:
+        tb.close()
     return "complete"
 
 
