@@ -36,6 +36,7 @@ JOB_PARSERS = {
     "train": ("radgen.jobs.train", "add_train_parser"),
     "generate": ("radgen.jobs.generate", "add_generate_parser"),
     "export": ("radgen.jobs.export", "add_export_parser"),
+    "baselines": ("radgen.jobs.report_baselines", "add_baselines_parser"),
 }
 
 
