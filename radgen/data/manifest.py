@@ -189,6 +189,8 @@ def read_manifest(
         want = _SPLIT_ALIASES.get(split.lower(), split)
         rows = [r for r in rows if r["split"] == want]
     feats = datasets.Features({**FEATURES, **{k: datasets.Value("string") for k in extra}})
+    if not rows:  # a split with no rows: an empty table of the same schema (from_list needs a row)
+        return datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
     return datasets.Dataset.from_list(rows, features=feats)
 
 

@@ -88,3 +88,9 @@ def test_empty_folder(tmp_path: Path):
     (tmp_path / "e").mkdir()
     with pytest.raises(ManifestError, match="no image files"):
         image_folder_dataset(tmp_path / "e")
+
+
+def test_split_with_no_rows_is_an_empty_table(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "image": "a.png", "split": "train"}\n')
+    ds = read_manifest(tmp_path / "m.jsonl", split="test", check_files=False)
+    assert len(ds) == 0 and "findings" in ds.column_names

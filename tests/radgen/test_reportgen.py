@@ -360,3 +360,18 @@ def test_torchrun_ddp_training_and_sharded_generation(tmp_path, synth, llm_dir, 
     assert ref["n_ok"] == len(one) == len(two) == 24
     assert [(r["id"], r["findings"]) for r in one] == [(r["id"], r["findings"]) for r in two]
     assert not list(tmp_path.glob("two.jsonl.part*"))
+
+
+def test_loss_on_target_positions_equals_full_logits_loss(synth, llm_dir):
+    from radgen.model.model import token_loss_sum
+
+    built = build_model(_cfg("/tmp/unused", synth, llm_dir, "lora.dropout=0.0"))
+    torch.nn.init.normal_(built.model.projector[0].weight)  # make the image matter
+    batch = built.tokens.train_batch(["Heart size is normal.", "There is a small left pleural effusion."],
+                                     ["cough", None])
+    pix = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    fast = built.model(**batch, pixel_values=pix)
+    full = built.model(**{k: v for k, v in batch.items() if k != "labels"}, pixel_values=pix)["logits"]
+    ref, n = token_loss_sum(full, batch["labels"])
+    assert fast["n_tokens"] == n > 0
+    assert torch.allclose(fast["loss_sum"], ref, rtol=1e-5, atol=1e-5)
