@@ -208,15 +208,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
-NORMAL_TEMPLATE = ("Heart size is normal. The mediastinal contours are normal. The lungs are clear. "
-                   "No pleural effusion or pneumothorax.")
-
-
 def _demo_template_baseline(synth_dir: Path, out: Path) -> None:
     import json
 
     from radgen.data.manifest import read_manifest
     from radgen.jobs.evaluate import format_scores, run_evaluate
+    from radgen.jobs.report_baselines import NORMAL_TEMPLATE
 
     rows = [r for r in read_manifest(synth_dir / "manifest.csv") if r["split"] == "test" and r["findings"]]
     out.mkdir(parents=True, exist_ok=True)

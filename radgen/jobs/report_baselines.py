@@ -3,7 +3,7 @@
 Three baselines that any trained generator must beat, written in the record format of
 ``radgen generate`` so that ``radgen evaluate`` scores them exactly like a model's output:
 
-* ``normal_template``: every test image gets the same normal report (:data:`radgen.cli.NORMAL_TEMPLATE`);
+* ``normal_template``: every test image gets the same normal report (:data:`NORMAL_TEMPLATE`);
 * ``most_common``: every test image gets the most frequent training report
   (:func:`most_common_report`: whitespace-normalised counting, ties go to the first seen);
 * ``nearest_neighbour``: each test image gets the report of the training image whose frozen
@@ -44,10 +44,14 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
-    "FORMAT", "BASELINES", "DEFAULT_POOL", "TIE_TOLERANCE", "BaselinesError", "normalise_text",
+    "NORMAL_TEMPLATE", "FORMAT", "BASELINES", "DEFAULT_POOL", "TIE_TOLERANCE", "BaselinesError", "normalise_text",
     "most_common_report", "nearest_neighbours", "nearest_neighbour_reports", "run_baselines", "run_encoder",
     "add_baselines_parser", "cmd_baselines",
 ]
+
+# The normal report the template baseline writes for every image.
+NORMAL_TEMPLATE = ("Heart size is normal. The mediastinal contours are normal. The lungs are clear. "
+                   "No pleural effusion or pneumothorax.")
 
 FORMAT = "radgen-baselines/1"
 BASELINES = ("normal_template", "most_common", "nearest_neighbour")
@@ -207,7 +211,6 @@ def run_baselines(data: str | os.PathLike, encoder_spec: str, out: str | os.Path
     ``expect_encoder_sha256`` (a run's ``model.json`` hash) makes a different encoder an error.
     """
     from encoder.io import atomic_write_text
-    from radgen.cli import NORMAL_TEMPLATE
     from radgen.jobs.features import encoder_config, extract_features
 
     t0 = time.perf_counter()

@@ -133,7 +133,7 @@ def _run(data, out, **kw):
 
 def test_job_writes_three_scorable_baselines(synth, tmp_path, one_thread):
     from eval.score import ScoreOptions
-    from radgen.cli import NORMAL_TEMPLATE
+    from radgen.jobs.report_baselines import NORMAL_TEMPLATE
     from radgen.jobs.evaluate import run_evaluate
     from radgen.jobs.features import load_features
 
