@@ -104,6 +104,8 @@ def cmd_info(args) -> int:
 
     import torch
 
+    from encoder.inference import cpu_bf16_flags
+
     print(f"radgen {md.version('radgen')}  (python {platform.python_version()}, {platform.platform()})")
     for pkg in ("torch", "torchvision", "transformers", "peft", "timm", "datasets", "evaluate",
                 "pycocoevalcap", "pydicom", "numpy", "pillow", "scikit-learn", "omegaconf"):
@@ -118,7 +120,7 @@ def cmd_info(args) -> int:
     else:
         dev = "cpu"
     print(f"device: {dev}; torch threads: {torch.get_num_threads()}; "
-          f"bf16 on CPU: {'yes' if _cpu_bf16() else 'unknown'}")
+          f"native bf16 on CPU: {', '.join(cpu_bf16_flags()) or 'no (bf16 would be emulated)'}")
     from radgen.config import configs_dir
 
     print("lookup paths (every loader takes a local path; nothing is downloaded at run time):")
@@ -131,15 +133,6 @@ def cmd_info(args) -> int:
     shared = Path(SHARED_DATA_HINT).resolve()
     print(f"  shared data:    {shared} ({'present' if shared.is_dir() else 'absent'})")
     return 0
-
-
-def _cpu_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cmd_synth(args) -> int:

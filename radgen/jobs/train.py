@@ -126,18 +126,10 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _bf16_ok(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _autocast(device: torch.device, precision: str):
-    use = precision == "bf16" or (precision == "auto" and _bf16_ok(device))
+    from encoder.inference import bf16_supported
+
+    use = precision == "bf16" or (precision == "auto" and bf16_supported(device))
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use), ("bf16" if use else "fp32")
 
 

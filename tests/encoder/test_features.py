@@ -99,3 +99,85 @@ def test_deterministic_and_batching(model, images):
     assert batched.shape == (4, 2 * C) and batched.device.type == "cpu"
     torch.testing.assert_close(batched, whole, rtol=1e-5, atol=1e-5)
     assert encode_batches(model, [], pool="cls+mean", layers=[0, 1]).shape == (0, 4 * C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference path: fast pooling, bf16 weights, precision resolution
+# ----------------------------------------------------------------------------------------------
+def _timm_like(registers: int = 1) -> ViTEncoder:
+    """LayerScale, qkv bias and registers on: every branch of a real rad-dino-style block."""
+    torch.manual_seed(3)
+    return ViTEncoder(ViTConfig(arch="test", embed_dim=C, depth=3, num_heads=2, img_size=56,
+                                num_register_tokens=registers, layerscale_init=1.0)).eval()
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_encode_runs_only_what_the_pool_needs_with_the_full_forwards_result(images, registers):
+    """CLS-only last block and early stop give the result of the plain forward / intermediate layers."""
+    m = _timm_like(registers)
+    with torch.no_grad():
+        full = m(images)
+        inter = m.get_intermediate_layers(images, [0, 1, 2], norm=True)
+    torch.testing.assert_close(encode(m, images), full["cls"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(encode(m, images, layers=[1, 0]),
+                               torch.cat([inter[1]["cls"], inter[0]["cls"]], -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(encode(m, images, layers=[0], pool="mean"), inter[0]["patches"].mean(1))
+    # a block the shortcut does not know runs in full
+    m.blocks[2].attn.gate = torch.nn.Linear(C, C)
+    with torch.no_grad():
+        gated = m(images)["cls"]
+    torch.testing.assert_close(encode(m, images), gated)
+
+
+def test_bf16_weights_within_the_stated_tolerance_of_fp32(images):
+    """docs/encoder.md: bf16 CLS features have cosine >= 0.999 and relative L2 error <= 3 % vs fp32."""
+    import copy
+
+    from encoder.inference import model_precision, prepare_encoder
+
+    m = _timm_like()
+    ref = encode(m, images, pool="cls+mean")
+    mb = prepare_encoder(copy.deepcopy(m), "bf16", "cpu")
+    assert model_precision(mb) == "bf16" and model_precision(m) == "fp32"
+    assert not mb.training and not any(p.requires_grad for p in mb.parameters())
+    got = encode(mb, images, pool="cls+mean")
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert not torch.equal(got, ref)  # really computed in bf16
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    rel = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert cos.min() >= 0.999 and rel.max() <= 0.03 and (got - ref).abs().max() <= 0.1
+    # fp32 preparation changes nothing
+    same = prepare_encoder(copy.deepcopy(m), "fp32", "cpu")
+    torch.testing.assert_close(encode(same, images, pool="cls+mean"), ref, rtol=0, atol=0)
+
+
+def test_precision_resolution(monkeypatch):
+    import encoder.inference as inf
+
+    assert inf._parse_bf16_flags("flags\t: fpu avx512f avx512_bf16 amx_tile\n", "x86_64") == ("avx512_bf16",)
+    assert inf._parse_bf16_flags("flags\t: fpu avx512f avx512_vnni\n", "x86_64") == ()
+    assert inf._parse_bf16_flags("Features\t: fp asimd bf16 i8mm\n", "aarch64") == ("bf16",)
+    monkeypatch.setattr(inf, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    assert inf.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(inf, "cpu_bf16_flags", lambda: ())
+    assert inf.resolve_precision("auto", "cpu") == "fp32"
+    assert inf.resolve_precision("bf16", "cpu") == "bf16"  # explicit: honoured (emulated)
+    assert inf.resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        inf.resolve_precision("fp16", "cpu")
+    assert inf.precision_dtype("bf16") == torch.bfloat16
+    assert inf.default_batch_size("cpu") >= 1
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_features(images):
+    """torch.compile of the blocks (~15 s of compiling on 2 cores): same features, any batch size."""
+    import copy
+
+    from encoder.inference import prepare_encoder
+
+    m = _timm_like()
+    mc = prepare_encoder(copy.deepcopy(m), "fp32", "cpu", compile=True)
+    for x, kw in ((images, {"pool": "cls+mean"}), (images[:3], {"pool": "cls+mean"}),
+                  (images[:2], {"layers": [0, 1]})):
+        torch.testing.assert_close(encode(mc, x, **kw), encode(m, x, **kw), rtol=1e-5, atol=1e-5)

@@ -85,7 +85,7 @@ def test_encoder_specs(ckpt: Path):
 def test_skip_and_record_in_an_image_folder(messy_folder: Path, ckpt: Path, tmp_path: Path):
     out = tmp_path / "feats"
     ids, feats = fs = extract_features(str(ckpt), messy_folder, out, image_size=56, batch_size=2,
-                                       progress=False, workers=2)
+                                       progress=False, workers=2, loader="thread")
     assert len(ids) == 3 and feats.shape == (3, 32) and feats.dtype == np.float32
     assert {r["id"]: r["error"] for r in fs.skipped} == {"bad": "not_an_image", "empty": "empty_file"}
     assert all(Path(r["path"]).parent == messy_folder and r["reason"] for r in fs.skipped)
@@ -123,32 +123,85 @@ def test_manifest_rows_with_missing_files_are_skipped(synth: Path, ckpt: Path, t
 
 def test_cache_reused_only_when_meta_matches(synth: Path, ckpt: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "cache"
-    ids, feats = first = extract_features(str(ckpt), synth, out, 56, split="test", progress=False)
-    assert not first.cached and len(ids) == 12
+    base = {"split": "test", "progress": False, "precision": "fp32"}
+    ids, feats = first = extract_features(str(ckpt), synth, out, 56, **base)
+    assert not first.cached and len(ids) == 12 and first.meta["precision"] == "fp32"
     stamp = (out / "meta.json").stat().st_mtime_ns
 
     def boom(*a, **k):
         raise AssertionError("recomputed although the cache matches")
 
     with monkeypatch.context() as m:
-        m.setattr(fj, "encode_batches", boom)
-        again = extract_features(str(ckpt), synth, out, 56, split="test", progress=False)
+        m.setattr(fj, "encode", boom)
+        again = extract_features(str(ckpt), synth, out, 56, **base)
         assert again.cached and again.ids == ids
         np.testing.assert_array_equal(again.features, feats)
         assert (out / "meta.json").stat().st_mtime_ns == stamp
         assert load_features(out).meta == first.meta | {"features_sha256": again.meta["features_sha256"]}
+        # how the features are computed, not what they are: the cache still holds
+        assert extract_features(str(ckpt), synth, out, 56, **base, batch_size=5, workers=0).cached
         # any change of what the features depend on recomputes
-        for kw in ({"pool": "mean"}, {"image_size": 42}, {"split": "validate"}, {"overwrite": True}):
+        for kw in ({"pool": "mean"}, {"image_size": 42}, {"split": "validate"}, {"overwrite": True},
+                   {"precision": "bf16"}):
             with pytest.raises(AssertionError, match="recomputed"):
-                extract_features(str(ckpt), synth, out, **{"image_size": 56, "split": "test", **kw},
-                                 progress=False)
+                extract_features(str(ckpt), synth, out, **{"image_size": 56, **base, **kw})
         with pytest.raises(AssertionError, match="recomputed"):  # different weights, same shape
-            extract_features(f"random-like:{ckpt}:0", synth, out, 56, split="test", progress=False)
+            extract_features(f"random-like:{ckpt}:0", synth, out, 56, **base)
+        # a cache written before precision was recorded was fp32: reused for fp32 only
+        meta = json.loads((out / "meta.json").read_text())
+        del meta["precision"]
+        (out / "meta.json").write_text(json.dumps(meta))
+        assert extract_features(str(ckpt), synth, out, 56, **base).cached
+        with pytest.raises(AssertionError, match="recomputed"):
+            extract_features(str(ckpt), synth, out, 56, **{**base, "precision": "bf16"})
     # A damaged features file is detected and recomputed, not trusted.
     (out / "features.safetensors").write_bytes(b"garbage")
-    fixed = extract_features(str(ckpt), synth, out, 56, split="test", progress=False)
+    fixed = extract_features(str(ckpt), synth, out, 56, **base)
     assert not fixed.cached
     np.testing.assert_array_equal(fixed.features, feats)
+    # bf16 gets its own result, within the stated tolerance of fp32
+    bf = extract_features(str(ckpt), synth, out, 56, **{**base, "precision": "bf16"})
+    assert not bf.cached and bf.meta["precision"] == "bf16" and bf.ids == ids
+    cos = (bf.features * feats).sum(1) / np.linalg.norm(bf.features, axis=1) / np.linalg.norm(feats, axis=1)
+    assert cos.min() >= 0.999
+
+
+@pytest.mark.parametrize("loader", ["process", "thread"])
+def test_background_loaders_give_the_features_of_workers_0(messy_folder: Path, ckpt: Path, loader: str):
+    """Worker processes or threads: same ids, features (bit for bit) and skipped records, in order."""
+    kw = dict(image_size=56, batch_size=2, progress=False, precision="fp32")
+    ref = extract_features(str(ckpt), messy_folder, None, workers=0, **kw)
+    got = extract_features(str(ckpt), messy_folder, None, workers=2, loader=loader, **kw)
+    assert got.ids == ref.ids and got.skipped == ref.skipped and len(got.ids) == 3
+    np.testing.assert_array_equal(got.features, ref.features)
+    assert got.meta["workers"] == 2 and got.meta["loader"] == loader and ref.meta["loader"] is None
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_streams_a_bounded_number_of_batches(messy_folder: Path, monkeypatch, workers: int):
+    """The loader never holds more than ``prefetch`` batches beyond the one handed out."""
+    from encoder.processor import RadDinoProcessor
+
+    files = sorted(f for f in messy_folder.rglob("*.png") if f.name != "bad.png")
+    paths = [str(files[i % 3]) for i in range(40)]
+    ids = [f"r{i}" for i in range(40)]
+    started: list[int] = []
+    real = fj._load_row
+
+    def counting(rid, path, proc):
+        started.append(int(rid[1:]))
+        return real(rid, path, proc)
+
+    monkeypatch.setattr(fj, "_load_row", counting)
+    batch, prefetch, seen = 4, 2, 0
+    for b in fj.iter_image_batches(ids, paths, RadDinoProcessor(56, 56), batch, workers=workers,
+                                   loader="thread", prefetch=prefetch):
+        seen += b.rows
+        assert b.ids == ids[seen - b.rows:seen] and b.images.shape == (b.rows, 3, 56, 56)
+        assert len(started) <= seen + prefetch * batch  # loaded ahead: at most `prefetch` batches
+    assert seen == 40 and sorted(started) == list(range(40))
+    with pytest.raises(FeatureJobError, match="loader"):
+        next(fj.iter_image_batches(ids, paths, RadDinoProcessor(56, 56), batch, 1, loader="gpu"))
 
 
 def test_probe_study_end_to_end(synth: Path, ckpt: Path, tmp_path: Path):

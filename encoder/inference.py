@@ -1,0 +1,137 @@
+"""Frozen-encoder inference setup: precision, device, optional ``torch.compile``, batch size.
+
+``prepare_encoder(model, precision="auto")`` moves a :class:`~encoder.vit.ViTEncoder` to its
+device once, freezes it (eval, no grads) and, for ``bf16``, casts its weights to bfloat16 once, so
+that :func:`encoder.features.encode` runs every matmul in bf16 without the per-call weight casts of
+``torch.autocast``. ``auto`` picks bf16 only where the hardware runs it natively:
+
+* CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later);
+* CPU: the ``avx512_bf16`` or ``amx_bf16`` flag (x86) or ``bf16`` (Arm) in ``/proc/cpuinfo``.
+  oneDNN emulates bf16 on other AVX-512 CPUs; that runs at a fraction of fp32 speed, so ``auto``
+  keeps fp32 there (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` says yes on those, hence
+  the flags).
+
+Features in bf16 differ from fp32 by the tolerance stated in ``docs/encoder.md`` (tested on a
+tiny model in ``tests/encoder/test_features.py``); callers that cache features keep the
+precision in their cache key.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from typing import Literal
+
+import torch
+
+from encoder.vit import ViTEncoder
+
+__all__ = ["PRECISIONS", "Precision", "cpu_bf16_flags", "bf16_supported", "resolve_precision",
+           "precision_dtype", "resolve_device", "prepare_encoder", "default_batch_size",
+           "model_precision"]
+
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86; Arm reports "bf16" in its Features line
+
+
+def _parse_bf16_flags(cpuinfo: str, machine: str) -> tuple[str, ...]:
+    words: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            words.update(value.split())
+    wanted = _CPU_BF16_FLAGS + (("bf16",) if machine.lower() in ("aarch64", "arm64") else ())
+    return tuple(f for f in wanted if f in words)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """The bf16 feature flags this CPU reports in ``/proc/cpuinfo`` (empty if none or unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:  # not Linux: no flags to read, so bf16 is never picked automatically
+        return ()
+    return _parse_bf16_flags(text, platform.machine())
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``: CUDA when available, else CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def bf16_supported(device: str | torch.device | None = None) -> bool:
+    """Whether ``device`` (default: :func:`resolve_device`) runs bf16 matmuls natively."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if dev.type == "cpu":
+        return bool(cpu_bf16_flags())
+    return False
+
+
+def resolve_precision(precision: str = "auto", device: str | torch.device | None = None) -> str:
+    """``"fp32"`` or ``"bf16"``: ``auto`` means bf16 where :func:`bf16_supported`, else fp32.
+
+    An explicit ``"bf16"`` is honoured everywhere (on CPUs without native bf16 it is emulated, and
+    slower than fp32).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return precision
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """``"fp32"`` -> ``torch.float32``, ``"bf16"`` -> ``torch.bfloat16``."""
+    if precision not in _DTYPES:
+        raise ValueError(f"precision {precision!r} has no dtype (resolve 'auto' first)")
+    return _DTYPES[precision]
+
+
+def model_precision(model: torch.nn.Module) -> str:
+    """``"bf16"`` or ``"fp32"``: the dtype of the model's weights (other dtypes: their name)."""
+    dtype = next(model.parameters()).dtype
+    return next((k for k, v in _DTYPES.items() if v == dtype), str(dtype).replace("torch.", ""))
+
+
+def prepare_encoder(model: ViTEncoder, precision: str = "auto",
+                    device: str | torch.device | None = None, compile: bool = False) -> ViTEncoder:
+    """Make ``model`` ready for frozen-feature inference, **in place**, and return it.
+
+    Moves it to ``device`` (default :func:`resolve_device`), sets eval mode and
+    ``requires_grad_(False)``, casts parameters and buffers to the resolved precision once, and
+    with ``compile`` wraps each transformer block in ``torch.compile`` (one compiled graph shared
+    by all blocks, so the compile cost is that of one block; both ``forward`` and
+    ``get_intermediate_layers`` go through the blocks). The result is still a ``ViTEncoder``, so
+    :func:`encoder.features.encode` and every other caller take it unchanged. Pass a copy
+    (``copy.deepcopy``) to keep the original fp32 model.
+    """
+    dev = resolve_device(device)
+    dtype = precision_dtype(resolve_precision(precision, dev))
+    model.to(device=dev, dtype=dtype)
+    model.eval().requires_grad_(False)
+    if compile:
+        for blk in model.blocks:
+            # dynamic=None: the first shape compiles static, a second batch size (the last, short
+            # batch) recompiles once with a dynamic batch dimension instead of once per size.
+            blk.compile(dynamic=None)
+    return model
+
+
+def default_batch_size(device: str | torch.device | None = None, image_size: int = 518) -> int:
+    """Images per forward pass that keep the device busy without wasting memory.
+
+    On CPU a ViT-B/14 at 518 px already has 1,370 tokens per image, enough rows for a full-speed
+    GEMM at batch 1; bigger batches gain a few percent and delay the first result (measured in
+    ``bench/README.md``), so 8. On a GPU, batches of 64 (518 px) to 256 (224 px) fill the device.
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return 64 if image_size > 224 else 256
+    return 8
