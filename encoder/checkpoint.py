@@ -18,7 +18,7 @@ import torch
 from encoder.io import atomic_write_bytes, atomic_write_text
 from encoder.vit import ViTConfig, ViTEncoder
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_encoder", "FORMAT"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_encoder", "weights_sha256", "FORMAT"]
 
 FORMAT = "radgen-encoder/1"
 
@@ -86,3 +86,13 @@ def load_encoder(path: str | os.PathLike, which: str = "teacher") -> ViTEncoder:
         raise CheckpointError(f"{p}: no {which} backbone weights in checkpoint")
     model.load_state_dict(sd)
     return model
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer (names, dtypes, shapes, values) of ``module``."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from encoder.checkpoint import CheckpointError, load_checkpoint, load_encoder
+from encoder.checkpoint import CheckpointError, load_checkpoint, load_encoder, weights_sha256
 from encoder.features import POOLS, encode, feature_dim, resolve_layers
 from encoder.inference import (PRECISIONS, bf16_supported, default_batch_size, prepare_encoder,
                                resolve_device, resolve_precision)
@@ -175,16 +175,6 @@ def load_encoder_spec(spec: str, which: str = "teacher") -> ViTEncoder:
         raise FeatureJobError(f"encoder {spec!r}: no such checkpoint file or folder "
                               "(or use random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed>)")
     return load_encoder(spec, which=which)
-
-
-def _weights_sha256(model: torch.nn.Module) -> str:
-    """Hash of every parameter and buffer (names, dtypes, shapes, values)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,7 +426,7 @@ def extract_features(
         blocks = resolve_layers(model, layers)
     except ValueError as exc:
         raise FeatureJobError(str(exc)) from None
-    key = {"format": FORMAT, "encoder_sha256": _weights_sha256(model),  # of the fp32 weights
+    key = {"format": FORMAT, "encoder_sha256": weights_sha256(model),  # of the fp32 weights
            "data_sha256": _data_sha256(ids, paths), "split": split, "image_size": int(image_size),
            "pool": pool, "layers": blocks, "precision": prec}
     assert tuple(key) == _CACHE_KEYS

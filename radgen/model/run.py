@@ -16,7 +16,6 @@ hashes, so a moved or changed encoder / LLM is an error rather than silently dif
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from encoder.checkpoint import weights_sha256
 from encoder.io import atomic_write_bytes, atomic_write_text
 from radgen.model.llm import add_image_token, apply_lora, folder_sha256, load_llm, resolve_llm_path
 from radgen.model.model import ReportGenerator
@@ -41,16 +41,6 @@ MODEL_JSON, PROJECTOR_FILE, ADAPTER_DIR = "model.json", "projector.safetensors",
 
 class RunError(ValueError):
     """A run folder is missing, incomplete, or its frozen parts changed; the message says which."""
-
-
-def weights_sha256(module: torch.nn.Module) -> str:
-    """Hash of every parameter and buffer (names, dtypes, shapes, values) of ``module``."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class BuiltModel:
