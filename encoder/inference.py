@@ -124,14 +124,17 @@ def prepare_encoder(model: ViTEncoder, precision: str = "auto",
     return model
 
 
-def default_batch_size(device: str | torch.device | None = None, image_size: int = 518) -> int:
-    """Images per forward pass that keep the device busy without wasting memory.
+def default_batch_size(device: str | torch.device | None = None, image_size: int = 518,
+                       patch_size: int = 14) -> int:
+    """Images per forward pass chosen for throughput on ``device``.
 
-    On CPU a ViT-B/14 at 518 px already has 1,370 tokens per image, enough rows for a full-speed
-    GEMM at batch 1; bigger batches gain a few percent and delay the first result (measured in
-    ``bench/README.md``), so 8. On a GPU, batches of 64 (518 px) to 256 (224 px) fill the device.
+    CPU: about 2,048 tokens per batch (1 image at 518 px, 7 at 224 px). Measured on 2 cores
+    (``bench/README.md``): at 518 px batch 1 ran 1.37 s/image and batch 8 1.52 s/image (the
+    activations of a big batch spill out of the caches); at 224 px batches 4-8 were best and 16
+    was 10 % slower. GPU: 64 at 518 px, 256 at 224 px and below, enough to fill the device.
     """
     dev = resolve_device(device)
     if dev.type == "cuda":
         return 64 if image_size > 224 else 256
-    return 8
+    tokens = 1 + (image_size // patch_size) ** 2
+    return max(1, min(64, 2048 // tokens))

@@ -283,8 +283,8 @@ def iter_image_batches(ids: Sequence[str], paths: Sequence[str], proc: RadDinoPr
     starts = range(0, len(ids), batch_size)
     if workers <= 0:
         for s in starts:
-            yield _make_batch(ids[s:s + batch_size],
-                              [_load_row(i, p, proc) for i, p in zip(ids[s:s + batch_size], paths[s:s + batch_size])])
+            chunk = slice(s, s + batch_size)
+            yield _make_batch(ids[chunk], [_load_row(i, p, proc) for i, p in zip(ids[chunk], paths[chunk])])
         return
     if loader == "process":
         dl = torch.utils.data.DataLoader(_Rows(ids, paths, proc, batch_size), batch_size=None,
@@ -456,7 +456,8 @@ def extract_features(
         for batch in iter_image_batches(ids, paths, proc, batch_size, workers, loader):
             if batch.images is not None:
                 n = len(kept)
-                feats[n:n + len(batch.ids)] = encode(model, batch.images, layers=blocks, pool=pool).cpu().numpy()
+                batch_feats = encode(model, batch.images, layers=blocks, pool=pool)
+                feats[n:n + len(batch.ids)] = batch_feats.cpu().numpy()
                 kept.extend(batch.ids)
             skipped.extend(batch.skipped)
             bar.update(batch.rows)
@@ -520,7 +521,8 @@ def add_features_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output (and cache) folder")
     p.add_argument("--image-size", type=int, default=224, help="preprocessing size (default 224)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per forward pass (default: 8 on CPU, 64-256 on GPU)")
+                   help="images per forward pass (default: ~2k tokens per batch on CPU, i.e. 1 at "
+                        "518 px and 7 at 224 px; 64-256 on GPU)")
     p.add_argument("--pool", choices=POOLS, default="cls", help="token pooling (default cls)")
     p.add_argument("--layers", type=int, nargs="+", metavar="I",
                    help="concatenate these blocks' outputs (e.g. -4 -3 -2 -1); default: final output")

@@ -204,6 +204,17 @@ def test_loader_streams_a_bounded_number_of_batches(messy_folder: Path, monkeypa
         next(fj.iter_image_batches(ids, paths, RadDinoProcessor(56, 56), batch, 1, loader="gpu"))
 
 
+def test_default_workers_leave_a_small_cpu_to_the_forward(monkeypatch):
+    import os
+
+    for n, cpu, gpu in ((2, 0, 1), (4, 0, 3), (16, 2, 4), (64, 4, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=n: set(range(n)), raising=False)
+        assert fj.default_workers("cpu") == cpu
+        monkeypatch.setattr(fj, "resolve_device", lambda d: torch.device("cuda"))
+        assert fj.default_workers("cuda") == gpu
+        monkeypatch.undo()
+
+
 def test_probe_study_end_to_end(synth: Path, ckpt: Path, tmp_path: Path):
     encoders = {"pretrained": str(ckpt), "random-0": f"random-like:{ckpt}:0",
                 "random-1": f"random-like:{ckpt}:1"}
