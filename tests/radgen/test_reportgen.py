@@ -62,7 +62,7 @@ def _cfg(out, data, llm, *extra):
 
 
 @pytest.fixture(scope="module")
-def overfit(tmp_path_factory, eight, llm_dir, one_thread_module):
+def overfit(tmp_path_factory, eight, llm_dir, one_thread):
     """8 examples, trained until they are memorised; returns (run_dir, summary with the model)."""
     out = tmp_path_factory.mktemp("overfit") / "run"
     cfg = _cfg(out, eight, llm_dir, "stage1.max_steps=10", "stage2.max_steps=200", "stage1.batch_size=8",
@@ -71,14 +71,6 @@ def overfit(tmp_path_factory, eight, llm_dir, one_thread_module):
                "train.eval_every=0", "train.log_every=10", "generate.max_new_tokens=96")
     summary = run_train(cfg, progress=False, return_model=True)
     return out, summary
-
-
-@pytest.fixture(scope="module")
-def one_thread_module():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +178,7 @@ def _trained_state(out: Path) -> dict:
 
 
 @pytest.mark.parametrize("kill_at", [("stage1", 2), ("stage2", 3)])
-def test_killed_run_resumes_to_the_same_weights(tmp_path, synth, llm_dir, kill_at, one_thread_module):
+def test_killed_run_resumes_to_the_same_weights(tmp_path, synth, llm_dir, kill_at, one_thread):
     extra = ["stage1.max_steps=3", "stage2.max_steps=5", "stage1.batch_size=4", "stage2.batch_size=2",
              "stage2.accum_steps=2", "train.checkpoint_every=2", "train.eval_every=2", "data.max_val_samples=2",
              "train.sample_generations=1", "generate.max_new_tokens=4", "data.max_train_samples=10"]
@@ -217,7 +209,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, synth, llm_dir, kill_a
         run_train(_cfg(tmp_path / "x", synth, llm_dir, *extra, "lora.r=4"), progress=False)
 
 
-def test_stage1_trains_only_the_projector(tmp_path, synth, llm_dir, one_thread_module):
+def test_stage1_trains_only_the_projector(tmp_path, synth, llm_dir, one_thread):
     cfg = _cfg(tmp_path / "r", synth, llm_dir, "stage1.max_steps=2", "stage2.max_steps=0",
                "stage1.batch_size=4", "data.val_split=null", "data.max_train_samples=8")
     s = run_train(cfg, progress=False, return_model=True)
@@ -238,7 +230,7 @@ def test_stage1_trains_only_the_projector(tmp_path, synth, llm_dir, one_thread_m
 # radgen generate: one record per input, failures recorded, resume, no identifiers
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory, synth, llm_dir, one_thread_module) -> Path:
+def small_run(tmp_path_factory, synth, llm_dir, one_thread) -> Path:
     out = tmp_path_factory.mktemp("small") / "run"
     s = run_train(_cfg(out, synth, llm_dir, "stage1.max_steps=1", "stage2.max_steps=1", "stage1.batch_size=2",
                        "stage2.batch_size=2", "data.val_split=null", "generate.max_new_tokens=6"), progress=False)
@@ -342,7 +334,7 @@ def _torchrun(args: list[str], tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_training_and_sharded_generation(tmp_path, synth, llm_dir, one_thread_module):
+def test_torchrun_ddp_training_and_sharded_generation(tmp_path, synth, llm_dir, one_thread):
     common = ["stage1.max_steps=2", "stage2.max_steps=2", "data.val_split=null", "data.max_train_samples=8",
               "generate.max_new_tokens=5", "train.precision=fp32", "data.workers=0", "lora.dropout=0.0"]
     single = _cfg(tmp_path / "one", synth, llm_dir, *common, "stage1.batch_size=4", "stage2.batch_size=4")
