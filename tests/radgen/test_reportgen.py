@@ -68,7 +68,7 @@ def overfit(tmp_path_factory, eight, llm_dir, one_thread):
     cfg = _cfg(out, eight, llm_dir, "stage1.max_steps=10", "stage2.max_steps=200", "stage1.batch_size=8",
                "stage2.batch_size=8", "stage1.lr=3e-3", "stage2.lr=1e-2", "stage2.warmup_ratio=0.0",
                "data.val_split=null", "data.indication_field=indication", "lora.dropout=0.0",
-               "train.eval_every=0", "train.log_every=10", "generate.max_new_tokens=96")
+               "train.eval_every=0", "train.log_every=10", "generate.max_new_tokens=128")
     summary = run_train(cfg, progress=False, return_model=True)
     return out, summary
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from eval.chexpert.observations import CHEXPERT_14, NO_FINDING, SUPPORT_DEVICES
 from radgen.config import ConfigError, load_config
@@ -77,18 +78,44 @@ def test_refuses_non_empty_output_and_bad_config(small_set: Path, tmp_path: Path
         generate_dataset(_cfg(tmp_path / "e", size=8), progress=False)
 
 
+def _midline_col(mask: np.ndarray) -> float:
+    """Midline of the thorax: halfway between the lateral lung borders."""
+    right = np.nonzero(mask == MASK_RIGHT_LUNG)[1]
+    left = np.nonzero(mask == MASK_LEFT_LUNG)[1]
+    return (right.min() + left.max()) / 2
+
+
 def test_cardiomegaly_label_matches_measured_ctr():
-    """Measured on the rendered masks: heart width / thoracic width > 0.5 exactly when labelled."""
+    """Cardiothoracic ratio measured on the masks the way a radiologist does it (transverse
+    cardiac diameter / widest internal thoracic diameter) is above 0.5 exactly when labelled."""
     seen = {True: 0, False: 0}
     for i in range(60):
         _, rendered, _, _, labels = make_example(11, i, 192, prevalence_scale=2.0)
-        heart = rendered.mask == MASK_HEART
+        cols = np.nonzero(rendered.mask == MASK_HEART)[1]
         thorax = np.isin(rendered.mask, [MASK_RIGHT_LUNG, MASK_LEFT_LUNG, MASK_HEART])
-        ctr = _max_row_width(heart) / _max_row_width(thorax)
+        ctr = (cols.max() - cols.min() + 1) / _max_row_width(thorax)
         positive = labels["Cardiomegaly"] == 1
         assert (ctr > CTR_THRESHOLD) == positive, f"example {i}: measured CTR {ctr:.3f}, label {labels['Cardiomegaly']}"
         seen[positive] += 1
     assert seen[True] >= 5 and seen[False] >= 5
+
+
+def test_heart_sits_two_thirds_left_and_overlaps_the_medial_lungs():
+    for i in range(20):
+        _, r, _, _, _ = make_example(3, i, 160)
+        m = r.mask
+        heart = m == MASK_HEART
+        mid = _midline_col(m)
+        cols = np.nonzero(heart)[1]
+        left_share = (cols > mid).mean()  # image right = the patient's left
+        assert cols.mean() > mid and 0.5 < left_share < 0.9, (i, left_share)
+        # The silhouette borders lung on both sides (right atrial and left ventricular borders):
+        # a dilated heart touches both lung masks, and lung lies above and lateral to it.
+        grown = ndimage.binary_dilation(heart, iterations=2)
+        assert (grown & (m == MASK_RIGHT_LUNG)).sum() > 5 and (grown & (m == MASK_LEFT_LUNG)).sum() > 5
+        rows = np.nonzero(heart)[0]
+        lung_rows = np.nonzero(np.isin(m, [MASK_RIGHT_LUNG, MASK_LEFT_LUNG]))[0]
+        assert lung_rows.min() < rows.min() < lung_rows.max()
 
 
 def test_masks_are_anatomical():
@@ -103,6 +130,17 @@ def test_masks_are_anatomical():
         assert (m == v).sum() > 200
 
 
+def test_right_hemidiaphragm_is_usually_higher():
+    higher = 0
+    n = 40
+    for i in range(n):
+        _, r, _, _, _ = make_example(4, i, 128)
+        rows_r = np.nonzero(r.mask == MASK_RIGHT_LUNG)[0]
+        rows_l = np.nonzero(r.mask == MASK_LEFT_LUNG)[0]
+        higher += rows_r.max() < rows_l.max()  # lowest lung pixel = the dome / angle
+    assert higher >= 0.8 * n, f"right dome higher in {higher}/{n}"
+
+
 _FINDING_SPECS = {
     "Pleural Effusion": dict(side="right", severity="moderate"),
     "Pneumothorax": dict(side="left", severity="moderate"),
@@ -112,26 +150,70 @@ _FINDING_SPECS = {
     "Lung Lesion": dict(side="left", severity="mass", size_cm=4.0, extra={"zone": "mid", "u": 0.5}),
     "Fracture": dict(side="right", severity="displaced", location="6th rib", extra={"rib": 6}),
     "Pleural Other": dict(side="right", severity="thickening"),
-    "Support Devices": dict(severity="pacemaker"),
 }
 
 
-@pytest.mark.parametrize("kind", sorted(_FINDING_SPECS))
-def test_each_finding_has_a_visible_correlate(kind: str):
-    case, base, _, _, _ = make_example(5, 3, 160)
+def _with_only(case, findings):
     case = copy.deepcopy(case)
-    case.findings = []
-    clean = render(case, 160).image
-    case.findings = [Finding(kind, **_FINDING_SPECS[kind])]
-    sick = render(case, 160).image
+    case.findings = findings
+    return case
+
+
+@pytest.mark.parametrize("kind", sorted(_FINDING_SPECS))
+def test_each_finding_shows_its_sign_where_it_is_drawn(kind: str):
+    case, _, _, _, _ = make_example(5, 3, 160)
+    clean = render(_with_only(case, []), 160).image
+    sick_r = render(_with_only(case, [Finding(kind, **_FINDING_SPECS[kind])]), 160)
+    sick = sick_r.image
+    region = sick_r.regions[kind]
+    assert region.sum() >= 8, f"{kind}: drawn region too small"
     diff = sick - clean
-    # Every finding adds density somewhere (pneumothorax: the pleural line) and changes a
-    # region of at least a few pixels clearly.
-    assert (np.abs(diff) > 0.05).sum() >= 8, f"{kind}: no visible change"
-    if kind in ("Pleural Effusion", "Consolidation", "Edema", "Lung Lesion"):
-        assert diff.sum() > 0, f"{kind} should add opacity"
+    # The rest of the film is untouched: changes concentrate in the drawn region.
+    assert np.abs(diff[region]).mean() > 3 * np.abs(diff[~region]).mean(), kind
+    if kind in ("Pleural Effusion", "Consolidation", "Edema", "Lung Lesion", "Atelectasis", "Pleural Other"):
+        assert diff[region].mean() > 0.02, f"{kind} should add opacity where drawn"
+    if kind == "Fracture":  # the cortical gap is darker than the intact rib
+        assert diff[region].mean() < 0
     if kind == "Pneumothorax":
-        assert (diff < -0.02).sum() > 20, "pneumothorax should darken the space without lung markings"
+        # Darker, no lung markings beyond the visceral pleural line, and the line itself is a
+        # fine white line: brighter than the pleural space just outside it.
+        assert diff[region].mean() < -0.02
+        before = render(_with_only(case, []), 160).markings
+        inner = ndimage.binary_erosion(region, iterations=2)  # off the anti-aliased edge
+        assert np.abs(sick_r.markings[inner]).max() < 1e-3 < np.abs(before[inner]).mean()
+        line = ndimage.binary_dilation(region, iterations=2) & ~region & (sick_r.mask == MASK_LEFT_LUNG)
+        beyond = region & ndimage.binary_dilation(line, iterations=3) & ~line  # the space next to it
+        assert sick[line].mean() > sick[beyond].mean()
+
+
+def test_devices_tips_where_the_labels_say():
+    from radgen.data.synth.phantom import CM_PER_UNIT
+
+    case, _, _, _, _ = make_example(6, 1, 256)
+    case = copy.deepcopy(case)
+    case.rotation_deg, case.yaw_deg = 0.0, 0.0
+    for cm in (2.5, 6.0):
+        devs = [Finding("Support Devices", severity="ett", extra={"tip_cm_above_carina": cm}),
+                Finding("Support Devices", severity="ng_tube"),
+                Finding("Support Devices", severity="central_line"),
+                Finding("Support Devices", severity="pacemaker")]
+        r = render(_with_only(case, devs), 256)
+        lm, m = r.landmarks, r.mask
+        px_per_cm = 256 * case.scale / 2 / CM_PER_UNIT
+        measured = (lm["carina"][0] - lm["ett_tip"][0]) / px_per_cm
+        assert measured == pytest.approx(cm, abs=0.3), "ET tube tip distance above the carina"
+        mid = _midline_col(m)
+        ng_r, ng_c = (int(round(v)) for v in lm["ng_tip"])
+        left_dome_row = np.nonzero(m[:, ng_c] == MASK_LEFT_LUNG)[0].max()
+        assert ng_c > mid and ng_r > left_dome_row, "NG tip under the left hemidiaphragm (stomach)"
+        cv_r, cv_c = lm["cvc_tip"]
+        heart_rows = np.nonzero(m == MASK_HEART)[0]
+        assert cv_c < mid and lm["carina"][0] < cv_r < heart_rows.mean(), "CVC tip in the lower SVC"
+        lr, lc = (int(round(v)) for v in lm["lead_tip"])
+        assert m[lr, lc] == MASK_HEART, "pacing lead tip inside the cardiac silhouette (RV apex)"
+        # The wires and tubes are radio-opaque: brighter than the same pixels without devices.
+        plain = render(_with_only(case, []), 256).image
+        assert r.image[lr, lc] > plain[lr, lc] - 0.05
 
 
 def test_sex_and_age_are_in_the_image():
@@ -144,11 +226,14 @@ def test_sex_and_age_are_in_the_image():
     female = render(case, 128).image
     assert (female - male).sum() > 5  # breast shadows add density
     case.breast_size = 0.0
-    case.bone_density = 1.2
-    young = render(case, 128).image
-    case.bone_density = 0.5
-    old = render(case, 128).image
-    assert (young - old).sum() > 5  # bone density falls with age
+    # Bone density falls with age: ribs over the lungs lose contrast (fine texture in the lungs).
+    texture = []
+    for density in (1.2, 0.5):
+        case.bone_density = density
+        r = render(case, 128)
+        lungs = np.isin(r.mask, [MASK_RIGHT_LUNG, MASK_LEFT_LUNG])
+        texture.append((r.image - ndimage.gaussian_filter(r.image, 3.0))[lungs].std())
+    assert texture[0] > 1.05 * texture[1]
 
 
 def test_reports_consistent_with_labels():

@@ -50,23 +50,30 @@ class Case:
     ctr: float
     mediastinal_ratio: float
     heart_height: float
+    heart_tilt_deg: float  # long axis of the left ventricle, from horizontal
     aortic_knob_r: float
     aortic_calcification: bool
     bone_density: float
     breast_size: float  # 0 for none
     n_marking_seeds: int
     # Acquisition / pose / processing.
-    scale: float
+    scale: float  # field of view: body units per half image side, inverted
     shift: tuple[float, float]
-    rotation_deg: float
+    rotation_deg: float  # in-plane tilt of the image
     aspect: float
-    exposure: float
-    gamma: float
-    window: tuple[float, float]  # display window (low, high) applied after processing
-    heart_density: float
-    lung_air: float
-    unsharp: float
-    noise: float
+    yaw_deg: float  # patient rotation about the vertical axis: anterior structures shift sideways
+    depth_cm: float  # antero-posterior diameter of the chest
+    supine: bool  # AP supine (ICU): effusions layer posteriorly
+    arms_up: bool  # arms out of the field (PA) vs at the sides with humeral heads in view
+    kvp: float  # relative beam energy: >1 lowers bone and soft-tissue contrast
+    photons: float  # unattenuated quanta per pixel at 256 px (quantum noise)
+    scatter: float  # scatter-to-primary fraction reaching the detector
+    range_compression: float  # CR/DX multi-scale processing: large-scale range reduction
+    detail_gain: float  # CR/DX processing: mid-frequency enhancement
+    tone_slope: float  # sigmoid tone curve steepness
+    tone_centre: float
+    fine_unsharp: float  # small-kernel edge enhancement
+    gastric_bubble: float  # radius of the stomach air (body units), 0 for none
     collimation: tuple[float, float, float, float]  # left, right, top, bottom borders (fraction)
     collimation_white: bool
     marker: str | None  # "L" | "R" | None
@@ -106,6 +113,7 @@ def sample_case(rng: np.random.Generator, prevalence_scale: float = 1.0, seed: i
     age = int(np.clip(rng.normal(age_mean, 16), 18, 95))
     p_ap = {"outpatient": 0.08, "inpatient": 0.5, "icu": 0.95}[setting]
     view = "AP" if rng.random() < p_ap else "PA"
+    supine = bool(view == "AP" and (setting == "icu" or rng.random() < 0.3))
     ps = prevalence_scale
     old = max(0.0, (age - 50) / 40)
     icu, inp = setting == "icu", setting == "inpatient"
@@ -135,9 +143,9 @@ def sample_case(rng: np.random.Generator, prevalence_scale: float = 1.0, seed: i
     dome_y_right = float(0.40 + inspiration + rng.normal(0, 0.02))
     dome_y_left = float(dome_y_right + 0.05 + rng.normal(0, 0.015))
     if cardiomegaly:
-        ctr = float(rng.uniform(0.54, 0.68))
+        ctr = float(0.515 + rng.beta(1.2, 3.0) * 0.17)  # mostly mild, as in practice
     else:
-        ctr = float(np.clip(rng.normal(0.43, 0.03), 0.34, 0.465))
+        ctr = float(np.clip(rng.normal(0.45, 0.03), 0.36, 0.485))
     if enlarged_cm:
         mediastinal_ratio = float(rng.uniform(0.34, 0.42))
     else:
@@ -145,16 +153,16 @@ def sample_case(rng: np.random.Generator, prevalence_scale: float = 1.0, seed: i
     bone_density = float(np.clip(1.15 - 0.008 * (age - 20) + rng.normal(0, 0.06), 0.45, 1.3))
     aortic_knob_r = float(0.045 + 0.0006 * (age - 20) + abs(rng.normal(0, 0.006)))
     aortic_calcification = bool(rng.random() < np.clip((age - 45) / 45, 0, 0.85))
-    breast_size = float(rng.uniform(0.6, 1.2)) if not male else (
+    breast_size = float(rng.uniform(0.3, 1.1)) if not male else (
         float(rng.uniform(0.15, 0.3)) if rng.random() < 0.1 else 0.0
     )
 
     # --- acquisition -------------------------------------------------------------------------
-    scale = float(rng.uniform(0.55, 1.0))
-    shift = (float(np.clip(rng.normal(0, 0.08), -0.2, 0.2)), float(np.clip(rng.normal(0.05, 0.1), -0.2, 0.3)))
-    rotation_deg = float(np.clip(rng.normal(0, 4.0), -10, 10))
-    aspect = float(rng.uniform(0.82, 1.18))
-    coll = tuple(float(x) for x in (rng.uniform(0, 0.1, 4) * (rng.random(4) < 0.5)))
+    scale = float(rng.uniform(0.85, 1.2))
+    shift = (float(np.clip(rng.normal(0, 0.05), -0.15, 0.15)), float(np.clip(rng.normal(0.1, 0.06), -0.05, 0.25)))
+    rotation_deg = float(np.clip(rng.normal(0, 2.5), -8, 8))
+    aspect = float(rng.uniform(0.9, 1.12))
+    coll = tuple(float(x) for x in (rng.uniform(0, 0.08, 4) * (rng.random(4) < 0.2)))
     marker = None if rng.random() < 0.4 else str(rng.choice(["L", "R"]))
 
     # --- findings with their descriptors ------------------------------------------------------
@@ -233,14 +241,21 @@ def sample_case(rng: np.random.Generator, prevalence_scale: float = 1.0, seed: i
         dome_height=float(rng.uniform(0.08, 0.14)),
         ctr=ctr, mediastinal_ratio=mediastinal_ratio,
         heart_height=float(rng.uniform(0.22, 0.28)),
+        heart_tilt_deg=float(rng.uniform(20, 40)),
         aortic_knob_r=aortic_knob_r, aortic_calcification=aortic_calcification,
         bone_density=bone_density, breast_size=breast_size,
         n_marking_seeds=int(rng.integers(0, 2**31 - 1)),
         scale=scale, shift=shift, rotation_deg=rotation_deg, aspect=aspect,
-        exposure=float(rng.uniform(1.0, 2.4)), gamma=float(rng.uniform(0.6, 1.6)),
-        window=(float(rng.uniform(0.0, 0.2)), float(rng.uniform(0.8, 1.0))),
-        heart_density=float(rng.uniform(0.32, 0.55)), lung_air=float(rng.uniform(0.5, 0.7)),
-        unsharp=float(rng.uniform(0.0, 1.2)), noise=float(rng.uniform(0.004, 0.025)),
+        yaw_deg=float(np.clip(rng.normal(0, 3.0), -9, 9)),
+        depth_cm=float(np.clip(rng.normal(21.5 if male else 19.5, 2.0), 15, 28) + 20 * (body_margin - 0.16)),
+        supine=supine, arms_up=bool(view == "PA" and rng.random() < 0.85),
+        kvp=float(rng.uniform(0.85, 1.2)),
+        photons=float(np.exp(rng.uniform(np.log(5e4), np.log(8e5)))),
+        scatter=float(rng.uniform(0.25, 0.6) if view == "PA" else rng.uniform(0.5, 1.0)),
+        range_compression=float(rng.uniform(0.45, 0.9)), detail_gain=float(rng.uniform(0.4, 1.5)),
+        tone_slope=float(rng.uniform(2.5, 5.5)), tone_centre=float(rng.uniform(0.45, 0.65)),
+        fine_unsharp=float(rng.uniform(0.0, 0.5)),
+        gastric_bubble=float(rng.uniform(0.05, 0.13)) if rng.random() < 0.75 else 0.0,
         collimation=coll, collimation_white=bool(rng.random() < 0.5),
         marker=marker, marker_corner=int(rng.integers(0, 4)),
         findings=findings, seed=seed,
