@@ -180,7 +180,8 @@ def collate_multicrop(
     Returns ``global_crops`` (2B, 3, g, g) ordered [crop0 of every image, crop1 of every image],
     ``local_crops`` (L*B, 3, l, l) in the same order or None, ``masks`` (2B, H*W) bool,
     ``mask_indices`` (M,), ``mask_weights`` (M,) and ``n_masked`` (= M). ``mask_cfg`` holds
-    keyword arguments of :func:`sample_masks`; None means no masking.
+    keyword arguments of :func:`sample_masks` (``style``, ``mask_ratio_range``, ...; ``style``
+    ``"dinov2"`` when absent); None means no masking.
     """
     B = len(samples)
     n_global = len(samples[0]["global_crops"])

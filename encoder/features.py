@@ -7,7 +7,9 @@ pools its output tokens into one vector per image:
 * ``"mean"``: the mean of the patch tokens (registers excluded);
 * ``"cls+mean"``: both, concatenated (``2 * C``);
 * ``"cls+grid2"``: CLS and the patch tokens average-pooled on a 2×2 grid of the image
-  (``5 * C``) — keeps coarse layout (heart vs lung bases, left vs right) that a global mean loses.
+  (``5 * C``) — keeps coarse layout (heart vs lung bases, left vs right) that a global mean loses;
+* ``"patches"``: every patch token, flattened row-major as ``(h, w, C)`` (``h * w * C``), for
+  dense probes such as segmentation (square images).
 
 With ``layers`` the pooled outputs of the chosen blocks (each through the final LayerNorm, as
 DINOv2's ``get_intermediate_layers(norm=True)``) are concatenated in the order given, so
@@ -36,7 +38,7 @@ from encoder.vit import ViTEncoder
 
 __all__ = ["POOLS", "encode", "encode_batches", "feature_dim", "resolve_layers"]
 
-POOLS = ("cls", "mean", "cls+mean", "cls+grid2")
+POOLS = ("cls", "mean", "cls+mean", "cls+grid2", "patches")
 _POOL_TOKENS = {"cls": 1, "mean": 1, "cls+mean": 2, "cls+grid2": 5}  # feature = tokens * C
 
 
@@ -71,16 +73,25 @@ def _check_pool(pool: str) -> None:
         raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
 
 
-def feature_dim(model: ViTEncoder, layers: Sequence[int] | int | None = None, pool: str = "cls") -> int:
-    """Length of the feature vector :func:`encode` returns for these settings."""
+def feature_dim(model: ViTEncoder, layers: Sequence[int] | int | None = None, pool: str = "cls",
+                image_size: int | None = None) -> int:
+    """Length of the feature vector :func:`encode` returns for these settings (``"patches"``
+    depends on the image side, default the model's ``img_size``)."""
     _check_pool(pool)
     blocks = resolve_layers(model, layers)
-    return model.embed_dim * _POOL_TOKENS[pool] * (1 if blocks is None else len(blocks))
+    if pool == "patches":
+        side = (image_size or model.cfg.img_size) // model.cfg.patch_size
+        tokens = side * side
+    else:
+        tokens = _POOL_TOKENS[pool]
+    return model.embed_dim * tokens * (1 if blocks is None else len(blocks))
 
 
 def _pool(out: dict[str, Tensor], pool: str) -> Tensor:
     if pool == "cls":
         return out["cls"]
+    if pool == "patches":
+        return out["patches"].flatten(1)  # (B, h*w*C), row-major tokens
     if pool == "cls+grid2":
         p = out["patches"]  # (B, h*w, C), row-major; probe images are square
         B, N, C = p.shape

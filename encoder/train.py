@@ -16,18 +16,20 @@ teacher with FSDP2. All collectives are skipped in a single process.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
@@ -45,10 +47,12 @@ from encoder.distributed import (
     sync_diff,
 )
 from encoder.io import atomic_write_text
+from encoder.masking import MASK_STYLES
 from encoder.ssl import SSLConfig, SSLMetaArch
 from encoder.vit import ViTConfig, ViTEncoder
 
-__all__ = ["train", "cosine_schedule", "build_param_groups", "collapse_flags", "Schedules"]
+__all__ = ["train", "cosine_schedule", "build_param_groups", "collapse_flags", "Schedules",
+           "resolve_mask_style"]
 
 CKPT_NAME = "checkpoint.pt"
 LOG_FIELDS = ["step", "epoch", "lr", "wd", "momentum", "teacher_temp", "loss", "dino", "ibot",
@@ -275,8 +279,37 @@ def validate_config(cfg: DictConfig) -> None:
     lo, hi = cfg.masking.mask_ratio
     if not 0 <= lo <= hi < 1 or not 0 <= cfg.masking.mask_probability <= 1:
         raise ValueError("masking.mask_ratio must satisfy 0 <= lo <= hi < 1 and mask_probability in [0, 1]")
+    style = OmegaConf.select(cfg, "masking.style", default=None)
+    if style is not None and style not in MASK_STYLES:
+        raise ValueError(f"masking.style must be one of {', '.join(MASK_STYLES)}, got {style!r}")
     SSLConfig(centering=cfg.ssl.centering, dino_weight=cfg.ssl.dino_weight,
               ibot_weight=cfg.ssl.ibot_weight, koleo_weight=cfg.ssl.koleo_weight)
+
+
+def resolve_mask_style(cfg: DictConfig, saved_config: dict | None) -> str:
+    """The iBOT mask style (``masking.style``) a run uses, given the config of the checkpoint it
+    resumes (``None``: a fresh run).
+
+    A config without ``masking.style`` predates the DINOv2 style: it means ``legacy``, the only
+    masking there was then. So a run started before the key existed resumes with ``legacy``
+    whatever the current default says, and its masks continue exactly. A checkpoint that names a
+    style must be resumed with that style: switching would make the resumed run differ from an
+    uninterrupted one, so it is refused (start a new run to change style).
+    """
+    current = OmegaConf.select(cfg, "masking.style", default=None) or "legacy"
+    if saved_config is None:
+        return current
+    saved = (saved_config.get("masking") or {}).get("style")
+    if saved is None:
+        if current != "legacy":
+            warnings.warn("the checkpoint being resumed predates masking.style: resuming with "
+                          f"masking.style=legacy (not {current!r}) so its masks continue exactly",
+                          stacklevel=2)
+        return "legacy"
+    if saved != current:
+        raise ValueError(f"checkpoint written with masking.style={saved}, now {current}: resume "
+                         "would not be exact (resume with the same style or start a new run)")
+    return saved
 
 
 class _Preempted:
@@ -308,6 +341,13 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     rank, world = setup_distributed(device)
     strategy = resolve_strategy(cfg.train.strategy, world)
     out = Path(cfg.out)
+    ckpt_path = out / CKPT_NAME
+    ckpt = load_checkpoint(ckpt_path) if cfg.train.resume and ckpt_path.is_file() else None
+    # Settle the mask style before the config is written, so config.yaml and the checkpoints
+    # record the style the run really uses (an old run resumes with "legacy").
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.masking.style = resolve_mask_style(cfg, (ckpt.get("config") or {}) if ckpt else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -330,14 +370,13 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     params = [p for g in groups for p in g["params"]]
 
     start = 0
-    ckpt_path = out / CKPT_NAME
-    if cfg.train.resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         if ckpt.get("global_batch") != global_batch:
             raise ValueError(f"{ckpt_path}: written with global batch {ckpt.get('global_batch')}, "
                              f"now {global_batch}: resume would not be exact")
         load_full_state(model, opt, ckpt["model"], ckpt["optimizer"])
         start = int(ckpt["step"])
+        del ckpt
 
     multicrop = _multicrop(cfg)
     sampler = ResumableSampler(len(images), B, rank, world, cfg.seed, start=start * accum)
@@ -347,7 +386,11 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     batches = iter(loader)
     grid = (cfg.crops.global_size // cfg.model.patch_size,) * 2
     mask_cfg = {"mask_ratio_range": tuple(cfg.masking.mask_ratio),
-                "mask_probability": float(cfg.masking.mask_probability)} if model.do_ibot else None
+                "mask_probability": float(cfg.masking.mask_probability),
+                "style": cfg.masking.style,
+                # DINOv2's default largest block is computed from the crop and patch size.
+                "img_size": int(cfg.crops.global_size),
+                "patch_size": int(cfg.model.patch_size)} if model.do_ibot else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 

@@ -30,6 +30,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 JOB_PARSERS = {
     "features": ("radgen.jobs.features", "add_features_parser"),
     "probe": ("radgen.jobs.probe", "add_probe_parser"),
+    "probe-scaling": ("radgen.jobs.probe_scaling", "add_scaling_parser"),
     "pretrain-study": ("radgen.jobs.study", "add_study_parser"),
     "evaluate": ("radgen.jobs.evaluate", "add_evaluate_parser"),
     "labeler-check": ("radgen.jobs.evaluate", "add_labeler_check_parser"),
@@ -251,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     from radgen.jobs.evaluate import EvaluateError
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["probe", "scaling"]:  # `radgen probe scaling` is `radgen probe-scaling`
+        argv = ["probe-scaling", *argv[2:]]
     command = argv[0] if argv and argv[0] in JOB_PARSERS else None
     parser = build_parser(command)
     args = parser.parse_args(argv)

@@ -442,7 +442,7 @@ def extract_features(
 
     model = prepare_encoder(model, prec, dev, compile=compile)
     proc = RadDinoProcessor(shortest_edge=int(image_size), crop_size=int(image_size))
-    dim = feature_dim(model, blocks, pool)
+    dim = feature_dim(model, blocks, pool, image_size=int(image_size))
     kept: list[str] = []
     skipped: list[dict] = []
     feats = np.empty((len(ids), dim), dtype=np.float32)  # rows of kept images fill the top

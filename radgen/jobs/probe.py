@@ -1,17 +1,23 @@
-"""The ``probe`` job: does the encoder learn? Linear probes on frozen features vs random inits.
+"""The ``probe`` job: how good are an encoder's frozen features? The RAD-DINO protocol, one run.
 
-``probe_study(data, {"pretrained": "runs/x/checkpoint.pt", "random-0": "random-like:runs/x/checkpoint.pt:0", ...},
+``run_probes(data, {"pretrained": "runs/x/checkpoint.pt", "random-0": "random-like:...:0", ...},
 image_size)`` extracts features of every row of a manifest with each encoder (cached per encoder
-under ``cache_dir/<name>``), fits a logistic probe (:func:`eval.probes.linear.logistic_probe`) on
-the ``train`` split and reports AUROC with a bootstrap CI on ``validate`` + ``test``, per target.
-The raw-pixel baseline (:func:`radgen.jobs.baselines.pixel_features`) runs on the same rows. Targets
-follow :func:`radgen.jobs.baselines.pixel_baseline`: 1 = positive, 0 or blank = negative, uncertain
-(-1) rows dropped per target; ``sex (F)`` from the ``sex`` column.
+under ``cache_dir/<name>``, keyed by weights + data + settings) and runs, per encoder and on raw
+pixels, the probes of :mod:`eval.probes`:
 
-All models are scored on the same rows (those whose image every model could load) with the same
-bootstrap seed, so the resamples are paired. :func:`summarize_probe_study` gives, per target,
-the pretrained AUROC minus the mean random-init AUROC and the spread (max - min) across random
-seeds: a gap well beyond the spread means pretraining taught the encoder something.
+* ``logistic``: per finding and ``sex (F)``, L2 logistic regression with C chosen on the
+  ``validate`` split, AUROC and AP on ``test``, plus the macro AUROC over the findings;
+* ``knn``: the same targets with a cosine kNN (k = 20, DINO's temperature-weighted vote);
+* ``ridge``: age, ridge regression (alpha chosen on ``validate``), MAE and R²;
+* ``segment``: a 1×1 head on the patch tokens, upsampled to the manifest's masks (the synthetic
+  set's label maps: right lung, left lung, heart; binary masks: ``lungs``), Dice and IoU;
+  its raw-pixel control is per-pixel intensity + position through the same head.
+
+Every number carries a 95% bootstrap CI over the test images, and all models are scored on the
+same rows (those whose image every model could load) with the same bootstrap seed, so the
+comparisons are paired. Labels: 1 positive; 0 or blank negative; uncertain (-1) by ``uncertain``
+(``ignore`` drops the row for that target, ``positive`` / ``negative`` count it as such).
+:func:`summarize` gives the pretrained-minus-random-init gaps and the seed spread.
 """
 
 from __future__ import annotations
@@ -20,31 +26,39 @@ import argparse
 import json
 import os
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from encoder.checkpoint import CheckpointError
 from encoder.features import POOLS
 from encoder.io import atomic_write_text
-from eval.probes.linear import logistic_probe
-from radgen.jobs.baselines import binary_targets, pixel_features
-from radgen.data.images import ImageLoadError
+from eval.chexpert.observations import CHEXPERT_14
+from eval.probes.classify import UNCERTAIN_RULES, binary_labels, knn_probe, logistic_probe, macro_score
+from eval.probes.regress import ridge_probe
+from eval.probes.result import HIGHER_IS_BETTER, ProbeScore
+from eval.probes.segment import position_features, segmentation_probe
+from radgen.data.images import ImageLoadError, load_image
 from radgen.data.manifest import ManifestError, read_manifest
+from radgen.jobs.baselines import pixel_features
 from radgen.jobs.features import (FeatureJobError, encoder_config, extract_features,
                                  random_like_spec)
 
-__all__ = ["DEFAULT_TARGETS", "ProbeStudyError", "is_random_spec", "probe_study",
-           "summarize_probe_study", "format_probe_study", "resolve_encoders", "add_probe_parser",
+__all__ = ["PROBES", "ProbeStudyError", "ProbeRun", "is_random_spec", "run_probes", "summarize",
+           "format_report", "headline", "write_report", "resolve_encoders", "add_probe_parser",
            "cmd_probe"]
 
-DEFAULT_TARGETS = ("Cardiomegaly", "Pleural Effusion", "sex (F)")
-TEST_SPLITS = ("validate", "test")
+PROBES = ("logistic", "knn", "ridge", "segment")
+SEX = "sex (F)"
+SYNTH_STRUCTURES = {1: "right_lung", 2: "left_lung", 3: "heart"}
 
 
 class ProbeStudyError(ValueError):
-    """Bad arguments or data for the probe study; the message says which."""
+    """Bad arguments or data for the probes; the message says which."""
 
 
 def is_random_spec(spec: str) -> bool:
@@ -52,147 +66,295 @@ def is_random_spec(spec: str) -> bool:
     return str(spec).startswith(("random:", "random-like:"))
 
 
-def _pixel_rows(paths: Sequence[str], size: int) -> tuple[np.ndarray, list[int]]:
-    """Raw-pixel features of the loadable images and their row indices (bad files skipped)."""
-    feats, ok = [], []
-    for i, p in enumerate(paths):
-        try:
-            feats.append(pixel_features([p], size=size)[0])
-        except ImageLoadError:
-            continue
-        ok.append(i)
-    return (np.stack(feats) if feats else np.empty((0, size * size), np.float32)), ok
+@dataclass
+class ProbeRun:
+    rows: list[dict]  # one per number: model, kind, spec, dim + ProbeScore fields
+    predictions: dict = field(default_factory=dict)  # for plots: "age" and "segment" examples
+    timings: dict = field(default_factory=dict)  # stage -> seconds
+    image_size: int = 0
 
 
-def probe_study(
+# ---- inputs ---------------------------------------------------------------------------------
+
+
+def _centre_square(img: Image.Image, size: int, resample) -> Image.Image:
+    """The rad-dino geometry: shortest edge to ``size``, then the centre ``size`` x ``size`` crop."""
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), resample)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _load_mask(path: str, size: int) -> np.ndarray:
+    """A label map (0 background, 1..K) or a binary mask (any non-zero -> 1), geometry as the
+    encoder's preprocessing, nearest-neighbour. (size, size) int64."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("L") if im.mode not in ("L", "P", "I", "I;16") else im)
+    if arr.max() > 16:  # 0/255 (or 0/1 stored 8-bit white) binary mask
+        arr = (arr > arr.max() / 2).astype(np.uint8)
+    return np.asarray(_centre_square(Image.fromarray(arr.astype(np.uint8)), size, Image.NEAREST), np.int64)
+
+
+def _seg_pixel_features(path: str, grid: int) -> np.ndarray:
+    img, _ = load_image(path)
+    small = _centre_square(Image.fromarray(img), grid, Image.BOX)
+    return position_features(np.asarray(small, np.float32)[None])[0]
+
+
+def _targets(ds, uncertain: str) -> dict[str, np.ndarray]:
+    cols = set(ds.column_names)
+    t = {k: binary_labels(ds[k], uncertain) for k in CHEXPERT_14 if k in cols}
+    if "sex" in cols:
+        t[SEX] = np.array([np.nan if s in (None, "", "O") else float(s == "F") for s in ds["sex"]])
+    return t
+
+
+def _ages(ds) -> np.ndarray | None:
+    if "age" not in ds.column_names:
+        return None
+    out = np.array([np.nan if a in (None, "") else float(a) for a in ds["age"]])
+    return out if np.isfinite(out).sum() >= 10 else None
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+def run_probes(
     data: str | os.PathLike,
     encoders: dict[str, str],
     image_size: int,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    *,
+    probes: Sequence[str] = PROBES,
+    targets: Sequence[str] | None = None,
+    uncertain: str = "ignore",
     pixel_size: int | None = 32,
+    mask_size: int = 64,
+    seg_pixel_grid: int = 32,
+    seg_epochs: int = 30,
+    knn_k: int = 20,
     n_resamples: int = 1000,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
-    *,
     batch_size: int = 32,
     pool: str = "cls",
     layers: Sequence[int] | None = None,
-    C: float = 0.1,
     min_pos: int = 5,
+    n_examples: int = 6,
     progress: bool = False,
     device: str | None = None,
-) -> list[dict]:
-    """Linear-probe AUROC of each encoder (and raw pixels) per target; one dict per (model, target).
+    log=None,
+) -> ProbeRun:
+    """Every probe of ``probes`` for each encoder (and raw pixels); see the module docstring.
 
     Args:
-        data: manifest (file or folder) with ``train`` and ``validate``/``test`` rows.
-        encoders: display name -> encoder spec (checkpoint, HF folder, ``random:...``,
-            ``random-like:<spec>:<seed>``); names must be unique and not clash with the pixel row.
-        image_size: preprocessing size for every encoder.
-        targets: CheXpert observation names and/or ``"sex (F)"``.
-        pixel_size: side of the raw-pixel baseline (``None``: no baseline).
-        cache_dir: features of encoder ``name`` are cached in ``cache_dir/<name>``.
-        min_pos: a target with fewer positives or negatives than this in train or test gets a
-            row with ``auroc=None`` and a ``note`` instead of a probe.
-
-    Returns:
-        Rows with ``model``, ``kind`` (``encoder`` / ``random`` / ``pixels``), ``spec``, ``target``, ``auroc``, ``ci_low``,
-        ``ci_high``, ``n_train``, ``n_test``, ``n_pos``, ``dim``, ``note``; models in the order
-        given, pixels last.
+        data: manifest (file or folder) with ``train``, ``validate`` and ``test`` rows
+            (``validate`` chooses the regularisation; without it the grid's middle is used).
+        encoders: display name -> encoder spec (checkpoint, HF Dinov2 folder, ``random:...``,
+            ``random-like:<spec>:<seed>``).
+        targets: findings and/or ``sex (F)`` (default: every CheXpert column present, and sex).
+        pixel_size: side of the raw-pixel classification baseline (``None``: no pixel row).
+        mask_size: side the masks are scored at (segmentation).
+        min_pos: a target with fewer positives or negatives than this in train or test gets a row
+            with ``value=None`` and a ``note``.
+        log: ``callable(str)`` for stage messages (default: print to stderr when ``progress``).
     """
-    ds = read_manifest(data, check_files=False)
-    all_targets = binary_targets(ds)
-    unknown = [t for t in targets if t not in all_targets]
-    if unknown:
-        raise ProbeStudyError(f"unknown target(s) {unknown}; choose from {sorted(all_targets)}")
+    say = log or ((lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None))
+    bad = [p for p in probes if p not in PROBES]
+    if bad:
+        raise ProbeStudyError(f"unknown probe(s) {bad}; choose from {', '.join(PROBES)}")
+    if uncertain not in UNCERTAIN_RULES:
+        raise ProbeStudyError(f"uncertain={uncertain!r}: choose one of {', '.join(UNCERTAIN_RULES)}")
     if not encoders and not pixel_size:
         raise ProbeStudyError("nothing to probe: no encoders and no pixel baseline")
     pixel_name = f"pixels-{pixel_size}" if pixel_size else None
     if pixel_name in encoders:
         raise ProbeStudyError(f"encoder name {pixel_name!r} is reserved for the raw-pixel baseline")
+    ds = read_manifest(data, check_files=False, keep_extra=["mask"])
+    has_masks = "mask" in ds.column_names and any(ds["mask"])
+    all_targets = _targets(ds, uncertain)
+    targets = list(targets) if targets else list(all_targets)
+    unknown = [t for t in targets if t not in all_targets]
+    if unknown:
+        raise ProbeStudyError(f"unknown target(s) {unknown}; choose from {sorted(all_targets)}")
+    ages = _ages(ds) if "ridge" in probes else None
     split = np.array(list(ds["split"]), dtype=object)
-    train, test = split == "train", np.isin(split, TEST_SPLITS)
+    train, val, test = split == "train", split == "validate", split == "test"
     if not train.any() or not test.any():
-        raise ProbeStudyError(f"{data}: needs rows in split 'train' and in 'validate'/'test'")
+        raise ProbeStudyError(f"{data}: needs rows in split 'train' and 'test' (and 'validate' to "
+                              "choose the regularisation)")
     ids = [str(i) for i in ds["id"]]
     row_of = {rid: i for i, rid in enumerate(ids)}
+    paths = [imgs[0] for imgs in ds["images"]]
+    base = Path(data) if Path(data).is_dir() else Path(data).parent
+    do_seg = "segment" in probes and has_masks
+    timings: dict[str, float] = {}
 
-    # Features per model, as (row indices, matrix) over the rows each model could load.
-    models: list[tuple[str, str, str, np.ndarray, np.ndarray]] = []  # name, kind, spec, rows, X
+    def timed(stage):
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - self.t
+                say(f"  {stage}: {timings[stage]:.1f} s")
+        return _T()
+
+    masks = None
+    if do_seg:
+        with timed("masks"):
+            masks = np.zeros((len(ids), mask_size, mask_size), np.int64)
+            for i, m in enumerate(ds["mask"]):
+                if m:
+                    masks[i] = _load_mask(str(base / m) if not Path(m).is_absolute() else m, mask_size)
+        labels = sorted(int(v) for v in np.unique(masks) if v > 0)
+        structures = {v: SYNTH_STRUCTURES.get(v, f"label_{v}") for v in labels} if max(labels, default=0) > 1 \
+            else {1: "lungs"}
+
+    # Features per model over the rows it could load: name -> (kind, spec, rows, pooled, patches)
+    models: list[tuple] = []
     for name, spec in encoders.items():
-        out = Path(cache_dir) / name if cache_dir is not None else None
-        fs = extract_features(spec, data, out, image_size, batch_size=batch_size, pool=pool,
-                              layers=layers, progress=progress, device=device)
-        rows = np.array([row_of[r] for r in fs.ids], dtype=int)
         kind = "random" if is_random_spec(spec) else "encoder"
-        models.append((name, kind, str(spec), rows, fs.features))
+        out = Path(cache_dir) / name if cache_dir is not None else None
+        with timed(f"features {name}"):
+            fs = extract_features(spec, data, out, image_size, batch_size=batch_size, pool=pool,
+                                  layers=layers, progress=progress, device=device)
+            patches = None
+            if do_seg:
+                fp = extract_features(spec, data, None if out is None else out / "patches", image_size,
+                                      batch_size=batch_size, pool="patches", progress=progress, device=device)
+                side = image_size // encoder_config(spec).patch_size
+                patches = fp.features.reshape(len(fp.ids), side, side, -1).transpose(0, 3, 1, 2)
+        rows = np.array([row_of[r] for r in fs.ids], dtype=int)
+        models.append((name, kind, str(spec), rows, fs.features, patches))
     if pixel_name:
-        x, ok = _pixel_rows([imgs[0] for imgs in ds["images"]], pixel_size)
-        models.append((pixel_name, "pixels", f"raw pixels {pixel_size}x{pixel_size}",
-                       np.array(ok, dtype=int), x))
+        with timed("features pixels"):
+            feats, seg_feats, ok = [], [], []
+            for i, p in enumerate(paths):
+                try:
+                    feats.append(pixel_features([p], size=pixel_size)[0])
+                    if do_seg:
+                        seg_feats.append(_seg_pixel_features(p, seg_pixel_grid))
+                except ImageLoadError:
+                    continue
+                ok.append(i)
+        models.append((pixel_name, "pixels", f"raw pixels {pixel_size}x{pixel_size}", np.array(ok, int),
+                       np.stack(feats) if feats else np.empty((0, pixel_size ** 2), np.float32),
+                       np.stack(seg_feats) if do_seg and seg_feats else None))
 
-    # Score every model on the same rows: those all of them could load.
     common = np.ones(len(ids), bool)
-    for *_, rows, _ in models:
+    for m in models:
         has = np.zeros(len(ids), bool)
-        has[rows] = True
+        has[m[3]] = True
         common &= has
 
-    results = []
-    for name, kind, spec, rows, x in models:
+    results: list[dict] = []
+    predictions: dict = {"age": {}, "segment": {}}
+    for name, kind, spec, rows, x, patches in models:
         keep = common[rows]
         rows, x = rows[keep], x[keep]
-        tr, te = train[rows], test[rows]
-        for target in targets:
-            y = all_targets[target][rows]
-            ok = ~np.isnan(y)
-            ytr, yte = y[tr & ok], y[te & ok]
-            row = {"model": name, "kind": kind, "spec": spec, "target": target,
-                   "auroc": None, "ci_low": None, "ci_high": None, "n_train": int(len(ytr)),
-                   "n_test": int(len(yte)), "n_pos": int(yte.sum()), "dim": int(x.shape[1]), "note": ""}
-            counts = (ytr.sum(), len(ytr) - ytr.sum(), yte.sum(), len(yte) - yte.sum())
-            if min(counts) < min_pos:
-                row["note"] = (f"too few positives/negatives (train {int(counts[0])}/{int(counts[1])}, "
-                               f"test {int(counts[2])}/{int(counts[3])}; min {min_pos})")
-            else:
-                r = logistic_probe(target, x[tr & ok], ytr, x[te & ok], yte, C=C,
-                                   n_resamples=n_resamples, seed=seed)
-                row.update(auroc=float(r.auroc), ci_low=_num(r.ci_low), ci_high=_num(r.ci_high))
-            results.append(row)
-    return results
+        patches = None if patches is None else patches[keep]
+        tr, va, te = train[rows], val[rows], test[rows]
+        info = {"model": name, "kind": kind, "spec": spec, "dim": int(x.shape[1])}
+
+        def add(score: ProbeScore):
+            results.append({**info, **score.to_dict()})
+
+        for probe in (p for p in ("logistic", "knn") if p in probes):
+            with timed(f"{probe} {name}"):
+                ys = np.full((int(te.sum()), len(targets)), np.nan)
+                ss = np.full_like(ys, np.nan)
+                fitted = []
+                for j, target in enumerate(targets):
+                    y = all_targets[target][rows]
+                    ok = ~np.isnan(y)
+                    ytr, yva, yte = y[tr & ok], y[va & ok], y[te & ok]
+                    counts = (ytr.sum(), len(ytr) - ytr.sum(), yte.sum(), len(yte) - yte.sum())
+                    if min(counts) < min_pos:
+                        note = (f"too few positives/negatives (train {int(counts[0])}/{int(counts[1])}, "
+                                f"test {int(counts[2])}/{int(counts[3])}; min {min_pos})")
+                        add(ProbeScore(probe, target, "auroc", None, n_train=len(ytr), n_test=len(yte),
+                                       n_pos=int(yte.sum()), note=note))
+                        continue
+                    if probe == "logistic":
+                        scores, s = logistic_probe(target, x[tr & ok], ytr, x[va & ok], yva, x[te & ok], yte,
+                                                   n_resamples=n_resamples, seed=seed)
+                    else:
+                        scores, s = knn_probe(target, x[tr & ok], ytr, x[te & ok], yte, k=knn_k,
+                                              n_resamples=n_resamples, seed=seed)
+                    for sc in scores:
+                        add(sc)
+                    if target != SEX:  # the macro average is over findings
+                        col = np.where(ok[te])[0]
+                        ys[col, j], ss[col, j] = yte, s
+                        fitted.append(target)
+                if fitted:
+                    cols = [targets.index(t) for t in fitted]
+                    add(macro_score(probe, ys[:, cols], ss[:, cols], int(tr.sum()), n_resamples, seed, fitted))
+        if ages is not None and "ridge" in probes:
+            with timed(f"ridge {name}"):
+                a = ages[rows]
+                ok = ~np.isnan(a)
+                scores, pred = ridge_probe("age", x[tr & ok], a[tr & ok], x[va & ok], a[va & ok],
+                                           x[te & ok], a[te & ok], n_resamples=n_resamples, seed=seed)
+                for sc in scores:
+                    add(sc)
+                predictions["age"][name] = (a[te & ok], pred)
+        if do_seg and patches is not None:
+            with timed(f"segment {name}"):
+                m = masks[rows]
+                scores, pred = segmentation_probe(patches[tr], m[tr], patches[va], m[va], patches[te], m[te],
+                                                  structures, epochs=seg_epochs, n_resamples=n_resamples,
+                                                  seed=seed)
+                for sc in scores:
+                    results.append({**info, "dim": int(patches.shape[1]), **sc.to_dict()})
+                predictions["segment"][name] = pred[:n_examples]
+                if "rows" not in predictions["segment"]:
+                    predictions["segment"]["rows"] = rows[te][:n_examples]
+    if do_seg and "rows" in predictions["segment"]:
+        ex_rows = predictions["segment"].pop("rows")
+        predictions["segment_examples"] = {
+            "images": np.stack([np.asarray(_centre_square(Image.fromarray(load_image(paths[i])[0]), mask_size,
+                                                         Image.BILINEAR)) for i in ex_rows]),
+            "true": masks[ex_rows], "structures": structures}
+    return ProbeRun(results, predictions, timings, int(image_size))
 
 
-def _num(v: float) -> float | None:
-    return None if v is None or not np.isfinite(v) else float(v)
+# ---- summaries and tables ---------------------------------------------------------------------
 
 
-def summarize_probe_study(rows: list[dict]) -> list[dict]:
-    """Per pretrained model (``kind == "encoder"``) and target: the gap to the random inits.
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per pretrained model and (probe, target, metric): the gap to the random inits.
 
-    Without a pretrained model the rows have ``model=None`` and show only the random spread.
-    Each dict: ``model``, ``target``, ``auroc`` (pretrained), ``random_mean``, ``random_spread``
-    (max - min over random seeds), ``n_random``, ``delta`` (pretrained - random mean),
-    ``beats_all_random`` (above every seed), ``pixels`` and ``delta_pixels`` (vs the raw-pixel
-    baseline, when present). Values are ``None`` where a probe could not be fitted.
+    Each dict: ``model``, ``probe``, ``target``, ``metric``, ``value`` (pretrained) with its CI
+    half-width, ``random_mean``, ``random_spread`` (max - min over seeds), ``n_random``, ``delta``
+    (pretrained - random mean), ``better_by`` (delta in the metric's good direction),
+    ``beyond_ci`` (better_by > the pretrained CI half-width), ``pixels``. ``None`` where missing.
     """
-    out = []
-    targets = list(dict.fromkeys(r["target"] for r in rows))
-    auroc = {(r["model"], r["target"]): r["auroc"] for r in rows}
-    pixels = {r["target"]: r["auroc"] for r in rows if r["kind"] == "pixels"}
+    keys = list(dict.fromkeys((r["probe"], r["target"], r["metric"]) for r in rows))
+    val = {(r["model"], r["probe"], r["target"], r["metric"]): r for r in rows}
     pretrained = list(dict.fromkeys(r["model"] for r in rows if r["kind"] == "encoder")) or [None]
-    for model, target in ((m, t) for m in pretrained for t in targets):
-        rand = [x["auroc"] for x in rows if x["kind"] == "random" and x["target"] == target
-                and x["auroc"] is not None]
-        mean = float(np.mean(rand)) if rand else None
-        spread = float(max(rand) - min(rand)) if rand else None
-        a, pix = auroc.get((model, target)), pixels.get(target)
-        out.append({
-            "model": model, "target": target, "auroc": a,
-            "random_mean": mean, "random_spread": spread, "n_random": len(rand),
-            "delta": None if a is None or mean is None else a - mean,
-            "beats_all_random": None if a is None or not rand else bool(a > max(rand)),
-            "pixels": pix, "delta_pixels": None if a is None or pix is None else a - pix,
-        })
+    out = []
+    for model in pretrained:
+        for probe, target, metric in keys:
+            rand = [r["value"] for r in rows if r["kind"] == "random" and (r["probe"], r["target"], r["metric"])
+                    == (probe, target, metric) and r["value"] is not None]
+            pix = next((r["value"] for r in rows if r["kind"] == "pixels" and
+                        (r["probe"], r["target"], r["metric"]) == (probe, target, metric)), None)
+            r = val.get((model, probe, target, metric), {})
+            v = r.get("value")
+            half = None if r.get("low") is None else (r["high"] - r["low"]) / 2
+            mean = float(np.mean(rand)) if rand else None
+            delta = None if v is None or mean is None else v - mean
+            sign = 1 if HIGHER_IS_BETTER.get(metric, True) else -1
+            better = None if delta is None else sign * delta
+            out.append({"model": model, "probe": probe, "target": target, "metric": metric, "value": v,
+                        "ci_half": half, "random_mean": mean,
+                        "random_spread": float(max(rand) - min(rand)) if rand else None,
+                        "n_random": len(rand), "delta": delta, "better_by": better,
+                        "beyond_ci": None if better is None or half is None else bool(better > half),
+                        "pixels": pix})
     return out
 
 
@@ -200,43 +362,130 @@ def _f(v, fmt: str = "{:.3f}") -> str:
     return "—" if v is None else fmt.format(v)
 
 
-def format_probe_study(rows: list[dict], title: str = "") -> str:
-    """Markdown: the AUROC table (one row per model and target) and, with random inits, the gaps."""
-    lines = [f"## {title}", ""] if title else []
-    lines += ["| model | target | AUROC | 95% CI | n_test | n_pos | note |",
-              "|---|---|---:|---:|---:|---:|---|"]
-    for r in rows:
-        ci = "—" if r["ci_low"] is None else f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-        lines.append(f"| {r['model']} | {r['target']} | {_f(r['auroc'])} | {ci} | {r['n_test']} | "
-                     f"{r['n_pos']} | {r.get('note', '')} |")
-    summary = summarize_probe_study(rows)
-    if summary and any(s["n_random"] for s in summary):
-        lines += ["", "Pretrained vs random init (delta = AUROC - mean over random seeds; "
-                      "spread = max - min over seeds):", "",
-                  "| model | target | AUROC | random mean | delta | random spread | seeds | "
-                  "beats every seed | vs pixels |",
-                  "|---|---|---:|---:|---:|---:|---:|---|---:|"]
-        for s in summary:
-            beats = "—" if s["beats_all_random"] is None else ("yes" if s["beats_all_random"] else "no")
-            lines.append(f"| {s['model'] or '—'} | {s['target']} | {_f(s['auroc'])} | {_f(s['random_mean'])} | "
-                         f"{_f(s['delta'], '{:+.3f}')} | {_f(s['random_spread'])} | {s['n_random']} | "
-                         f"{beats} | {_f(s['delta_pixels'], '{:+.3f}')} |")
+def _ci(r: dict | None) -> str:
+    if not r or r.get("value") is None:
+        return "—"
+    if r.get("low") is None:
+        return _f(r["value"])
+    return f"{r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+
+
+HEADLINE = (("logistic", "macro", "auroc", "macro AUROC"), ("knn", "macro", "auroc", "kNN macro AUROC"),
+            ("segment", "right_lung", "dice", "R lung Dice"), ("segment", "left_lung", "dice", "L lung Dice"),
+            ("segment", "lungs", "dice", "lung Dice"), ("segment", "heart", "dice", "heart Dice"),
+            ("logistic", SEX, "auroc", "sex AUROC"), ("ridge", "age", "mae", "age MAE (y)"))
+
+
+def headline(rows: list[dict]) -> str:
+    """One row per model, the numbers the RAD-DINO comparison is judged on, each with its CI."""
+    present = [h for h in HEADLINE if any((r["probe"], r["target"], r["metric"]) == h[:3] for r in rows)]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    by = {(r["model"], r["probe"], r["target"], r["metric"]): r for r in rows}
+    lines = ["| model | " + " | ".join(h[3] for h in present) + " |", "|---|" + "---|" * len(present)]
+    for m in models:
+        lines.append(f"| {m} | " + " | ".join(_ci(by.get((m, *h[:3]))) for h in present) + " |")
     return "\n".join(lines)
+
+
+def format_report(run: ProbeRun, title: str = "") -> str:
+    """Markdown: the headline table, the gaps to random init, and every number."""
+    rows = run.rows
+    lines = [f"## {title}", ""] if title else []
+    lines += [headline(rows), ""]
+    summary = [s for s in summarize(rows) if s["n_random"] and s["model"] is not None]
+    if summary:
+        lines += ["Pretrained vs random init (delta = pretrained - mean over seeds; spread = max - min over "
+                  "seeds; 'beyond CI' = better by more than the pretrained CI half-width):", "",
+                  "| model | probe | target | metric | pretrained | random mean | delta | spread | "
+                  "beyond CI | pixels |", "|---|---|---|---|---:|---:|---:|---:|---|---:|"]
+        for s in summary:
+            if s["value"] is None:
+                continue
+            beyond = "—" if s["beyond_ci"] is None else ("yes" if s["beyond_ci"] else "no")
+            lines.append(f"| {s['model']} | {s['probe']} | {s['target']} | {s['metric']} | {_f(s['value'])} | "
+                         f"{_f(s['random_mean'])} | {_f(s['delta'], '{:+.3f}')} | {_f(s['random_spread'])} | "
+                         f"{beyond} | {_f(s['pixels'])} |")
+        lines.append("")
+    lines += ["| model | probe | target | metric | value [95% CI] | n_train | n_test | n_pos | note |",
+              "|---|---|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['probe']} | {r['target']} | {r['metric']} | {_ci(r)} | {r['n_train']} | "
+                     f"{r['n_test']} | {'' if r['n_pos'] is None else r['n_pos']} | {r.get('note', '')} |")
+    if run.timings:
+        lines += ["", "Time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.timings.items())]
+    return "\n".join(lines)
+
+
+def write_report(run: ProbeRun, out: str | os.PathLike, meta: dict, title: str = "") -> list[Path]:
+    """probe.json, probe.csv, probe.md and the PNG plots into ``out``; returns the paths."""
+    from eval.probes import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "probe.json", out / "probe.md"]
+    atomic_write_text(out / "probe.json", json.dumps({**meta, "rows": run.rows, "summary": summarize(run.rows),
+                                                      "timings": run.timings}, indent=2, default=str) + "\n")
+    atomic_write_text(out / "probe.md", format_report(run, title) + "\n")
+    written.append(plots.write_rows_csv(run.rows, out / "probe.csv"))
+    colors = plots.model_colors(run.rows)
+    for probe in ("logistic", "knn"):
+        if any(r["probe"] == probe and r["metric"] == "auroc" for r in run.rows):
+            written.append(plots.plot_metric_bars(run.rows, out / f"{probe}_auroc.png", probe=probe, metric="auroc",
+                                                  title=f"{probe} probe: AUROC per target (95% CI)", colors=colors))
+    if any(r["probe"] == "segment" for r in run.rows):
+        written.append(plots.plot_metric_bars(run.rows, out / "segment_dice.png", probe="segment", metric="dice",
+                                              ref_line=None, title="1x1 segmentation head: Dice per structure (95% CI)",
+                                              colors=colors))
+    if run.predictions.get("age"):
+        written.append(plots.plot_age_scatter(run.predictions["age"], out / "age.png", title="age (ridge probe)",
+                                              colors=colors))
+    ex = run.predictions.get("segment_examples")
+    if ex is not None:
+        written.append(plots.plot_segmentation_examples(
+            ex["images"], ex["true"], dict(run.predictions["segment"]), out / "segment_examples.png",
+            names=ex["structures"]))
+    return written
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line (wired into radgen/cli.py by add_probe_parser)
 # ----------------------------------------------------------------------------------------------
-def add_probe_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``radgen probe`` on an ``add_subparsers()`` object; returns the parser."""
-    p = subparsers.add_parser(
-        "probe", help="linear probes of frozen encoder features vs random inits and raw pixels",
-        description="Does the encoder learn? Logistic probes (train split -> AUROC with bootstrap "
-                    "CI on validate+test) on the frozen features of each --encoder, of N random "
-                    "inits with the same architecture, and on raw pixels.")
+def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="manifest file or folder with train/validate/test rows")
+    p.add_argument("--probes", default=",".join(PROBES),
+                   help=f"comma-separated probes to run (default {','.join(PROBES)})")
+    p.add_argument("--target", action="append", metavar="NAME",
+                   help="classification target (repeatable; default: every finding column, and sex)")
+    p.add_argument("--uncertain", choices=UNCERTAIN_RULES, default="ignore",
+                   help="uncertain (-1) labels: drop the row for that target (ignore, default), or count "
+                        "as positive / negative")
+    p.add_argument("--pixel-size", type=int, default=32, help="raw-pixel baseline side (0: none; default 32)")
+    p.add_argument("--mask-size", type=int, default=64, help="side the masks are scored at (default 64)")
+    p.add_argument("--seg-epochs", type=int, default=30, help="epochs of the 1x1 segmentation head (default 30)")
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN probe (default 20)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap / head seed")
+    p.add_argument("--min-pos", type=int, default=5, help="minimum positives/negatives per split (default 5)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--pool", choices=[q for q in POOLS if q != "patches"], default="cls",
+                   help="token pooling for the image-level probes (default cls)")
+    p.add_argument("--layers", type=int, nargs="+", metavar="I", help="concatenate these blocks (e.g. -4 -3 -2 -1)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: OUT/features)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_probe_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``radgen probe`` (and ``radgen probe scaling``); returns the parser."""
+    p = subparsers.add_parser(
+        "probe", help="frozen-feature probes (classification, kNN, segmentation, age) vs random inits and pixels",
+        description="How good are an encoder's frozen features? Logistic and kNN probes per finding "
+                    "and sex (AUROC, AP), ridge for age (MAE, R^2), a 1x1 segmentation head on patch "
+                    "tokens (Dice, IoU), each with 95%% bootstrap CIs, for each --encoder, N random "
+                    "inits of the same architecture and raw pixels. 'radgen probe scaling --help': "
+                    "the data-scaling study.")
     p.add_argument("--encoder", action="append", default=[], metavar="NAME=SPEC",
-                   help="encoder to probe (repeatable): checkpoint file, HF folder, "
+                   help="encoder to probe (repeatable): checkpoint file, HF Dinov2 folder, "
                         "random:<arch>:<img_size>:<seed> or random-like:<spec>:<seed>")
     p.add_argument("--random-seeds", type=int, default=0, metavar="N",
                    help="add N random-init encoders (random-0 ...) with the first checkpoint's "
@@ -245,19 +494,8 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
                    help="architecture of the random inits (default: the first encoder's config)")
     p.add_argument("--image-size", type=int,
                    help="preprocessing size (default: the first encoder's img_size, else 224)")
-    p.add_argument("--target", action="append", metavar="NAME",
-                   help=f"target (repeatable; default: {', '.join(DEFAULT_TARGETS)})")
-    p.add_argument("--pixel-size", type=int, default=32, help="raw-pixel baseline side (0: none; default 32)")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--min-pos", type=int, default=5, help="minimum positives/negatives per split (default 5)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--pool", choices=POOLS, default="cls")
-    p.add_argument("--layers", type=int, nargs="+", metavar="I", help="concatenate these blocks (e.g. -4 -3 -2 -1)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--out", metavar="DIR", help="write probe.json and probe.md here (features cached in DIR/features)")
-    p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: OUT/features)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", metavar="DIR", help="write probe.json/.csv/.md and PNG plots here")
+    _add_probe_args(p)
     p.set_defaults(func=cmd_probe)
     return p
 
@@ -301,33 +539,34 @@ def resolve_encoders(encoders: dict[str, str], random_seeds: int = 0, random_arc
     return encoders, int(image_size)
 
 
+def probe_kwargs(args) -> dict:
+    """run_probes keyword arguments from parsed ``radgen probe`` options."""
+    return dict(probes=[p.strip() for p in args.probes.split(",") if p.strip()],
+                targets=tuple(args.target) if args.target else None, uncertain=args.uncertain,
+                pixel_size=args.pixel_size or None, mask_size=args.mask_size, seg_epochs=args.seg_epochs,
+                knn_k=args.knn_k, n_resamples=args.resamples, seed=args.seed, min_pos=args.min_pos,
+                batch_size=args.batch_size, pool=args.pool, layers=args.layers, progress=not args.quiet,
+                device=args.device)
+
+
 def cmd_probe(args) -> int:
+    t0 = time.perf_counter()
     try:
         encoders, image_size = resolve_encoders(_parse_encoders(args.encoder), args.random_seeds,
                                                 args.random_arch, args.image_size)
         if not encoders:
             raise ProbeStudyError("give at least one --encoder (or --random-seeds with --random-arch)")
         cache = args.cache_dir or (str(Path(args.out) / "features") if args.out else None)
-        targets = tuple(args.target) if args.target else DEFAULT_TARGETS
-        rows = probe_study(args.data, encoders, image_size, targets=targets,
-                           pixel_size=args.pixel_size or None, n_resamples=args.resamples,
-                           seed=args.seed, cache_dir=cache, batch_size=args.batch_size,
-                           pool=args.pool, layers=args.layers, min_pos=args.min_pos,
-                           progress=not args.quiet, device=args.device)
+        run = run_probes(args.data, encoders, image_size, cache_dir=cache, **probe_kwargs(args))
     except (ProbeStudyError, FeatureJobError, CheckpointError, ManifestError) as exc:
         print(f"radgen probe: error: {exc}", file=sys.stderr)
         return 2
-    title = (f"Linear probes (logistic, train -> validate+test, AUROC with 95% bootstrap CI), "
-             f"image {image_size}, pool {args.pool}")
-    table = format_probe_study(rows, title=title)
-    print(table)
+    title = f"Frozen-feature probes, image {image_size}, pool {args.pool} (test split, 95% bootstrap CIs)"
+    print(format_report(run, title=title))
     if args.out:
-        out = Path(args.out)
-        report = {"data": str(Path(args.data).resolve()), "image_size": image_size, "pool": args.pool,
-                  "layers": args.layers, "encoders": encoders, "pixel_size": args.pixel_size or None,
-                  "n_resamples": args.resamples, "seed": args.seed, "rows": rows,
-                  "summary": summarize_probe_study(rows)}
-        atomic_write_text(out / "probe.json", json.dumps(report, indent=2) + "\n")
-        atomic_write_text(out / "probe.md", table + "\n")
-        print(f"\nwrote {out / 'probe.json'} and {out / 'probe.md'}", file=sys.stderr)
+        meta = {"data": str(Path(args.data).resolve()), "image_size": image_size, "pool": args.pool,
+                "layers": args.layers, "encoders": encoders, "options": vars(args) | {"func": None}}
+        written = write_report(run, args.out, meta, title)
+        print("\nwrote " + ", ".join(str(w) for w in written), file=sys.stderr)
+    print(f"total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0

@@ -7,7 +7,6 @@ frozen-feature linear probes of the pretrained encoder, random inits of the same
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from encoder.features import POOLS
@@ -15,7 +14,7 @@ from encoder.io import atomic_write_text
 from radgen.config import load_config
 from radgen.jobs.features import random_like_spec
 from radgen.jobs.pretrain import run_pretrain
-from radgen.jobs.probe import DEFAULT_TARGETS, format_probe_study, probe_study, summarize_probe_study
+from radgen.jobs.probe import format_report, run_probes, write_report
 
 __all__ = ["add_study_parser", "run_study"]
 
@@ -39,17 +38,17 @@ def run_study(out: str, configs: list[str], overrides: list[str], data: str | No
     encoders = {"pretrained": ckpt}
     encoders.update({f"random-{k}": random_like_spec(ckpt, k) for k in range(random_seeds)})
     image_size = int(cfg.crops.global_size)
-    rows = probe_study(data, encoders, image_size, targets=DEFAULT_TARGETS, n_resamples=n_resamples,
-                       cache_dir=out_p / "features", pool=pool, progress=progress)
+    run = run_probes(data, encoders, image_size, n_resamples=n_resamples, cache_dir=out_p / "features",
+                     pool=pool, progress=progress)
     last = summary["last"]
     title = (f"Pretrained ({summary['steps']} steps, last loss {last.get('loss', float('nan')):.3f}, "
              f"collapse monitor: {last.get('collapse')}) vs {random_seeds} random inits vs raw pixels; "
-             f"linear probes on {pool} features, AUROC with 95% bootstrap CI, image {image_size}")
-    table = format_probe_study(rows, title=title)
+             f"frozen-feature probes ({pool} features for the image-level ones), image {image_size}")
+    table = format_report(run, title=title)
+    write_report(run, out_p / "probe", {"data": str(data), "encoders": encoders, "pool": pool,
+                                        "pretrain": {k: v for k, v in summary.items() if k != "last"},
+                                        "last_logs": last}, title)
     atomic_write_text(out_p / "study.md", table + "\n")
-    atomic_write_text(out_p / "study.json", json.dumps(
-        {"pretrain": {k: v for k, v in summary.items() if k != "last"}, "last_logs": last,
-         "rows": rows, "summary": summarize_probe_study(rows)}, indent=2, default=str) + "\n")
     return table
 
 
@@ -57,15 +56,15 @@ def add_study_parser(subparsers):
     p = subparsers.add_parser(
         "pretrain-study", help="pretrain on a synthetic set, then probe pretrained vs random init vs pixels",
         description="One command for 'does it learn?': synthesise (or use --data), pretrain with the "
-                    "given encoder config, and compare frozen-feature probes (Cardiomegaly, Pleural "
-                    "Effusion, sex) of the pretrained encoder, random inits and raw pixels.")
+                    "given encoder config, and compare frozen-feature probes (findings, sex, age, "
+                    "segmentation; see radgen probe) of the pretrained encoder, random inits and raw pixels.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--data", help="manifest/folder with train and validate/test splits (default: synthesise)")
     p.add_argument("--n", type=int, default=2000, help="synthetic images (default 2000)")
     p.add_argument("--size", type=int, default=128, help="synthetic image size (default 128)")
     p.add_argument("--random-seeds", type=int, default=3, help="random-init encoders (default 3)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--pool", default="cls+grid2", choices=POOLS,
+    p.add_argument("--pool", default="cls+grid2", choices=[q for q in POOLS if q != "patches"],
                    help="frozen features: CLS, mean patch token, both (DINOv2 linear eval), or CLS + "
                         "2x2 pooled patch grid (default: keeps the layout cardiomegaly is read from)")
     p.add_argument("--config", action="append", default=[], metavar="FILE",

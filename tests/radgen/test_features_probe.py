@@ -18,11 +18,16 @@ from radgen.config import load_config
 from radgen.data.synth.generate import generate_dataset
 from radgen.jobs.features import (FeatureJobError, extract_features, load_encoder_spec,
                                  load_features, random_like_spec)
-from radgen.jobs.probe import (format_probe_study, probe_study, resolve_encoders,
-                              summarize_probe_study)
+from radgen.jobs.probe import (ProbeStudyError, format_report, resolve_encoders, run_probes, summarize,
+                              write_report)
 
 TINY = dict(arch="test-tiny", embed_dim=32, depth=2, num_heads=2, img_size=56)
 TARGETS = ("Cardiomegaly", "Pleural Effusion", "sex (F)")
+# A 2-block ViT that pretrains in seconds (on top of configs/encoder/cpu_tiny.yaml).
+TINY_PRETRAIN = ["model.arch=vit_tiny", "model.embed_dim=48", "model.depth=2", "model.num_heads=3",
+                 "model.img_size=56", "ssl.out_dim=32", "ssl.hidden_dim=64", "ssl.bottleneck_dim=32",
+                 "crops.global_size=56", "crops.local_size=28", "crops.n_local=2", "optim.batch_size=8",
+                 "optim.max_steps=2", "data.image_size=64", "data.cache=true", "train.checkpoint_every=0"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,43 +220,115 @@ def test_default_workers_leave_a_small_cpu_to_the_forward(monkeypatch):
         monkeypatch.undo()
 
 
-def test_probe_study_end_to_end(synth: Path, ckpt: Path, tmp_path: Path):
+def test_run_probes_end_to_end(synth: Path, ckpt: Path, tmp_path: Path):
     encoders = {"pretrained": str(ckpt), "random-0": f"random-like:{ckpt}:0",
                 "random-1": f"random-like:{ckpt}:1"}
-    rows = probe_study(synth, encoders, image_size=56, targets=TARGETS, pixel_size=8,
-                       n_resamples=30, seed=0, cache_dir=tmp_path / "cache", min_pos=1, batch_size=16)
+    run = run_probes(synth, encoders, image_size=56, targets=TARGETS, pixel_size=8, mask_size=32,
+                     seg_pixel_grid=8, seg_epochs=3, n_resamples=30, seed=0, cache_dir=tmp_path / "cache",
+                     min_pos=1, batch_size=16)
+    rows = run.rows
     models = ["pretrained", "random-0", "random-1", "pixels-8"]
-    assert [(r["model"], r["target"]) for r in rows] == [(m, t) for m in models for t in TARGETS]
-    for r in rows:
-        assert 0.0 <= r["auroc"] <= 1.0 and r["ci_low"] <= r["ci_high"]
-        assert r["n_train"] > 0 and 0 < r["n_pos"] < r["n_test"] <= 24
+    assert list(dict.fromkeys(r["model"] for r in rows)) == models
     assert {r["kind"] for r in rows} == {"encoder", "random", "pixels"}
-    assert {r["dim"] for r in rows} == {32, 64}
-    for t in TARGETS:  # every model is scored on the same rows
-        assert len({(r["n_test"], r["n_pos"]) for r in rows if r["target"] == t}) == 1
+    keys = {(r["probe"], r["target"], r["metric"]) for r in rows}
+    for t in TARGETS:
+        assert {("logistic", t, "auroc"), ("logistic", t, "ap"), ("knn", t, "auroc")} <= keys
+    assert {("logistic", "macro", "auroc"), ("ridge", "age", "mae"), ("ridge", "age", "r2"),
+            ("segment", "heart", "dice"), ("segment", "right_lung", "iou")} <= keys
+    for r in rows:
+        if r["value"] is not None and r["metric"] != "mae":
+            assert r["low"] <= r["value"] <= r["high"] and r["n_train"] > 0
+    for key in keys:  # every model is scored on the same test rows
+        assert len({r["n_test"] for r in rows if (r["probe"], r["target"], r["metric"]) == key}) == 1
     for name in encoders:
         assert (tmp_path / "cache" / name / "meta.json").is_file()
+        assert (tmp_path / "cache" / name / "patches" / "meta.json").is_file()
+    assert next(r for r in rows if r["probe"] == "logistic" and r["model"] == "pretrained")["extra"]["C_chosen_on"] \
+        == "validation"
 
-    summary = summarize_probe_study(rows)
-    assert [s["target"] for s in summary] == list(TARGETS)
-    by = {(r["model"], r["target"]): r["auroc"] for r in rows}
+    summary = summarize(rows)
+    by = {(r["model"], r["probe"], r["target"], r["metric"]): r["value"] for r in rows}
     for s in summary:
-        rand = [by["random-0", s["target"]], by["random-1", s["target"]]]
+        rand = [by["random-0", s["probe"], s["target"], s["metric"]], by["random-1", s["probe"], s["target"], s["metric"]]]
+        if None in rand or s["value"] is None:
+            continue
         assert s["n_random"] == 2 and s["random_spread"] == pytest.approx(max(rand) - min(rand))
-        assert s["delta"] == pytest.approx(by["pretrained", s["target"]] - np.mean(rand))
-        assert s["delta_pixels"] == pytest.approx(by["pretrained", s["target"]] - by["pixels-8", s["target"]])
+        assert s["delta"] == pytest.approx(s["value"] - np.mean(rand))
+        assert s["better_by"] == pytest.approx(-s["delta"] if s["metric"] == "mae" else s["delta"])
 
-    md = format_probe_study(rows, title="probe")
-    for m in models:
-        for t in TARGETS:
-            assert f"| {m} | {t} |" in md
-    assert "random spread" in md and "pixels-8" in md
+    md = format_report(run, title="probe")
+    assert "macro AUROC" in md and "heart Dice" in md and "age MAE" in md and "| pixels-8 |" in md
+    assert "Time per stage" in md and "features pretrained" in run.timings
+    written = write_report(run, tmp_path / "out", {"data": str(synth)}, "probe")
+    from PIL import Image
+
+    for w in written:
+        assert w.is_file()
+        if w.suffix == ".png":
+            with Image.open(w) as im:
+                assert min(im.size) > 100
+    assert {w.name for w in written} >= {"probe.json", "probe.csv", "probe.md", "logistic_auroc.png",
+                                         "segment_dice.png", "age.png", "segment_examples.png"}
 
     # Too few positives: a row with a note instead of a probe.
-    strict = probe_study(synth, {"random-0": encoders["random-0"]}, 56, targets=("Pleural Effusion",),
-                         pixel_size=None, n_resamples=10, cache_dir=tmp_path / "cache", min_pos=50)
-    assert len(strict) == 1 and strict[0]["auroc"] is None and "too few" in strict[0]["note"]
-    assert "—" in format_probe_study(strict)
+    strict = run_probes(synth, {"random-0": encoders["random-0"]}, 56, probes=("logistic",),
+                        targets=("Pleural Effusion",), pixel_size=None, n_resamples=10,
+                        cache_dir=tmp_path / "cache", min_pos=50)
+    assert len(strict.rows) == 1 and strict.rows[0]["value"] is None and "too few" in strict.rows[0]["note"]
+    with pytest.raises(ProbeStudyError, match="unknown probe"):
+        run_probes(synth, encoders, 56, probes=("logistic", "svm"))
+
+
+def test_probe_accepts_a_hugging_face_dinov2_folder(synth: Path, tmp_path: Path):
+    """A local HF Dinov2 folder (as microsoft/rad-dino is) goes through the same command."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from radgen.cli import main
+
+    torch.manual_seed(0)
+    folder = tmp_path / "hf-dinov2"
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                             patch_size=14, layerscale_value=1.0)).save_pretrained(folder)
+    out = tmp_path / "p"
+    code = main(["probe", "--data", str(synth), "--encoder", f"hf={folder}", "--random-seeds", "1",
+                 "--probes", "logistic,segment", "--target", "sex (F)", "--pixel-size", "0",
+                 "--seg-epochs", "2", "--mask-size", "28", "--min-pos", "1", "--resamples", "10",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    report = json.loads((out / "probe.json").read_text())
+    assert report["image_size"] == 56 and report["encoders"]["hf"] == str(folder)
+    assert {r["model"] for r in report["rows"]} == {"hf", "random-0"}
+    assert any(r["probe"] == "segment" and r["model"] == "hf" and r["value"] is not None for r in report["rows"])
+
+
+def test_probe_scaling_curve_and_resume(synth: Path, tmp_path: Path, capsys):
+    """Three nested fractions pretrained and probed; a second run reuses every finished fraction."""
+    from radgen.cli import main
+    from radgen.jobs.probe_scaling import nested_subsets
+
+    subsets = nested_subsets(36, [0.25, 0.5, 1.0], seed=0)
+    assert [len(s) for s in subsets] == [9, 18, 36]
+    assert set(subsets[0]) <= set(subsets[1]) <= set(subsets[2])
+    out = tmp_path / "scaling"
+    args = ["probe", "scaling", "--data", str(synth), "--out", str(out), "--config", "cpu_tiny",
+            "--fractions", "0.25", "0.5", "1.0", "--random-seeds", "1", "--probes", "logistic,segment",
+            "--target", "sex (F)", "--pixel-size", "8", "--seg-epochs", "2", "--mask-size", "28",
+            "--min-pos", "1", "--resamples", "10", "--quiet", *TINY_PRETRAIN]
+    assert main(args) == 0
+    points = json.loads((out / "scaling.json").read_text())["points"]
+    for series in ("sex AUROC (logistic)", "heart Dice"):
+        assert sorted(p["n_images"] for p in points if p["series"] == series) == [9, 18, 36]
+    assert any("random init" in p["series"] for p in points)
+    from PIL import Image
+
+    for name in ("scaling.png", "scaling_dice.png"):
+        with Image.open(out / name) as im:
+            assert min(im.size) > 100
+    ckpts = sorted(out.glob("pretrain-*/checkpoint.pt"))
+    assert len(ckpts) == 3
+    stamps = [c.stat().st_mtime_ns for c in ckpts]
+    assert main(args) == 0  # resumed: nothing is pretrained again
+    assert [c.stat().st_mtime_ns for c in ckpts] == stamps
 
 
 def test_cli_parsers(synth: Path, ckpt: Path, tmp_path: Path, capsys):
@@ -274,15 +351,17 @@ def test_cli_parsers(synth: Path, ckpt: Path, tmp_path: Path, capsys):
     out = tmp_path / "p"
     args = parser.parse_args(["probe", "--data", str(synth), "--encoder", f"pretrained={ckpt}",
                               "--random-seeds", "2", "--out", str(out), "--resamples", "20",
-                              "--min-pos", "1", "--pixel-size", "8", "--target", "sex (F)", "--quiet"])
+                              "--min-pos", "1", "--pixel-size", "8", "--target", "sex (F)", "--quiet",
+                              "--probes", "logistic,knn"])
     assert args.func(args) == 0
     report = json.loads((out / "probe.json").read_text())
     assert report["image_size"] == 56  # from the checkpoint's ViTConfig
     assert report["encoders"] == {"pretrained": str(ckpt), "random-0": f"random-like:{ckpt}:0",
                                   "random-1": f"random-like:{ckpt}:1"}
-    assert [r["model"] for r in report["rows"]] == ["pretrained", "random-0", "random-1", "pixels-8"]
+    assert list(dict.fromkeys(r["model"] for r in report["rows"])) == ["pretrained", "random-0", "random-1",
+                                                                        "pixels-8"]
     assert report["summary"][0]["n_random"] == 2
-    assert "| random-1 | sex (F) |" in (out / "probe.md").read_text()
+    assert "| random-1 | logistic | sex (F) | auroc |" in (out / "probe.md").read_text()
     assert (out / "features" / "random-1" / "meta.json").is_file()
 
     enc, size = resolve_encoders({}, random_seeds=2, random_arch="vit_tiny", image_size=112)
@@ -302,5 +381,5 @@ def test_pretrain_study_end_to_end(tmp_path):
     table = run_study(str(tmp_path / "study"), ["cpu_tiny"], tiny, n=80, size=64, random_seeds=2,
                       n_resamples=50, progress=False)
     assert "pretrained" in table and "random-1" in table and "pixels-32" in table
-    assert (tmp_path / "study" / "study.md").is_file() and (tmp_path / "study" / "study.json").is_file()
+    assert (tmp_path / "study" / "study.md").is_file() and (tmp_path / "study" / "probe" / "probe.json").is_file()
     assert (tmp_path / "study" / "pretrain" / "checkpoint.pt").is_file()

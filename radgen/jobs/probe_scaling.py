@@ -1,0 +1,163 @@
+"""``radgen probe scaling``: probe quality against the number of pretraining images.
+
+Pretrains the same encoder config on nested fractions of a manifest's ``train`` split (a seeded
+permutation; fraction 25% is the first quarter of it, 50% the first half, ...), then probes every
+checkpoint, seeded random inits of the same architecture and raw pixels in one
+:func:`radgen.jobs.probe.run_probes` call on the full manifest, so all points share the same
+test rows and bootstrap resamples. Writes ``OUT/scaling.json``, ``scaling.md``, ``scaling.png``
+(macro AUROC and, with masks, Dice against pretraining images, with CIs) and the probe outputs.
+
+Resumable: a fraction whose pretraining finished is recorded in ``OUT/fractions.json`` and
+reused; an interrupted one resumes from its checkpoint (exact resume of ``pretrain-encoder``).
+By default every fraction runs the config's schedule (same epochs: larger fractions take more
+steps); pass ``optim.max_steps=N`` to give each fraction the same compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from encoder.io import atomic_write_text
+from radgen.config import ConfigError, load_config
+from radgen.data.manifest import read_manifest
+from radgen.jobs.features import random_like_spec
+
+__all__ = ["nested_subsets", "run_scaling", "add_scaling_parser", "cmd_scaling"]
+
+
+def nested_subsets(n: int, fractions: list[float], seed: int = 0) -> list[np.ndarray]:
+    """Row indices of each fraction of ``n`` rows; each subset contains the smaller ones."""
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise ConfigError(f"probe scaling: fractions must be in (0, 1], got {fractions}")
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 7])).permutation(n)
+    return [np.sort(perm[:max(1, int(round(f * n)))]) for f in sorted(fractions)]
+
+
+def _pretrain(cfg, done: dict, key: str, progress: bool) -> dict:
+    from radgen.jobs.pretrain import run_pretrain
+
+    ckpt = Path(cfg.out) / "checkpoint.pt"
+    if key in done and ckpt.is_file():
+        return done[key]
+    summary = run_pretrain(cfg)
+    if summary["status"] != "finished":
+        raise ConfigError(f"probe scaling: pretraining for {key} stopped ({summary['status']}); run again to resume")
+    return {"checkpoint": summary["checkpoint"], "steps": summary["steps"]}
+
+
+def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], fractions: list[float],
+                random_seeds: int = 2, seed: int = 0, probe_kw: dict | None = None,
+                progress: bool = True) -> dict:
+    from eval.probes import plots
+    from radgen.jobs.probe import format_report, run_probes, write_report
+
+    out_p = Path(out)
+    out_p.mkdir(parents=True, exist_ok=True)
+    ds = read_manifest(data, check_files=False)
+    train_rows = [i for i, s in enumerate(ds["split"]) if s == "train"]
+    if not train_rows:
+        raise ConfigError(f"probe scaling: {data} has no 'train' rows to pretrain on")
+    subsets = nested_subsets(len(train_rows), fractions, seed)
+    cfg0 = load_config("encoder", configs, ["data.path=unused", f"out={out_p}", *overrides])  # validated early
+    state_file = out_p / "fractions.json"
+    done = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    encoders: dict[str, str] = {}
+    n_images: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for f, idx in zip(sorted(fractions), subsets):
+        key = f"{len(idx)}img"
+        sub = out_p / f"pretrain-{key}"
+        manifest = sub / "train.jsonl"
+        if not manifest.is_file():
+            lines = [json.dumps({"id": ds["id"][train_rows[i]], "image": ds["images"][train_rows[i]][0],
+                                 "split": "train"}) for i in idx]
+            atomic_write_text(manifest, "\n".join(lines) + "\n")
+        print(f"[scaling] {f:.0%} of train = {len(idx)} images -> {sub}", file=sys.stderr)
+        cfg = load_config("encoder", configs, [f"data.path={manifest}", f"out={sub}",
+                                               f"train.progress={str(progress).lower()}", *overrides])
+        done[key] = _pretrain(cfg, done, key, progress)
+        atomic_write_text(state_file, json.dumps(done, indent=2) + "\n")
+        encoders[f"pretrained-{key}"] = done[key]["checkpoint"]
+        n_images[f"pretrained-{key}"] = len(idx)
+    first = next(iter(encoders.values()))
+    encoders.update({f"random-{k}": random_like_spec(first, k) for k in range(random_seeds)})
+    image_size = int(cfg0.crops.global_size)
+    print(f"[scaling] pretraining done in {time.perf_counter() - t0:.0f} s; probing {len(encoders)} encoders",
+          file=sys.stderr)
+    run = run_probes(data, encoders, image_size, cache_dir=out_p / "features", **(probe_kw or {}))
+    title = f"Data scaling: {cfg0.model.arch}, fractions {sorted(fractions)} of {len(train_rows)} train images"
+    write_report(run, out_p, {"data": str(Path(data).resolve()), "encoders": encoders, "n_images": n_images,
+                              "fractions": sorted(fractions), "configs": configs, "overrides": overrides}, title)
+
+    curves = [("logistic", "macro", "auroc", "macro AUROC (logistic)"), ("knn", "macro", "auroc", "macro AUROC (kNN)"),
+              ("logistic", "sex (F)", "auroc", "sex AUROC (logistic)"),
+              ("segment", "heart", "dice", "heart Dice"), ("segment", "right_lung", "dice", "right lung Dice"),
+              ("ridge", "age", "mae", "age MAE")]
+    points = []
+    for probe, target, metric, label in curves:
+        for r in run.rows:
+            if (r["probe"], r["target"], r["metric"]) != (probe, target, metric) or r["value"] is None:
+                continue
+            if r["model"] in n_images:
+                points.append({"series": label, "metric": metric, "n_images": n_images[r["model"]],
+                               "value": r["value"], "low": r["low"], "high": r["high"]})
+        rand = [r["value"] for r in run.rows if r["kind"] == "random" and r["value"] is not None
+                and (r["probe"], r["target"], r["metric"]) == (probe, target, metric)]
+        if rand:
+            points.append({"series": f"{label}, random init (mean of {len(rand)})", "metric": metric,
+                           "n_images": max(n_images.values()), "value": float(np.mean(rand)), "low": None, "high": None})
+    pngs = []
+    for metric, name, label in (("auroc", "scaling.png", "AUROC"), ("dice", "scaling_dice.png", "Dice"),
+                                ("mae", "scaling_age.png", "age MAE (years)")):
+        pts = [p for p in points if p["metric"] == metric]
+        if pts:
+            pngs.append(plots.plot_scaling(pts, out_p / name, metric_label=label,
+                                           title=f"{label} vs pretraining images (95% CI)"))
+    lines = [f"## {title}", "", "| series | pretraining images | value [95% CI] |", "|---|---:|---|"]
+    for p in points:
+        ci = "" if p["low"] is None else f" [{p['low']:.3f}, {p['high']:.3f}]"
+        lines.append(f"| {p['series']} | {p['n_images']} | {p['value']:.3f}{ci} |")
+    lines += ["", format_report(run)]
+    atomic_write_text(out_p / "scaling.md", "\n".join(lines) + "\n")
+    atomic_write_text(out_p / "scaling.json", json.dumps({"points": points, "n_images": n_images,
+                                                          "encoders": encoders}, indent=2) + "\n")
+    return {"points": points, "pngs": [str(p) for p in pngs], "table": "\n".join(lines)}
+
+
+def add_scaling_parser(subparsers) -> argparse.ArgumentParser:
+    from radgen.jobs.probe import _add_probe_args
+
+    p = subparsers.add_parser(
+        "probe-scaling", help="pretrain on nested fractions of the data, probe each (also: radgen probe scaling)",
+        description="Data scaling: pretrain the same encoder config on nested fractions of the train "
+                    "split, probe every checkpoint (plus random inits and pixels) with the same protocol, "
+                    "and plot probe quality against the number of pretraining images. Resumable.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (reused on re-runs)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="encoder config override file(s), e.g. cpu_tiny")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                   help="fractions of the train split (default 0.25 0.5 1.0)")
+    p.add_argument("--random-seeds", type=int, default=2, help="random-init controls (default 2)")
+    _add_probe_args(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="encoder config overrides")
+    p.set_defaults(func=cmd_scaling)
+    return p
+
+
+def cmd_scaling(args) -> int:
+    from radgen.jobs.probe import probe_kwargs
+
+    if len(args.fractions) < 3:
+        print("radgen probe scaling: note: fewer than 3 fractions make a thin curve", file=sys.stderr)
+    res = run_scaling(args.out, args.data, args.config, list(args.overrides), args.fractions,
+                      random_seeds=args.random_seeds, seed=args.seed, probe_kw=probe_kwargs(args),
+                      progress=not args.quiet)
+    print(res["table"])
+    print("wrote " + ", ".join(res["pngs"]), file=sys.stderr)
+    return 0
