@@ -11,13 +11,13 @@ import warnings
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, roc_auc_score
+from scipy.stats import rankdata
 from sklearn.preprocessing import StandardScaler
 
 from eval.probes.result import ProbeScore, finite_or_none
 from eval.stats import bootstrap_ci
 
-__all__ = ["C_GRID", "UNCERTAIN_RULES", "binary_labels", "fit_logistic", "logistic_probe",
+__all__ = ["C_GRID", "UNCERTAIN_RULES", "auroc", "average_precision", "binary_labels", "fit_logistic", "logistic_probe",
            "knn_scores", "knn_probe", "macro_auroc", "macro_score"]
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength, searched on validation
@@ -45,8 +45,32 @@ def binary_labels(values, uncertain: str = "ignore") -> np.ndarray:
     return out
 
 
-def _auroc(y, s) -> float:
-    return roc_auc_score(y, s) if 0 < np.sum(y) < len(y) else float("nan")
+def auroc(y, s) -> float:
+    """ROC AUC by the Mann-Whitney rank statistic (ties count half), equal to sklearn's
+    ``roc_auc_score`` without its input validation: the bootstrap calls it ~10^5 times."""
+    y = np.asarray(y, bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(y, s) -> float:
+    """Average precision as sklearn defines it (sum over distinct thresholds of recall steps
+    times precision), without input validation."""
+    y = np.asarray(y, float)
+    if y.sum() == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(s), kind="mergesort")
+    s_sorted, y_sorted = np.asarray(s)[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]  # end of each tie group
+    tps = np.cumsum(y_sorted)[last]
+    precision = tps / (last + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
 
 
 def fit_logistic(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None = None,
@@ -70,7 +94,7 @@ def fit_logistic(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | N
         if x_val is not None and len(y_val) and 0 < np.sum(y_val) < len(y_val):
             xv = scaler.transform(x_val)
             for c in Cs:
-                val_auroc[c] = float(_auroc(y_val, fit(c).decision_function(xv)))
+                val_auroc[c] = float(auroc(y_val, fit(c).decision_function(xv)))
             C = max(Cs, key=lambda c: (val_auroc[c], -abs(np.log10(c) + 2)))  # ties: nearer 1e-2
         else:
             C = Cs[len(Cs) // 2]
@@ -80,7 +104,7 @@ def fit_logistic(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | N
 
 def _scores(probe, target, y_test, s, n_train, n_resamples, seed, extra) -> list[ProbeScore]:
     out = []
-    for metric, fn in (("auroc", _auroc), ("ap", average_precision_score)):
+    for metric, fn in (("auroc", auroc), ("ap", average_precision)):
         v, lo, hi = bootstrap_ci(fn, y_test, s, n_resamples=n_resamples, seed=seed)
         out.append(ProbeScore(probe, target, metric, finite_or_none(v), finite_or_none(lo),
                               finite_or_none(hi), n_train, len(y_test), int(np.sum(y_test)), extra=dict(extra)))
@@ -132,7 +156,7 @@ def macro_auroc(y: np.ndarray, s: np.ndarray) -> float:
         ok = ~np.isnan(y[:, t])
         yt = y[ok, t]
         if 0 < yt.sum() < len(yt):
-            vals.append(roc_auc_score(yt, s[ok, t]))
+            vals.append(auroc(yt, s[ok, t]))
     return float(np.mean(vals)) if vals else float("nan")
 
 

@@ -75,8 +75,8 @@ def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], f
         sub = out_p / f"pretrain-{key}"
         manifest = sub / "train.jsonl"
         if not manifest.is_file():
-            lines = [json.dumps({"id": ds["id"][train_rows[i]], "image": ds["images"][train_rows[i]][0],
-                                 "split": "train"}) for i in idx]
+            lines = [json.dumps({"id": ds["id"][train_rows[i]], "split": "train",
+                                 "image": str(Path(ds["images"][train_rows[i]][0]).resolve())}) for i in idx]
             atomic_write_text(manifest, "\n".join(lines) + "\n")
         print(f"[scaling] {f:.0%} of train = {len(idx)} images -> {sub}", file=sys.stderr)
         cfg = load_config("encoder", configs, [f"data.path={manifest}", f"out={sub}",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.probes.classify import (binary_labels, fit_logistic, knn_probe, logistic_probe, macro_auroc,
+from eval.probes.classify import (auroc, average_precision, binary_labels, fit_logistic, knn_probe, logistic_probe, macro_auroc,
                                   macro_score)
 from eval.probes.regress import ridge_probe
 from eval.probes.segment import dice_iou, position_features, segmentation_probe
@@ -120,3 +120,15 @@ def test_dice_iou_exact_and_position_features():
     assert np.isnan(d[1]) and np.isnan(i[1])  # absent from both: not scored
     f = position_features(np.ones((3, 5, 5)))
     assert f.shape == (3, 3, 5, 5) and f[0, 1, 0, 0] == -1 and f[0, 2, -1, 0] == 1
+
+
+def test_fast_auroc_and_ap_equal_sklearn_with_ties():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        y = (rng.random(60) < 0.3).astype(int)
+        s = np.round(rng.normal(size=60) + y, 1)  # rounded: many ties
+        assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert np.isnan(auroc(np.zeros(5), np.arange(5)))

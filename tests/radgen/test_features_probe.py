@@ -383,3 +383,25 @@ def test_pretrain_study_end_to_end(tmp_path):
     assert "pretrained" in table and "random-1" in table and "pixels-32" in table
     assert (tmp_path / "study" / "study.md").is_file() and (tmp_path / "study" / "probe" / "probe.json").is_file()
     assert (tmp_path / "study" / "pretrain" / "checkpoint.pt").is_file()
+
+
+def test_segmentation_probe_smoke_on_real_lung_masks(shared_data: Path, tmp_path: Path):
+    """Real radiographs with binary lung masks (lung_seg: 512 px squares; cxr: non-square films,
+    cropped like the encoder's preprocessing): the probe runs end to end and the raw-pixel head
+    (intensity + position) already finds the dark lung fields."""
+    rows = [{"id": f"seg{i}", "image": str(shared_data / "lung_seg" / f"{i}.jpg"),
+             "mask": str(shared_data / "lung_seg" / f"{i}-mask.png"), "split": "train"} for i in (1, 2, 3, 4)]
+    for split, name in (("validate", "ARDSSevere.png"), ("test", "pneumocystis-pneumonia-1.jpg"),
+                        ("test", "X-ray_of_cyst_in_pneumocystis_pneumonia_1.jpg")):
+        stem = Path(name).stem
+        rows.append({"id": stem, "image": str(shared_data / "cxr" / "images" / name),
+                     "mask": str(shared_data / "cxr" / "lung_masks" / f"{stem}_mask.png"), "split": split})
+    manifest = tmp_path / "real.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = run_probes(manifest, {"random-0": "random:vit_tiny:56:0"}, 56, probes=("segment",), pixel_size=16,
+                     mask_size=48, seg_pixel_grid=24, seg_epochs=40, n_resamples=20)
+    dice = {r["model"]: r for r in run.rows if r["metric"] == "dice"}
+    assert set(dice) == {"random-0", "pixels-16"} and all(r["target"] == "lungs" for r in dice.values())
+    assert all(0.0 <= r["value"] <= 1.0 and r["n_test"] == 2 for r in dice.values())
+    assert dice["pixels-16"]["value"] > 0.5, dice["pixels-16"]
+    assert run.predictions["segment_examples"]["true"].shape == (2, 48, 48)
