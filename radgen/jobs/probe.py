@@ -140,6 +140,7 @@ def run_probes(
     batch_size: int = 32,
     pool: str = "cls",
     layers: Sequence[int] | None = None,
+    seg_layers: Sequence[int] | None = None,
     min_pos: int = 5,
     n_examples: int = 6,
     progress: bool = False,
@@ -158,6 +159,8 @@ def run_probes(
         mask_size: side the masks are scored at (segmentation).
         min_pos: a target with fewer positives or negatives than this in train or test gets a row
             with ``value=None`` and a ``note``.
+        seg_layers: blocks whose patch tokens the segmentation head reads (concatenated per
+            token; default the final output).
         log: ``callable(str)`` for stage messages (default: print to stderr when ``progress``).
     """
     say = log or ((lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None))
@@ -223,9 +226,13 @@ def run_probes(
             patches = None
             if do_seg:
                 fp = extract_features(spec, data, None if out is None else out / "patches", image_size,
-                                      batch_size=batch_size, pool="patches", progress=progress, device=device)
+                                      batch_size=batch_size, pool="patches", layers=seg_layers,
+                                      progress=progress, device=device)
                 side = image_size // encoder_config(spec).patch_size
-                patches = fp.features.reshape(len(fp.ids), side, side, -1).transpose(0, 3, 1, 2)
+                n_blocks = 1 if seg_layers is None else len(seg_layers)
+                # (N, blocks * h * w * C), block-major -> (N, blocks * C, h, w)
+                patches = (fp.features.reshape(len(fp.ids), n_blocks, side, side, -1)
+                           .transpose(0, 1, 4, 2, 3).reshape(len(fp.ids), -1, side, side))
         rows = np.array([row_of[r] for r in fs.ids], dtype=int)
         models.append((name, kind, str(spec), rows, fs.features, patches))
     if pixel_name:
@@ -470,6 +477,8 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", choices=[q for q in POOLS if q != "patches"], default="cls",
                    help="token pooling for the image-level probes (default cls)")
     p.add_argument("--layers", type=int, nargs="+", metavar="I", help="concatenate these blocks (e.g. -4 -3 -2 -1)")
+    p.add_argument("--seg-layers", type=int, nargs="+", metavar="I",
+                   help="blocks whose patch tokens the segmentation head reads (default: the final output)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: OUT/features)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -545,7 +554,8 @@ def probe_kwargs(args) -> dict:
                 targets=tuple(args.target) if args.target else None, uncertain=args.uncertain,
                 pixel_size=args.pixel_size or None, mask_size=args.mask_size, seg_epochs=args.seg_epochs,
                 knn_k=args.knn_k, n_resamples=args.resamples, seed=args.seed, min_pos=args.min_pos,
-                batch_size=args.batch_size, pool=args.pool, layers=args.layers, progress=not args.quiet,
+                batch_size=args.batch_size, pool=args.pool, layers=args.layers, seg_layers=args.seg_layers,
+                progress=not args.quiet,
                 device=args.device)
 
 
