@@ -1,15 +1,17 @@
-"""Logistic-regression probe with AUROC and a bootstrap CI."""
+"""The fixed-C logistic probe behind ``radgen pixel-baseline``: one target, AUROC with a CI.
+
+A thin view of :func:`eval.probes.classify.logistic_probe` for callers that want one AUROC
+record per target and a fixed regularisation (no validation split); the full probes choose C on
+validation and report AP and macro averages too.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.preprocessing import StandardScaler
 
-from eval.stats import bootstrap_ci
+from eval.probes.classify import logistic_probe as _logistic_probe
 
 __all__ = ["ProbeResult", "logistic_probe"]
 
@@ -36,15 +38,16 @@ def logistic_probe(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> ProbeResult:
-    """Fit an L2 logistic regression on standardised features; AUROC on the test rows.
+    """L2 logistic regression on standardised features with a fixed ``C``; AUROC on the test rows.
 
     Args:
         x_train, x_test: (N, D) features. y_train, y_test: (N,) binary targets.
         C: inverse regularisation strength (small: strongly regularised, sensible for D >> N).
     """
-    scaler = StandardScaler().fit(x_train)
-    clf = LogisticRegression(C=C, max_iter=2000)
-    clf.fit(scaler.transform(x_train), y_train)
-    scores = clf.predict_proba(scaler.transform(x_test))[:, 1]
-    auroc, lo, hi = bootstrap_ci(roc_auc_score, y_test, scores, n_resamples=n_resamples, seed=seed)
-    return ProbeResult(target, auroc, lo, hi, len(y_train), len(y_test), int(np.sum(y_test)))
+    empty = np.empty((0, np.asarray(x_train).shape[1]))
+    scores, _ = _logistic_probe(target, x_train, y_train, empty, np.empty(0), x_test, y_test, C=C,
+                                n_resamples=n_resamples, seed=seed)
+    a = next(s for s in scores if s.metric == "auroc")
+    nan = float("nan")
+    return ProbeResult(target, nan if a.value is None else a.value, nan if a.low is None else a.low,
+                       nan if a.high is None else a.high, len(y_train), len(y_test), int(np.sum(y_test)))

@@ -152,6 +152,18 @@ def test_cache_reused_only_when_meta_matches(synth: Path, ckpt: Path, tmp_path: 
                 extract_features(str(ckpt), synth, out, **{"image_size": 56, **base, **kw})
         with pytest.raises(AssertionError, match="recomputed"):  # different weights, same shape
             extract_features(f"random-like:{ckpt}:0", synth, out, 56, **base)
+        # the data changed: an image file rewritten (new mtime) invalidates the cache
+        import os
+
+        test_row = next(r for r in map(json.loads, (synth / "manifest.jsonl").open()) if r["split"] == "test")
+        img = synth / test_row["image"]
+        st = img.stat()
+        os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        try:
+            with pytest.raises(AssertionError, match="recomputed"):
+                extract_features(str(ckpt), synth, out, 56, **base)
+        finally:
+            os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
         # a cache written before precision was recorded was fp32: reused for fp32 only
         meta = json.loads((out / "meta.json").read_text())
         del meta["precision"]
