@@ -120,7 +120,8 @@ def logistic_probe(target: str, x_train, y_train, x_val, y_val, x_test, y_test, 
     """
     predict, c, val = fit_logistic(x_train, y_train, x_val, y_val, Cs=Cs, C=C)
     s = predict(x_test)
-    extra = {"C": c, "C_chosen_on": "validation" if val else "fixed"}
+    how = "validation" if val else ("fixed" if C is not None else "default (validation unusable)")
+    extra = {"C": c, "C_chosen_on": how}
     return _scores("logistic", target, y_test, s, len(y_train), n_resamples, seed, extra), s
 
 

@@ -41,10 +41,11 @@ def ridge_probe(target: str, x_train, y_train, x_val, y_val, x_test, y_test, *, 
 
 def _ridge_probe(target, x_train, y_train, x_val, y_val, x_test, y_test, alphas, alpha, n_resamples, seed):
     scaler = StandardScaler().fit(x_train)
-    xt, xv, xs = (scaler.transform(x) for x in (x_train, x_val, x_test))
+    xt, xs = scaler.transform(x_train), scaler.transform(x_test)
     val_mae: dict[float, float] = {}
     if alpha is None:
         if len(y_val):
+            xv = scaler.transform(x_val)
             for a in alphas:
                 val_mae[a] = _mae(y_val, Ridge(alpha=a).fit(xt, y_train).predict(xv))
             alpha = min(alphas, key=lambda a: val_mae[a])

@@ -208,9 +208,15 @@ def run_probes(
     if do_seg:
         with timed("masks"):
             masks = np.zeros((len(ids), mask_size, mask_size), np.int64)
+            has_mask = np.zeros(len(ids), bool)  # rows without a mask take no part in segmentation
             for i, m in enumerate(ds["mask"]):
                 if m:
-                    masks[i] = _load_mask(str(base / m) if not Path(m).is_absolute() else m, mask_size)
+                    path = str(base / m) if not Path(m).is_absolute() else m
+                    try:
+                        masks[i] = _load_mask(path, mask_size)
+                    except (OSError, ValueError) as exc:
+                        raise ProbeStudyError(f"mask of row {ids[i]!r}: cannot read {path}: {exc}") from None
+                    has_mask[i] = True
         labels = sorted(int(v) for v in np.unique(masks) if v > 0)
         structures = {v: SYNTH_STRUCTURES.get(v, f"label_{v}") for v in labels} if max(labels, default=0) > 1 \
             else {1: "lungs"}
@@ -231,6 +237,8 @@ def run_probes(
                 side = image_size // encoder_config(spec).patch_size
                 n_blocks = 1 if seg_layers is None else len(seg_layers)
                 # (N, blocks * h * w * C), block-major -> (N, blocks * C, h, w)
+                if fp.ids != fs.ids:  # both passes read the same rows; their order must agree
+                    raise FeatureJobError(f"{name}: pooled and patch features cover different rows")
                 patches = (fp.features.reshape(len(fp.ids), n_blocks, side, side, -1)
                            .transpose(0, 1, 4, 2, 3).reshape(len(fp.ids), -1, side, side))
         rows = np.array([row_of[r] for r in fs.ids], dtype=int)
@@ -240,11 +248,13 @@ def run_probes(
             feats, seg_feats, ok = [], [], []
             for i, p in enumerate(paths):
                 try:
-                    feats.append(pixel_features([p], size=pixel_size)[0])
-                    if do_seg:
-                        seg_feats.append(_seg_pixel_features(p, seg_pixel_grid))
+                    f = pixel_features([p], size=pixel_size)[0]
+                    g = _seg_pixel_features(p, seg_pixel_grid) if do_seg else None
                 except ImageLoadError:
                     continue
+                feats.append(f)
+                if do_seg:
+                    seg_feats.append(g)
                 ok.append(i)
         models.append((pixel_name, "pixels", f"raw pixels {pixel_size}x{pixel_size}", np.array(ok, int),
                        np.stack(feats) if feats else np.empty((0, pixel_size ** 2), np.float32),
@@ -303,22 +313,31 @@ def run_probes(
             with timed(f"ridge {name}"):
                 a = ages[rows]
                 ok = ~np.isnan(a)
-                scores, pred = ridge_probe("age", x[tr & ok], a[tr & ok], x[va & ok], a[va & ok],
-                                           x[te & ok], a[te & ok], n_resamples=n_resamples, seed=seed)
-                for sc in scores:
-                    add(sc)
-                predictions["age"][name] = (a[te & ok], pred)
+                if (tr & ok).sum() < max(min_pos, 2) or (te & ok).sum() < 2:
+                    add(ProbeScore("ridge", "age", "mae", None, n_train=int((tr & ok).sum()),
+                                   n_test=int((te & ok).sum()), note="too few ages in train or test"))
+                else:
+                    scores, pred = ridge_probe("age", x[tr & ok], a[tr & ok], x[va & ok], a[va & ok],
+                                               x[te & ok], a[te & ok], n_resamples=n_resamples, seed=seed)
+                    for sc in scores:
+                        add(sc)
+                    predictions["age"][name] = (a[te & ok], pred)
         if do_seg and patches is not None:
             with timed(f"segment {name}"):
-                m = masks[rows]
-                scores, pred = segmentation_probe(patches[tr], m[tr], patches[va], m[va], patches[te], m[te],
-                                                  structures, epochs=seg_epochs, n_resamples=n_resamples,
-                                                  seed=seed)
-                for sc in scores:
-                    results.append({**info, "dim": int(patches.shape[1]), **sc.to_dict()})
-                predictions["segment"][name] = pred[:n_examples]
-                if "rows" not in predictions["segment"]:
-                    predictions["segment"]["rows"] = rows[te][:n_examples]
+                m, hm = masks[rows], has_mask[rows]
+                tr_s, va_s, te_s = tr & hm, va & hm, te & hm
+                if not tr_s.any() or not te_s.any():
+                    add(ProbeScore("segment", "all", "dice", None, n_train=int(tr_s.sum()), n_test=int(te_s.sum()),
+                                   note="no masks in train or test"))
+                else:
+                    scores, pred = segmentation_probe(patches[tr_s], m[tr_s], patches[va_s], m[va_s],
+                                                      patches[te_s], m[te_s], structures, epochs=seg_epochs,
+                                                      n_resamples=n_resamples, seed=seed)
+                    for sc in scores:
+                        results.append({**info, "dim": int(patches.shape[1]), **sc.to_dict()})
+                    predictions["segment"][name] = pred[:n_examples]
+                    if "rows" not in predictions["segment"]:
+                        predictions["segment"]["rows"] = rows[te_s][:n_examples]
     if do_seg and "rows" in predictions["segment"]:
         ex_rows = predictions["segment"].pop("rows")
         predictions["segment_examples"] = {

@@ -16,6 +16,7 @@ steps); pass ``optim.max_steps=N`` to give each fraction the same compute.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -74,9 +75,14 @@ def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], f
         key = f"{len(idx)}img"
         sub = out_p / f"pretrain-{key}"
         manifest = sub / "train.jsonl"
+        lines = [json.dumps({"id": ds["id"][train_rows[i]], "split": "train",
+                             "image": str(Path(ds["images"][train_rows[i]][0]).resolve())}) for i in idx]
+        subset_sha = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+        if manifest.is_file() and hashlib.sha256(manifest.read_text().rstrip("\n").encode()).hexdigest() != subset_sha:
+            # Reusing (or resuming) a checkpoint of other images would be silently wrong.
+            raise ConfigError(f"probe scaling: {manifest} holds a different subset (other data or --seed); "
+                              "use a new --out")
         if not manifest.is_file():
-            lines = [json.dumps({"id": ds["id"][train_rows[i]], "split": "train",
-                                 "image": str(Path(ds["images"][train_rows[i]][0]).resolve())}) for i in idx]
             atomic_write_text(manifest, "\n".join(lines) + "\n")
         print(f"[scaling] {f:.0%} of train = {len(idx)} images -> {sub}", file=sys.stderr)
         cfg = load_config("encoder", configs, [f"data.path={manifest}", f"out={sub}",

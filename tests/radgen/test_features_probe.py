@@ -417,3 +417,22 @@ def test_segmentation_probe_smoke_on_real_lung_masks(shared_data: Path, tmp_path
     assert all(0.0 <= r["value"] <= 1.0 and r["n_test"] == 2 for r in dice.values())
     assert dice["pixels-16"]["value"] > 0.5, dice["pixels-16"]
     assert run.predictions["segment_examples"]["true"].shape == (2, 48, 48)
+
+
+def test_probes_without_validate_rows_and_with_partial_masks(synth: Path, tmp_path: Path):
+    """No 'validate' split: regularisation falls back to the grid's middle (said so in the row).
+    Rows without a mask take no part in segmentation (they are not scored as all background)."""
+    rows = [json.loads(line) for line in (synth / "manifest.jsonl").open()]
+    for i, r in enumerate(rows):
+        r["image"] = str(synth / r["image"])
+        r["mask"] = str(synth / r["mask"]) if i % 2 == 0 else ""
+        r["split"] = "train" if r["split"] == "validate" else r["split"]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = run_probes(manifest, {"random-0": "random:vit_tiny:56:0"}, 56, targets=("sex (F)",), pixel_size=None,
+                     mask_size=28, seg_epochs=2, n_resamples=10, min_pos=1)
+    by = {(r["probe"], r["target"], r["metric"]): r for r in run.rows}
+    assert by["logistic", "sex (F)", "auroc"]["extra"]["C_chosen_on"] == "default (validation unusable)"
+    assert by["ridge", "age", "mae"]["value"] is not None
+    n_test_masked = sum(1 for i, r in enumerate(rows) if r["split"] == "test" and i % 2 == 0)
+    assert by["segment", "heart", "dice"]["n_test"] <= n_test_masked

@@ -103,7 +103,8 @@ def image_statistics(img: np.ndarray, size: int = 256, normalised: bool = False)
 def realism_auroc(real: np.ndarray, fake: np.ndarray, seed: int = 0,
                   n_resamples: int = 1000) -> tuple[float, float, float]:
     """``(point, low, high)``: AUROC of phantom (positive) vs real from out-of-fold decision scores
-    of a standardised logistic regression (5-fold stratified, shuffled), 95% bootstrap CI.
+    of a standardised logistic regression (stratified, shuffled, k = min(5, rows per side) folds),
+    95% bootstrap CI.
     ``real`` (n_real, F), ``fake`` (n_fake, F); needs at least 2 rows of each."""
     real, fake = np.asarray(real, float), np.asarray(fake, float)
     if min(len(real), len(fake)) < 2:
@@ -135,7 +136,7 @@ class RealismReport:
 
         n_stats = {f: len(s) for f, s in self.means.items()}
         lines = [f"realism: {self.n_phantom} phantoms vs {self.n_real} real radiographs — AUROC of "
-                 f"phantom vs real (logistic regression, 5-fold out-of-fold, 95% bootstrap CI); "
+                 f"phantom vs real (logistic regression, k-fold out-of-fold with k = min(5, n per side), 95% bootstrap CI); "
                  f"0.5 = indistinguishable on these statistics, 1.0 = trivially separated",
                  "", "| statistics | n | AUROC [95% CI] |", "|---|---:|---|",
                  f"| all statistics | {sum(n_stats.values())} | {ci(self.auroc)} |"]
