@@ -567,6 +567,7 @@ def _ribs(A, cv: _Canvas, c: Case, an: _Anatomy, bone_k: float, regions: dict) -
                 yc = curve_post(u)
                 slope = (-0.09 + 2 * bend * u) / W
                 d = (cv.y[win] - yc) / np.sqrt(1 + slope ** 2)
+                h = (0.021 + 0.0015 * k) * (1 + 0.1 * np.clip(jitter[k, 2], -2, 2))
                 f = fractures.get((side, k + 1))
                 if f is not None:  # a cortical gap and, if displaced, a step-off laterally
                     step = 0.03 if f.severity == "displaced" else 0.0
@@ -577,7 +578,6 @@ def _ribs(A, cv: _Canvas, c: Case, an: _Anatomy, bone_k: float, regions: dict) -
                     regions["Fracture"] = regions.get("Fracture", np.zeros(A.shape, bool)) | hit
                 else:
                     gap_occ = 0.0
-                h = (0.021 + 0.0015 * k) * (1 + 0.1 * np.clip(jitter[k, 2], -2, 2))
                 oblique = 1 + 0.8 * np.clip((u - 0.85) / 0.2, 0, 1) ** 2  # the rib turns forward
                 reach = _smoothstep((xs - 0.07) / 0.04) * (1 - _smoothstep((u - 1.0) / 0.08))
                 A[win] += bone_k * 0.7 * _shell(d, h, inner=0.55) * oblique * reach * (1 - gap_occ)
