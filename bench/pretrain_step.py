@@ -41,30 +41,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from _peak import CPU_SDPA_FLOPS, matmul_rate  # noqa: E402  (bench/ is sys.path[0])
+
 from encoder.augment import collate_multicrop  # noqa: E402
 from encoder.ssl import SSLConfig, SSLMetaArch  # noqa: E402
 from encoder.vit import build_vit  # noqa: E402
 
-aten = torch.ops.aten
 
 
 # ----------------------------------------------------------------------------------------------
 # Matmul peak
 # ----------------------------------------------------------------------------------------------
-def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, tries: int) -> float:
-    """Best-of-``tries`` FLOP/s of an (m,k) @ (k,n) matmul (2*m*k*n FLOPs)."""
-    a = torch.randn(m, k).to(dtype)
-    b = torch.randn(k, n).to(dtype)
-    out = torch.empty(m, n, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm-up
-    best = float("inf")
-    for _ in range(tries):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * m * k * n / best
-
-
 # ----------------------------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------------------------
@@ -115,22 +102,6 @@ def analytic_flops(B: int, n_local: int, g: int, l: int, vit, cfg: SSLConfig, n_
                    + head_flops(n_masked, D, cfg, K))
     return {"teacher_fwd": teacher, "student_fwd": student_fwd, "student_fwd_bwd": 3 * student_fwd,
             "total": teacher + 3 * student_fwd}
-
-
-def _sdpa_cpu_fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _sdpa_cpu_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-CPU_SDPA_FLOPS = {
-    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_fwd,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd,
-}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,39 +51,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from _peak import CPU_SDPA_FLOPS, matmul_rate  # noqa: E402  (bench/ is sys.path[0])
+
 from radgen.model.run import BuiltModel  # noqa: E402
 from radgen.model.splice import IGNORE_INDEX  # noqa: E402
 
-aten = torch.ops.aten
-
-
-def matmul_rate(n: int, dtype: torch.dtype, tries: int) -> float:
-    """Best-of-``tries`` FLOP/s of an (n, n) @ (n, n) matmul (2 n^3 FLOPs)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(tries):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
-
-
-def _sdpa_cpu_fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _sdpa_cpu_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-CPU_SDPA_FLOPS = {
-    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_fwd,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd,
-}
 
 
 def build(image_size: int, seed: int) -> BuiltModel:
@@ -212,7 +184,7 @@ def main() -> None:
     peak = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         try:
-            peak[name] = matmul_rate(2048, dt, args.peak_tries)
+            peak[name] = matmul_rate(2048, 2048, 2048, dt, args.peak_tries)
         except RuntimeError as e:
             print(f"{name} matmul failed ({e}); skipping {name}")
             precisions = [p for p in precisions if p != name]
@@ -306,7 +278,7 @@ def main() -> None:
         print(f"| {label} | {B} | {med['total']:.2f} | {best:.2f} | {n_target / med['total']:.0f} | "
               f"{n_real / med['total']:.0f} | {flops / 1e12:.3f} | {rate / 1e9:.1f} | {peak[prec] / 1e9:.1f} | "
               f"{100 * rate / peak[prec]:.1f}% |")
-    after = {name: matmul_rate(2048, dt, args.peak_tries)
+    after = {name: matmul_rate(2048, 2048, 2048, dt, args.peak_tries)
              for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)) if name in peak}
     print("matmul peak re-measured after the steps: "
           + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s ({100 * v / peak[k]:.0f}% of before)" for k, v in after.items())

@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from eval.chexpert.observations import CHEXPERT_14
+from eval.probes.classify import binary_labels
 from eval.probes.linear import ProbeResult, logistic_probe
 from radgen.data.images import load_image
 from radgen.data.manifest import read_manifest
@@ -32,7 +33,7 @@ def pixel_features(paths: list[str], size: int = 32, progress: bool = False) -> 
 
 def binary_targets(ds) -> dict[str, np.ndarray]:
     """Binary targets: each observation (1 = positive, uncertain rows dropped later) and sex."""
-    t = {k: np.array([np.nan if v == -1 else float(v == 1) for v in ds[k]]) for k in CHEXPERT_14}
+    t = {k: binary_labels(ds[k], "ignore") for k in CHEXPERT_14}
     t["sex (F)"] = np.array([np.nan if s is None else float(s == "F") for s in ds["sex"]])
     return t
 

@@ -23,6 +23,7 @@ comparisons are paired. Labels: 1 positive; 0 or blank negative; uncertain (-1) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -194,15 +195,12 @@ def run_probes(
     do_seg = "segment" in probes and has_masks
     timings: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def timed(stage):
-        class _T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - self.t
-                say(f"  {stage}: {timings[stage]:.1f} s")
-        return _T()
+        t0 = time.perf_counter()
+        yield
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+        say(f"  {stage}: {timings[stage]:.1f} s")
 
     masks = None
     if do_seg:

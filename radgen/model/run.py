@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from encoder.checkpoint import weights_sha256
 from encoder.io import atomic_write_bytes, atomic_write_text

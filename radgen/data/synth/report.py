@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from eval.chexpert.observations import CHEXPERT_14, NO_FINDING, SUPPORT_DEVICES
-from radgen.data.synth.case import Case, Finding
+from radgen.data.synth.case import Case
 
 Labels = dict[str, "int | None"]
 PARENCHYMAL = ("Consolidation", "Pneumonia", "Atelectasis", "Edema", "Lung Lesion")
