@@ -23,7 +23,7 @@ This is a benchmark script, not a test: it prints numbers measured in this run a
 on them.
 
     .venv/bin/python bench/encoder_forward.py            # full default set (~10 min on 2 cores)
-    .venv/bin/python bench/encoder_forward.py --quick    # 224 px, batch 1 and 8, few reps
+    .venv/bin/python bench/encoder_forward.py --quick    # 224 px, batch 1 and 8, few reps, bf16 only if native
     .venv/bin/python bench/encoder_forward.py --sizes 224 --batches 1 4 --dtypes fp32 --reps 5
     .venv/bin/python bench/encoder_forward.py --sizes 518 --batches 1 --dtypes bf16 --profile
 """
@@ -44,6 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from _common import RATIO_OURS_VS_HF, add_json_arg, row, write_json  # noqa: E402  (bench/ is sys.path[0])
+
+from encoder.inference import bf16_supported as native_bf16  # noqa: E402
 from encoder.weights import load_hf_dinov2  # noqa: E402
 
 RAD_DINO = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14,
@@ -116,7 +119,8 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--reps", type=int, default=None,
                     help="timed rounds per case (default: ~20 s of work per case, 3 to 9 rounds)")
-    ap.add_argument("--quick", action="store_true", help="only 224 px, batch 1 and 8, 3 rounds")
+    ap.add_argument("--quick", action="store_true",
+                    help="only 224 px, batch 1 and 8, 3 rounds; bf16 only where the CPU has it natively")
     ap.add_argument("--big-s", type=float, default=4.0,
                     help="cases slower than this per forward warm up at batch 1")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -124,6 +128,7 @@ def main() -> None:
                     help="after timing, profile each case (2 interleaved forwards per implementation) "
                          "and print per-op self CPU time side by side")
     ap.add_argument("--seed", type=int, default=0)
+    add_json_arg(ap)
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.batches = [224], [1, 8]
@@ -146,20 +151,28 @@ def main() -> None:
     use_bf16, why = bf16_supported()
     dtypes = [dt for dt in args.dtypes if dt == "fp32" or use_bf16]
     print(f"bf16 autocast: {'yes' if use_bf16 else 'no'} ({why})")
+    # oneDNN reports bf16 support on any AVX-512 CPU; the native ISA (avx512_bf16/amx) is in cpuinfo
+    if args.quick and "bf16" in dtypes and len(dtypes) > 1 and not native_bf16("cpu"):
+        dtypes.remove("bf16")  # emulated bf16 is 3-4x slower than fp32: most of a quick run's time
+        print("--quick: bf16 timing skipped (no avx512_bf16/amx in /proc/cpuinfo, so bf16 is emulated); "
+              "run without --quick to time it")
 
     # --- parity -------------------------------------------------------------------------------
     g = torch.Generator().manual_seed(args.seed)
+    parity = {}  # "fp32 224px b2" -> max |ours - transformers|
     with torch.inference_mode():
         for size, b in ((224, 2), (518, 1)):
             x = torch.randn(b, 3, size, size, generator=g)
             ref = hf(pixel_values=x).last_hidden_state
             got = ours.forward_tokens(x)
+            parity[f"fp32 {size}px b{b}"] = (got - ref).abs().max().item()
             print(f"parity fp32 {size}px batch {b}: max |ours - transformers| = "
                   f"{(got - ref).abs().max().item():.3e} (output max |x| {ref.abs().max().item():.2f})")
             if use_bf16:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     ref_b = hf(pixel_values=x).last_hidden_state.float()
                     got_b = ours.forward_tokens(x).float()
+                parity[f"bf16 {size}px b{b}"] = (got_b - ref_b).abs().max().item()
                 print(f"parity bf16 {size}px batch {b}: max |ours - transformers| = "
                       f"{(got_b - ref_b).abs().max().item():.3e}, max |bf16 - fp32| (transformers) = "
                       f"{(ref_b - ref).abs().max().item():.3e}")
@@ -209,6 +222,17 @@ def main() -> None:
               f"| {ratio_min:.3f} | {gf:.0f} | {load:.1f} |")
     print("ratio = transformers time / ours time: > 1 means ours is faster. GFLOP/s counts matmul "
           "FLOPs only (2 x multiply-adds). loadavg: 1-min load average after the case (2 cores).")
+    out = [row("encoder_forward", f"{size}px b{b} {dt}", RATIO_OURS_VS_HF, ratio, t_us * 1e3,
+               "ms/batch (ours, median)",
+               f"ratio of minima {ratio_min:.3f}; transformers {t_hf * 1e3:.0f} ms; {reps} rounds; "
+               f"loadavg {load:.1f}",
+               size=size, batch=b, dtype=dt, rounds=reps, transformers_ms=t_hf * 1e3, ours_ms=t_us * 1e3,
+               ratio_of_minima=ratio_min, ours_gflops_best=gf, loadavg=load)
+           for size, b, dt, reps, t_hf, t_us, ratio, ratio_min, gf, load in rows]
+    out.append(row("encoder_forward", "parity (same weights)", None, None, max(parity.values()),
+                   "max |ours - transformers|", "; ".join(f"{k} {v:.1e}" for k, v in parity.items()),
+                   detail=parity))
+    write_json(args.json, out)
     if args.profile:
         for size, b, dt, *_ in rows:
             profile_case(impls, torch.randn(b, 3, size, size, generator=g), dt, f"{size}px b{b} {dt}")

@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from _common import RATIO_OURS_VS_CARD, add_json_arg, peak_row, row, write_json  # noqa: E402
 from features_model import RAD_DINO, matmul_peak, vit_fwd_flops  # noqa: E402
 
 from encoder.inference import cpu_bf16_flags  # noqa: E402
@@ -109,7 +110,7 @@ def main() -> None:
                     help="our job's variants (extract_features keywords); default: its defaults")
     ap.add_argument("--quick", action="store_true", help="8 images, 2 chunks")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_json_arg(ap)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.quick:
@@ -168,9 +169,9 @@ def main() -> None:
 
     flops = vit_fwd_flops(1 + 37 * 37)
     card = feats["model card"]
-    print(f"\n| side | settings | images/s (whole call) | ours / model card | images/s (loop) "
-          f"| ours / model card (loop) | GFLOP/s (loop) | CLS cos vs model card (min / mean) "
-          f"| centred cos (min / mean) |")
+    print("\n| side | settings | images/s (whole call) | ours / model card | images/s (loop) "
+          "| ours / model card (loop) | GFLOP/s (loop) | CLS cos vs model card (min / mean) "
+          "| centred cos (min / mean) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name in names:
@@ -203,9 +204,17 @@ def main() -> None:
     print(f"images: {n}; whole call includes model loading per chunk ({args.chunks} chunks); loop = "
           "encoding loop only (ours: meta 'seconds'). GFLOP/s: full-forward matmul FLOPs "
           f"({flops / 1e9:.0f} GFLOP/image) x images/s (loop).")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"peak_start": peak0, "peak_end": peak1, "loadavg": loads,
-                                               "rows": rows}, indent=2))
+    out = [peak_row("features_job", p, v, when) for when, pk in (("start", peak0), ("end", peak1))
+           for p, v in pk.items()]
+    card_row = rows[0]
+    out += [row("features_job", f"{n} images 518px: {r['side']} ({r['settings']})", RATIO_OURS_VS_CARD, r["ratio"],
+                r["images_per_s"], "images/s (ours, whole call)",
+                f"loop only {r['ratio_loop']:.2f}x; model card {card_row['images_per_s']:.3f} images/s; "
+                f"{args.chunks} chunks; CLS cos min {r['cos_min']:.4f}; loadavg {min(loads):.1f}-{max(loads):.1f}",
+                detail=r, model_card_images_per_s=card_row["images_per_s"],
+                model_card_images_per_s_loop=card_row["images_per_s_loop"], chunks=args.chunks, loadavg=loads)
+            for r in rows[1:]]
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -45,6 +44,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere in the repo
+
+from _common import RATIO_OURS_VS_HF, add_json_arg, peak_row, row, write_json  # noqa: E402  (bench/ is sys.path[0])
 
 from encoder.features import encode  # noqa: E402
 from encoder.inference import bf16_supported, cpu_bf16_flags, prepare_encoder  # noqa: E402
@@ -112,7 +113,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
     ap.add_argument("--quick", action="store_true", help="224 px, batch 2, 2 rounds")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    add_json_arg(ap)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.quick:
@@ -205,8 +206,25 @@ def main() -> None:
     print("ratio = that variant's time / ours (same precision): > 1 means ours is faster. GFLOP/s: "
           "matmul FLOPs of a full forward / best round (ours skips most of the last block for CLS). "
           "% of peak: against the 2048^3 matmul peak at the start of the run.")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"peak_start": peak0, "peak_end": peak1, "rows": rows}, indent=2))
+    out = [peak_row("features_model", p, v, when) for when, pk in (("start", peak0), ("end", peak1))
+           for p, v in pk.items()]
+    for r in rows:
+        name = r["variant"]
+        if name.startswith("ours ") and "compiled" not in name:
+            continue  # the reference side of every ratio: its numbers are in the other rows' detail
+        me = next(o for o in rows if (o["size"], o["batch"], o["variant"]) == (r["size"], r["batch"],
+                                                                                  f"ours {r['precision']}"))
+        kind, ratio, ratio_min = RATIO_OURS_VS_HF, r["ratio_median"], r["ratio_best"]
+        if "compiled" in name:  # compiled against eager ours: > 1 means compiling paid
+            kind = "torch.compile vs eager ours (time ratio, >1 = compiled faster)"
+            ratio, ratio_min = 1 / ratio, 1 / ratio_min
+        out.append(row("features_model", f"{r['size']}px b{r['batch']} {r['precision']}: {name}", kind, ratio,
+                       me["median_s"] * 1e3, "ms/batch (ours, median)",
+                       f"ratio of minima {ratio_min:.3f}; {name} {r['median_s'] * 1e3:.0f} ms; "
+                       f"CLS cos min {r['cos_min']:.6f}; {r['reps']} rounds; loadavg {r['loadavg']:.1f}",
+                       detail=r, ours_median_s=me["median_s"], ours_best_s=me["best_s"],
+                       ours_gflops_best=me["gflops_best"]))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from _common import RATIO_BATCHED, add_json_arg, row, write_json  # noqa: E402  (bench/ is sys.path[0])
+
 from encoder.processor import RadDinoProcessor  # noqa: E402
 from radgen.model.run import BuiltModel, generation_kwargs  # noqa: E402
 
@@ -93,6 +95,7 @@ def main() -> None:
     ap.add_argument("--images", default=str(IMAGES), help="folder of X-rays (default ../shared/data/cxr/images)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
+    add_json_arg(ap)
     args = ap.parse_args()
     if args.quick:
         args.max_new_tokens, args.rounds = 32, 2
@@ -182,6 +185,17 @@ def main() -> None:
     print(f"\nspeed-up batch {B} / one at a time: x{paired:.2f} (median of per-round ratios), "
           f"x{med['single'] / med['batched']:.2f} (ratio of medians), x{best['single'] / best['batched']:.2f} "
           f"(ratio of bests); loadavg at end {os.getloadavg()[0]:.2f}")
+    write_json(args.json, [row(
+        "generate_speed", f"batch {B} vs {B} x batch 1, {args.max_new_tokens} new tokens, {args.precision}",
+        RATIO_BATCHED, paired, med["batched"], "s per batch (batched, median)",
+        f"median of {args.rounds} per-round ratios; ratio of medians {med['single'] / med['batched']:.2f}, "
+        f"of bests {best['single'] / best['batched']:.2f}; identical text {sum(same_text)}/{B}",
+        model=what, batch=B, max_new_tokens=args.max_new_tokens, rounds=args.rounds,
+        precision=args.precision, stop_at_eos=args.stop_at_eos,
+        batched_s=times["batched"], single_s=times["single"],
+        ratio_of_medians=med["single"] / med["batched"], ratio_of_bests=best["single"] / best["batched"],
+        new_tokens_batched=new_b, new_tokens_single=new_s,
+        identical_text=sum(same_text), identical_tokens=sum(same_tokens))])
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ This is a benchmark script, not a test: it prints what this run measured and nev
     .venv/bin/python bench/pretrain_step.py                 # fp32, batch 16, 8 locals
     .venv/bin/python bench/pretrain_step.py --bf16          # fp32, then bf16 autocast
     .venv/bin/python bench/pretrain_step.py --bf16 --no-fp32 --batch 8 --steps 2
+    .venv/bin/python bench/pretrain_step.py --quick         # batch 2, 112 px + 2x56 px locals, 2 steps (seconds)
 """
 
 from __future__ import annotations
@@ -41,17 +42,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from _common import RATIO_PEAK, add_json_arg, peak_row, row, write_json  # noqa: E402
 from _peak import CPU_SDPA_FLOPS, matmul_rate  # noqa: E402  (bench/ is sys.path[0])
 
 from encoder.augment import collate_multicrop  # noqa: E402
 from encoder.ssl import SSLConfig, SSLMetaArch  # noqa: E402
 from encoder.vit import build_vit  # noqa: E402
 
+# The size options: the full defaults, and what --quick uses for those not given on the command line.
+FULL = dict(batch=16, global_size=224, local_size=98, n_local=8, out_dim=4096, steps=3)
+QUICK = dict(batch=2, global_size=112, local_size=56, n_local=2, out_dim=1024, steps=2)
 
 
-# ----------------------------------------------------------------------------------------------
-# Matmul peak
-# ----------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------------------------
@@ -161,18 +163,25 @@ def run_step(meta, opt, batch, bf16: bool, timer: StepTimer) -> dict[str, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="vit_small")
-    ap.add_argument("--batch", type=int, default=16, help="images per step (each gives 2 + n_local crops)")
-    ap.add_argument("--global-size", type=int, default=224)
-    ap.add_argument("--local-size", type=int, default=98)
-    ap.add_argument("--n-local", type=int, default=8)
-    ap.add_argument("--out-dim", type=int, default=4096, help="prototypes K of the DINO/iBOT head")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per precision (after 1 warm-up)")
+    ap.add_argument("--batch", type=int, help="images per step (each gives 2 + n_local crops; default 16)")
+    ap.add_argument("--global-size", type=int, help="default 224")
+    ap.add_argument("--local-size", type=int, help="default 98")
+    ap.add_argument("--n-local", type=int, help="default 8")
+    ap.add_argument("--out-dim", type=int, help="prototypes K of the DINO/iBOT head (default 4096)")
+    ap.add_argument("--steps", type=int, help="timed steps per precision, after 1 warm-up (default 3)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a small step in seconds: batch 2, 112 px globals, 2 locals of 56 px, out_dim 1024, "
+                         "2 timed steps (options given explicitly still apply)")
     ap.add_argument("--bf16", action="store_true", help="also run with bf16 autocast")
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 run")
     ap.add_argument("--peak-tries", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
+    add_json_arg(ap)
     args = ap.parse_args()
+    for k, v in (QUICK if args.quick else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -275,6 +284,20 @@ def main() -> None:
     print("matmul peak re-measured after the steps: "
           + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s ({100 * v / peak[k]:.0f}% of before)" for k, v in after.items())
           + f"; loadavg at end {os.getloadavg()[0]:.2f}")
+    out = [peak_row("pretrain_step", k, v / 1e9, "start") for k, v in peak.items()]
+    out += [peak_row("pretrain_step", k, v / 1e9, "end") for k, v in after.items()]
+    for prec, med, best, rate, flops in results:
+        out.append(row("pretrain_step", f"{args.arch} {g}px b{B} {L}x{l}px locals {prec}", RATIO_PEAK,
+                       rate / peak[prec], rate / 1e9, "GFLOP/s achieved",
+                       f"median step {med['total']:.2f} s ({args.steps} timed); "
+                       f"{flops / 1e12:.3f} TFLOP/step; {prec} peak {peak[prec] / 1e9:.0f} GFLOP/s before, "
+                       f"{after[prec] / 1e9:.0f} after",
+                       precision=prec, batch=B, median_step_s=med["total"], best_step_s=best,
+                       images_per_s=B / med["total"], tflop_per_step=flops / 1e12,
+                       peak_gflops=peak[prec] / 1e9, peak_after_gflops=after[prec] / 1e9,
+                       fc1_shaped_gflops=shaped[prec] / 1e9,
+                       breakdown_s={k: v for k, v in med.items() if k not in ("total", "loss")}))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

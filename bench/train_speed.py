@@ -30,7 +30,7 @@ steps alternate with the normal ones, so the paired ratio is measured under the 
 This is a benchmark script, not a test: it prints what this run measured and never fails.
 
     .venv/bin/python bench/train_speed.py                # batch 8, fp32 and bf16, 3 timed steps each
-    .venv/bin/python bench/train_speed.py --quick        # 2 timed steps each (~4 min, 1 thread, no native bf16)
+    .venv/bin/python bench/train_speed.py --quick        # 2 timed steps each; bf16 only if native (~1-2 min)
     .venv/bin/python bench/train_speed.py --what-if --no-bf16 --threads 1
 """
 
@@ -51,6 +51,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from _common import RATIO_PEAK, RATIO_WHAT_IF, add_json_arg, peak_row, row, write_json  # noqa: E402
 from _peak import CPU_SDPA_FLOPS, matmul_rate  # noqa: E402  (bench/ is sys.path[0])
 
 from radgen.model.run import BuiltModel  # noqa: E402
@@ -163,13 +164,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=112, help="encoder and image size (default 112: 64 tokens)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per precision (after 1 warm-up)")
-    ap.add_argument("--quick", action="store_true", help="2 timed steps per precision")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 timed steps per precision; bf16 only where the CPU has it natively")
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 run")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast run")
     ap.add_argument("--what-if", action="store_true", help="also time lm_head on target positions only")
     ap.add_argument("--peak-tries", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
+    add_json_arg(ap)
     args = ap.parse_args()
     if args.quick:
         args.steps = 2
@@ -178,6 +181,12 @@ def main() -> None:
     precisions = ([] if args.no_fp32 else ["fp32"]) + ([] if args.no_bf16 else ["bf16"])
     if not precisions:
         ap.error("nothing to run: --no-fp32 and --no-bf16")
+    if args.quick and "bf16" in precisions and len(precisions) > 1:
+        from encoder.inference import bf16_supported
+
+        if not bf16_supported("cpu"):  # emulated bf16: ~3x slower than fp32, most of a quick run's time
+            precisions.remove("bf16")
+            print("--quick: bf16 autocast skipped (emulated on this CPU); --steps 2 without --quick times it")
     print(f"torch {torch.__version__}, python {platform.python_version()}, {torch.get_num_threads()} threads, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}, loadavg {os.getloadavg()[0]:.2f}")
 
@@ -221,6 +230,7 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     results = []
+    what_if_ratios = {}
     step_no = 0
     for prec in precisions:
         bf16 = prec == "bf16"
@@ -268,11 +278,12 @@ def main() -> None:
                 f"{k} {v:.2f} ({100 * v / med['total']:.0f}%)" for k, v in med.items() if k not in ("total", "loss")))
         if args.what_if:
             ratios = [a["total"] / b["total"] for a, b in zip(steps[False], steps[True])]
+            what_if_ratios[prec] = ratios
             print(f"what-if speed-up ({prec}): x{statistics.median(ratios):.2f} (median of paired step ratios "
                   f"{', '.join(f'{r:.2f}' for r in ratios)})")
 
-    print(f"\n| step | batch | median s | best s | target tok/s | real tok/s | TFLOP/step (counted) | "
-          f"GFLOP/s | 2048^3 peak GFLOP/s | % of peak |")
+    print("\n| step | batch | median s | best s | target tok/s | real tok/s | TFLOP/step (counted) | "
+          "GFLOP/s | 2048^3 peak GFLOP/s | % of peak |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, prec, med, best, rate, flops in results:
         print(f"| {label} | {B} | {med['total']:.2f} | {best:.2f} | {n_target / med['total']:.0f} | "
@@ -283,6 +294,24 @@ def main() -> None:
     print("matmul peak re-measured after the steps: "
           + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s ({100 * v / peak[k]:.0f}% of before)" for k, v in after.items())
           + f"; loadavg at end {os.getloadavg()[0]:.2f}")
+    out = [peak_row("train_speed", k, v / 1e9, "start") for k, v in peak.items()]
+    out += [peak_row("train_speed", k, v / 1e9, "end") for k, v in after.items()]
+    for label, prec, med, best, rate, flops in results:
+        out.append(row("train_speed", f"stage 2 b{B} {label}", RATIO_PEAK, rate / peak[prec], rate / 1e9,
+                       "GFLOP/s achieved",
+                       f"median step {med['total']:.2f} s ({args.steps} timed); {flops / 1e12:.3f} TFLOP/step; "
+                       f"{prec} peak {peak[prec] / 1e9:.0f} GFLOP/s before, {after[prec] / 1e9:.0f} after",
+                       precision=prec, batch=B, median_step_s=med["total"], best_step_s=best,
+                       target_tokens_per_s=n_target / med["total"], real_tokens_per_s=n_real / med["total"],
+                       tflop_per_step=flops / 1e12, peak_gflops=peak[prec] / 1e9,
+                       peak_after_gflops=after[prec] / 1e9,
+                       breakdown_s={k: v for k, v in med.items() if k not in ("total", "loss")}))
+    for prec, ratios in what_if_ratios.items():
+        out.append(row("train_speed", f"stage 2 b{B} {prec}: lm_head on targets only", RATIO_WHAT_IF,
+                       statistics.median(ratios), None, None,
+                       "median of paired step ratios " + ", ".join(f"{r:.2f}" for r in ratios),
+                       precision=prec, paired_ratios=ratios))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ JOB_PARSERS = {
     "generate": ("radgen.jobs.generate", "add_generate_parser"),
     "export": ("radgen.jobs.export", "add_export_parser"),
     "baselines": ("radgen.jobs.report_baselines", "add_baselines_parser"),
+    "bench": ("radgen.jobs.bench", "add_bench_parser"),
+    "demo": ("radgen.jobs.demo", "add_demo_parser"),
+    "report": ("radgen.jobs.report_page", "add_report_parser"),
+    "manifest": ("radgen.jobs.manifest", "add_manifest_parser"),
 }
 
 
@@ -107,11 +111,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         else:  # another command runs: don't pay for importing this job's stack (torch, timm)
             sub.add_parser(name)
 
-    p = sub.add_parser("demo", help="the end-to-end demo on built-in synthetic data",
-                       description="Generates a small synthetic set, prints its summary and the "
-                                   "raw-pixel baseline. Later stages join as they land.")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -209,39 +208,6 @@ def cmd_pixel_baseline(args) -> int:
 
         atomic_write_text(args.out, json.dumps([r.__dict__ for r in results], indent=2))
     return 0
-
-
-def cmd_demo(args) -> int:
-    from radgen.jobs.baselines import format_probe_table, pixel_baseline
-    from radgen.config import load_config
-    from radgen.data.synth.generate import generate_dataset
-
-    out = Path(args.out)
-    cfg = load_config("synth", ["demo"], [f"out={out / 'synth'}", "overwrite=true"])
-    print(f"[1/3] synthetic data -> {cfg.out}")
-    summary = generate_dataset(cfg)
-    print(summary.format())
-    print("[2/3] raw-pixel baseline (what a learned encoder has to beat)")
-    print(format_probe_table(pixel_baseline(cfg.out, n_resamples=200, progress=False)))
-    print("[3/3] report metrics of a template baseline (every test image gets a normal report) "
-          "against the synthetic findings: the floor a report generator has to beat")
-    _demo_template_baseline(Path(cfg.out), out / "eval")
-    return 0
-
-
-def _demo_template_baseline(synth_dir: Path, out: Path) -> None:
-    import json
-
-    from radgen.data.manifest import read_manifest
-    from radgen.jobs.evaluate import format_scores, run_evaluate
-    from radgen.jobs.report_baselines import NORMAL_TEMPLATE
-
-    rows = [r for r in read_manifest(synth_dir / "manifest.csv") if r["split"] == "test" and r["findings"]]
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("references", lambda r: r["findings"]), ("predictions", lambda r: NORMAL_TEMPLATE)):
-        (out / f"{name}.jsonl").write_text("".join(json.dumps({"id": r["id"], "report": text(r)}) + "\n" for r in rows))
-    result = run_evaluate(str(out / "predictions.jsonl"), str(out / "references.jsonl"), str(out))
-    print(format_scores(result, f"normal-template baseline on {len(rows)} synthetic test reports"))
 
 
 # ----------------------------------------------------------------------------------------------

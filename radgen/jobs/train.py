@@ -59,8 +59,11 @@ LOG_FIELDS = ["stage", "step", "total_steps", "epoch", "lr", "loss", "val_loss",
 # ----------------------------------------------------------------------------------------------
 # Config validation (everything checked before any model is loaded)
 # ----------------------------------------------------------------------------------------------
-def validate_config(cfg: DictConfig) -> None:
-    """Raise one :class:`ConfigError` listing every problem of a ``configs/reportgen`` config."""
+def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
+    """Raise one :class:`ConfigError` listing every problem of a ``configs/reportgen`` config.
+
+    ``check_files=False`` skips the existence of ``data.path`` and ``encoder.spec`` (a pipeline
+    validating before an earlier stage has written them)."""
     from radgen.model.projector import PROJECTORS
     from radgen.model.vision import SELECTS
 
@@ -69,12 +72,12 @@ def validate_config(cfg: DictConfig) -> None:
         errors.append("out is not set (--out RUN_DIR)")
     if not cfg.data.path:
         errors.append("data.path is not set (--data MANIFEST)")
-    elif not Path(str(cfg.data.path)).exists():
+    elif check_files and not Path(str(cfg.data.path)).exists():
         errors.append(f"data.path {cfg.data.path}: no such file or folder")
     spec = cfg.encoder.spec
     if not spec:
         errors.append("encoder.spec is not set (--encoder SPEC)")
-    elif not str(spec).startswith(("random:", "random-like:")) and not Path(str(spec)).exists():
+    elif check_files and not str(spec).startswith(("random:", "random-like:")) and not Path(str(spec)).exists():
         errors.append(f"encoder.spec {spec}: no such checkpoint file or folder")
     llm = str(cfg.llm.path or "")
     if not llm:

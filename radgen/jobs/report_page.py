@@ -1,0 +1,633 @@
+"""``radgen report RUN_DIR``: one offline results page (``RUN_DIR/index.html`` + ``RUN_DIR/page/``).
+
+The page builder reads whatever a run folder holds and leaves out the sections it finds nothing
+for, so it works on a ``radgen demo`` run and on any folder of job outputs:
+
+- report metrics: every ``metrics.json`` (``radgen evaluate``), one column per system, with CIs;
+- paired comparisons: every ``comparison.json`` (``radgen evaluate --compare``), with the plain
+  list of metrics where the first system falls short of the second;
+- probes: every ``probe.json`` (``radgen probe``): the headline table and the gap to random init;
+- training curves: every ``log.csv`` of encoder pretraining (losses and the collapse monitors)
+  and of report-generator training (train and validation loss per stage);
+- examples: the first records of every ``generated.jsonl`` with an image, each with its reference
+  and generated findings (word differences highlighted) and their CheXpert labels;
+- stage timings of a demo run (``*/stage.json``).
+
+Everything the page shows is copied or drawn into ``page/`` next to ``index.html``, so the pair
+can be moved and opened from disk with no server; links to source files are relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import html
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+from encoder.io import atomic_write_text
+
+__all__ = ["build_page", "find_outputs", "word_diff_html", "shortfalls", "add_report_parser", "cmd_report"]
+
+PAGE_DIR = "page"
+MAX_DEPTH = 4
+# metrics shown in the main table, in order (others are in each system's metrics.md)
+MAIN_METRICS = ("chexpert_f1_14_micro", "chexpert_f1_5_micro", "chexpert_f1_14_macro", "chexpert_f1_5_macro",
+                "bleu_1", "bleu_4", "meteor", "rouge_l", "cider_d", "radgraph_proxy_partial_f1",
+                "radgraph_partial_f1", "radcliq_v1")
+# the comparisons the page's verdict is about (the issue's goal: ahead on both)
+VERDICT_METRICS = ("chexpert_f1_14_micro", "chexpert_f1_5_micro")
+SKIP_DIRS = {"features", "features_train", "features_test", PAGE_DIR, "adapter", "tensorboard", "images", "masks"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery
+# ----------------------------------------------------------------------------------------------
+def _walk(root: Path, depth: int = 0) -> Iterable[Path]:
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            if depth < MAX_DEPTH and p.name not in SKIP_DIRS and not p.name.startswith("."):
+                yield from _walk(p, depth + 1)
+        else:
+            yield p
+
+
+def find_outputs(run: Path) -> dict[str, list[Path]]:
+    """Known job outputs under ``run`` (a few levels deep), by kind."""
+    found: dict[str, list[Path]] = {k: [] for k in ("metrics", "comparison", "probe", "pretrain_log",
+                                                    "train_log", "generated", "stage")}
+    for p in _walk(run):
+        if p.name == "metrics.json":
+            found["comparison" if (p.parent / "comparison.json").is_file() else "metrics"].append(p)
+        elif p.name == "probe.json":
+            found["probe"].append(p)
+        elif p.name == "log.csv":
+            header = _csv_header(p)
+            if "teacher_entropy" in header:
+                found["pretrain_log"].append(p)
+            elif "stage" in header and "loss" in header:
+                found["train_log"].append(p)
+        elif p.name == "generated.jsonl" or (p.suffix == ".jsonl" and p.name.startswith("generated")):
+            found["generated"].append(p)
+        elif p.name == "stage.json":
+            found["stage"].append(p)
+    return found
+
+
+def _csv_header(p: Path) -> list[str]:
+    try:
+        with open(p, newline="", encoding="utf-8") as fh:
+            return next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def _read_csv(p: Path) -> list[dict]:
+    with open(p, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _json(p: Path) -> dict | None:
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _num(v) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pure pieces (tested directly)
+# ----------------------------------------------------------------------------------------------
+def word_diff_html(reference: str, generated: str) -> tuple[str, str]:
+    """``(reference_html, generated_html)``: words of the reference the generator missed marked
+    ``<del>``, words it wrote that the reference does not have marked ``<ins>`` (a word-level
+    alignment, case-insensitive)."""
+    ref_w, gen_w = reference.split(), generated.split()
+    sm = difflib.SequenceMatcher(a=[w.lower().strip(".,;:") for w in ref_w],
+                                 b=[w.lower().strip(".,;:") for w in gen_w], autojunk=False)
+    ref_out, gen_out = [], []
+    for op, i1, i2, j1, j2 in sm.get_opcodes():
+        r = html.escape(" ".join(ref_w[i1:i2]))
+        g = html.escape(" ".join(gen_w[j1:j2]))
+        if op == "equal":
+            ref_out.append(r)
+            gen_out.append(g)
+        else:
+            if r:
+                ref_out.append(f"<del>{r}</del>")
+            if g:
+                gen_out.append(f"<ins>{g}</ins>")
+    return " ".join(ref_out), " ".join(gen_out)
+
+
+def shortfalls(comparisons: dict[str, dict], metrics: Iterable[str] = VERDICT_METRICS) -> list[dict]:
+    """Per (baseline, metric): where system A is behind B. Each dict: ``baseline``, ``metric``,
+    ``a``, ``b``, ``diff``, ``ci``, ``significant`` (the paired CI excludes 0)."""
+    out = []
+    for base, cmp in comparisons.items():
+        for m in metrics:
+            c = cmp.get(m)
+            if not c or c.get("diff") is None or c["diff"] >= 0:
+                continue
+            ci = c.get("ci") or [None, None]
+            out.append({"baseline": base, "metric": m, "a": c["a"], "b": c["b"], "diff": c["diff"], "ci": ci,
+                        "significant": ci[1] is not None and ci[1] < 0})
+    return out
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _ci_text(value, ci) -> str:
+    if value is None:
+        return "—"
+    if not ci or ci[0] is None:
+        return _fmt(value)
+    return f"{value:.3f} <span class=ci>[{ci[0]:.3f}, {ci[1]:.3f}]</span>"
+
+
+def _rel(p: Path, root: Path) -> str:
+    return os.path.relpath(p, root).replace(os.sep, "/")
+
+
+def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    th = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table class='{cls}'><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _system_name(metrics_json: Path, run: Path) -> str:
+    rel = _rel(metrics_json.parent, run)
+    return metrics_json.parent.name if rel.count("/") <= 1 else rel
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_pretrain(log: list[dict], path: Path, title: str) -> Path:
+    """Losses (left) and the collapse monitors (right) of an encoder pretraining log."""
+    plt = _plt()
+    step = [_num(r.get("step")) for r in log]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for k in ("loss", "dino", "ibot", "koleo"):
+        ys = [_num(r.get(k)) for r in log]
+        if any(y is not None for y in ys):
+            ax1.plot(step, [math.nan if y is None else y for y in ys], label=k, lw=1.2)
+    ax1.set_xlabel("step")
+    ax1.set_title("losses")
+    ax1.legend(fontsize=8)
+    for k, lab in (("teacher_entropy", "teacher entropy (per image, /log K)"),
+                   ("teacher_batch_entropy", "teacher batch entropy"), ("cls_std", "CLS std")):
+        ys = [_num(r.get(k)) for r in log]
+        if any(y is not None for y in ys):
+            ax2.plot(step, [math.nan if y is None else y for y in ys], label=lab, lw=1.2)
+    bad = [s for s, r in zip(step, log) if r.get("collapse") not in (None, "", "ok")]
+    for s in bad:
+        ax2.axvline(s, color="#d62728", alpha=0.15, lw=2)
+    ax2.set_xlabel("step")
+    ax2.set_title("collapse monitors" + (f" ({len(bad)} flagged steps shaded)" if bad else " (no step flagged)"))
+    ax2.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_train(log: list[dict], path: Path, title: str) -> Path:
+    """Train loss per stage and validation loss of a report-generator log."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    offset, x_end = 0.0, {}
+    stages = list(dict.fromkeys(r["stage"] for r in log))
+    for st in stages:
+        rows = [r for r in log if r["stage"] == st]
+        tr = [(offset + _num(r["step"]), _num(r["loss"])) for r in rows if _num(r.get("loss")) is not None]
+        va = [(offset + _num(r["step"]), _num(r["val_loss"])) for r in rows if _num(r.get("val_loss")) is not None]
+        if tr:
+            ax.plot(*zip(*tr), lw=1.2, label=f"{st} train")
+        if va:
+            ax.plot(*zip(*va), "o--", ms=4, label=f"{st} validation")
+        total = max([_num(r.get("total_steps")) or 0 for r in rows] + [t[0] - offset for t in tr] + [0])
+        offset += total
+        x_end[st] = offset
+    for st, x in list(x_end.items())[:-1]:
+        ax.axvline(x, color="grey", ls=":", lw=1)
+    ax.set_xlabel("optimiser step (stages back to back)")
+    ax.set_ylabel("cross-entropy per target token")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _thumbnail(src: Path, dest: Path, side: int = 256) -> bool:
+    from PIL import Image
+
+    from radgen.data.images import load_image
+
+    try:
+        arr, _ = load_image(str(src))  # float32 in [0, 1]; DICOM through its LUTs
+        img = Image.fromarray((arr * 255).round().astype("uint8"))
+        img = img.convert("L")
+        img.thumbnail((side, side))
+        tmp = dest.with_name(dest.stem + ".tmp.png")
+        img.save(tmp)
+        os.replace(tmp, dest)
+        return True
+    except Exception:  # noqa: BLE001 - a bad image drops its example, never the page
+        return False
+
+
+def _find_image(rel: str, gen_file: Path, run: Path) -> Path | None:
+    p = Path(rel)
+    if p.is_absolute():
+        return p if p.is_file() else None
+    for base in (gen_file.parent, run, run / "data", *gen_file.parents):
+        if (base / p).is_file():
+            return base / p
+    manifest_dirs = [m.parent for m in run.glob("*/manifest.jsonl")]
+    for base in manifest_dirs:
+        if (base / p).is_file():
+            return base / p
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+def _section_metrics(found, run: Path) -> tuple[str, dict]:
+    systems = {}
+    # a comparison folder's metrics.json scores its first system: listed only if nothing else is
+    for p in found["metrics"] or found["comparison"]:
+        d = _json(p)
+        if d and "scores" in d:
+            systems[_system_name(p, run)] = (p, d)
+    if not systems:
+        return "", {}
+    # the trained model first, then the baselines in a fixed order
+    order = sorted(systems, key=lambda s: (0 if "generator" in s or "generated" in s else 1, s))
+    present = [m for m in MAIN_METRICS if any(m in systems[s][1]["scores"] for s in order)]
+    rows = []
+    for m in present:
+        vals = {s: systems[s][1]["scores"].get(m) for s in order}
+        finite = [v for v in vals.values() if v is not None]
+        lower_better = m.startswith("radcliq")
+        best = (min if lower_better else max)(finite) if finite else None
+        cells = []
+        for s in order:
+            v = vals[s]
+            txt = _ci_text(v, (systems[s][1].get("ci") or {}).get(m))
+            cells.append(f"<b>{txt}</b>" if v is not None and v == best and len(finite) > 1 else txt)
+        rows.append([m] + cells)
+    n = {s: systems[s][1].get("n_pairs") for s in order}
+    header = ["metric"] + [f"<a href='{_rel(systems[s][0].with_name('metrics.md'), run)}'>{html.escape(s)}</a>"
+                           f"<br><span class=ci>n={n[s]}</span>" if systems[s][0].with_name("metrics.md").is_file()
+                           else html.escape(s) for s in order]
+    omitted = sorted({o if isinstance(o, str) else str(o) for s in order for o in systems[s][1].get("omitted") or []})
+    body = _table(header, rows, "metrics")
+    body += ("<p class=note>Value [95% percentile bootstrap CI over report pairs]; the best value of each row in "
+             "bold. CheXpert F1 reads both reports with the labeler named in each metrics.md; 14 = all "
+             "observations, 5 = Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion. "
+             "<code>radgraph_proxy_f1</code> is a rule-based approximation, not RadGraph F1.</p>")
+    if omitted:
+        body += f"<p class=note>Not computed here (need local weights): {html.escape(', '.join(omitted))}.</p>"
+    return _sec("metrics", "Report metrics (test split)", body), systems
+
+
+def _section_comparisons(found, run: Path) -> tuple[str, dict]:
+    cmps = {}
+    for p in found["comparison"]:
+        d = _json(p.with_name("comparison.json"))
+        if d and "comparison" in d:
+            name = p.parent.name.split("_vs_")[-1] if "_vs_" in p.parent.name else p.parent.name
+            cmps[name] = d["comparison"]
+    if not cmps:
+        return "", {}
+    parts = []
+    for name, cmp in cmps.items():
+        rows = []
+        for m in [m for m in MAIN_METRICS if m in cmp]:
+            c = cmp[m]
+            ci = c.get("ci") or [None, None]
+            sig = ci[0] is not None and (ci[0] > 0 or ci[1] < 0)
+            cls = "" if not sig else ("ahead" if c["diff"] > 0 else "behind")
+            rows.append([m, _fmt(c.get("a")), _fmt(c.get("b")),
+                         f"<span class='{cls}'>{c['diff']:+.3f}</span>",
+                         f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci[0] is not None else "—",
+                         _fmt(c.get("p_two_sided"))])
+        parts.append(f"<h3>trained generator (A) vs {html.escape(name)} (B)</h3>"
+                     + _table(["metric", "A", "B", "A − B", "95% CI", "p"], rows, "cmp"))
+    intro = ("<p class=note>Paired bootstrap over the same report pairs: green = A ahead with a CI that "
+             "excludes 0, red = A behind with a CI that excludes 0.</p>")
+    return _sec("comparisons", "Paired comparisons", intro + "".join(parts)), cmps
+
+
+def _verdict(cmps: dict) -> str:
+    if not cmps:
+        return ""
+    short = shortfalls(cmps)
+    ahead = [(b, m) for b, c in cmps.items() for m in VERDICT_METRICS
+             if c.get(m) and c[m]["diff"] > 0 and (c[m].get("ci") or [None])[0] is not None and c[m]["ci"][0] > 0]
+    items = []
+    for s in short:
+        how = "behind, and the paired CI excludes 0" if s["significant"] else "behind, within the CI (not significant)"
+        items.append(f"<li>{s['metric']}: {s['a']:.3f} vs <b>{html.escape(s['baseline'])}</b> {s['b']:.3f} "
+                     f"({s['diff']:+.3f}, CI [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]) — {how}.</li>")
+    n_pairs = len(cmps) * len(VERDICT_METRICS)
+    if not short:
+        text = (f"<p>The trained generator is ahead of every baseline on CheXpert-14 and CheXpert-5 micro F1 "
+                f"({len(ahead)} of {n_pairs} differences with a CI excluding 0).</p>")
+    else:
+        text = (f"<p><b>Where the trained model falls short:</b> it is behind a baseline on {len(short)} of "
+                f"{n_pairs} headline comparisons (CheXpert-14 and CheXpert-5 micro F1 against each baseline):</p>"
+                f"<ul>{''.join(items)}</ul>")
+    return _sec("verdict", "Verdict", text, cls="verdict")
+
+
+def _section_probe(found, run: Path, assets: Path) -> str:
+    from radgen.jobs.probe import HEADLINE
+
+    parts = []
+    for p in found["probe"]:
+        d = _json(p)
+        if not d or "rows" not in d:
+            continue
+        rows = d["rows"]
+        present = [h for h in HEADLINE if any((r["probe"], r["target"], r["metric"]) == h[:3] for r in rows)]
+        by = {(r["model"], r["probe"], r["target"], r["metric"]): r for r in rows}
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        table_rows = []
+        for m in models:
+            cells = []
+            for h in present:
+                r = by.get((m, *h[:3]))
+                cells.append("—" if not r or r.get("value") is None else
+                             _ci_text(r["value"], [r.get("low"), r.get("high")] if r.get("low") is not None else None))
+            table_rows.append([html.escape(m)] + cells)
+        body = _table(["model"] + [h[3] for h in present], table_rows, "probe")
+        gaps = [s for s in d.get("summary", []) if s.get("n_random") and s.get("value") is not None
+                and s["target"] in {h[1] for h in present} and (s["probe"], s["target"], s["metric"])
+                in {h[:3] for h in present}]
+        if gaps:
+            grow = [[f"{s['probe']} {s['target']} {s['metric']}", _fmt(s["value"]), _fmt(s["random_mean"]),
+                     f"<span class='{'ahead' if s['beyond_ci'] else ('behind' if (s['better_by'] or 0) < 0 else '')}'>"
+                     f"{s['better_by']:+.3f}</span>", "yes" if s["beyond_ci"] else "no", _fmt(s["pixels"])]
+                    for s in gaps]
+            body += "<h3>pretrained vs random init</h3>" + _table(
+                ["probe / target / metric", "pretrained", "random (mean)", "better by", "beyond CI", "raw pixels"],
+                grow, "probe")
+            behind = [s for s in gaps if (s["better_by"] or 0) < 0]
+            pix_behind = [s for s in gaps if s["pixels"] is not None and s["metric"] != "mae" and s["value"] < s["pixels"]]
+            notes = []
+            if behind:
+                notes.append(f"the pretrained encoder is behind random init on {len(behind)} of {len(gaps)} headline numbers")
+            if pix_behind:
+                notes.append(f"behind raw pixels on {len(pix_behind)}")
+            if notes:
+                body += f"<p class=shortfall>Plainly: {'; '.join(notes)}.</p>"
+        imgs = []
+        for png in ("logistic_auroc.png", "segment_dice.png", "age.png", "segment_examples.png", "knn_auroc.png"):
+            src = p.parent / png
+            if src.is_file():
+                dest = assets / f"probe_{len(parts)}_{png}"
+                shutil.copyfile(src, dest)
+                imgs.append(f"<img src='{_rel(dest, run)}' alt='{png}'>")
+        body += f"<div class=figs>{''.join(imgs)}</div>"
+        md = p.with_name("probe.md")
+        link = f" (<a href='{_rel(md, run)}'>every number</a>)" if md.is_file() else ""
+        parts.append(f"<h3>{html.escape(_rel(p.parent, run))}{link}</h3>{body}")
+    if not parts:
+        return ""
+    intro = ("<p class=note>Frozen features, test split, 95% bootstrap CIs. Logistic = L2 logistic regression "
+             "(C chosen on validation), macro AUROC over findings; kNN = cosine, k=20; Dice = 1×1 head on patch "
+             "tokens; age = ridge regression (MAE in years, lower is better).</p>")
+    return _sec("probe", "Encoder probes: pretrained vs random init vs raw pixels", intro + "".join(parts))
+
+
+def _section_curves(found, run: Path, assets: Path) -> str:
+    figs = []
+    for i, p in enumerate(found["pretrain_log"]):
+        log = _read_csv(p)
+        if not log:
+            continue
+        dest = plot_pretrain(log, assets / f"pretrain_{i}.png", f"encoder pretraining ({_rel(p.parent, run)})")
+        last = log[-1]
+        flagged = sum(1 for r in log if r.get("collapse") not in (None, "", "ok"))
+        figs.append(f"<img src='{_rel(dest, run)}' alt='pretraining curves'>"
+                    f"<p class=note>{len(log)} logged steps up to step {last.get('step')}; last loss "
+                    f"{_fmt(_num(last.get('loss')))}, teacher entropy {_fmt(_num(last.get('teacher_entropy')))}, "
+                    f"CLS std {_fmt(_num(last.get('cls_std')), 4)}; collapse monitor at the end: "
+                    f"<b>{html.escape(str(last.get('collapse')))}</b> ({flagged} logged steps flagged).</p>")
+    for i, p in enumerate(found["train_log"]):
+        log = _read_csv(p)
+        if not log:
+            continue
+        dest = plot_train(log, assets / f"train_{i}.png", f"report-generator training ({_rel(p.parent, run)})")
+        val = [r for r in log if _num(r.get("val_loss")) is not None]
+        figs.append(f"<img src='{_rel(dest, run)}' alt='training curves'>"
+                    f"<p class=note>last train loss {_fmt(_num(log[-1].get('loss')))}"
+                    + (f", last validation loss {_fmt(_num(val[-1]['val_loss']))}" if val else "") + ".</p>")
+    if not figs:
+        return ""
+    return _sec("curves", "Training curves", "".join(f"<div class=fig>{f}</div>" for f in figs))
+
+
+def _section_examples(found, run: Path, assets: Path, k: int) -> str:
+    from eval.chexpert.labeler import label_report
+
+    if not found["generated"] or k <= 0:
+        return ""
+    gen_file = found["generated"][0]
+    nn = {}
+    for p in run.rglob("nearest_neighbour.jsonl"):
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+                nn[r["id"]] = r.get("findings")
+            except (ValueError, KeyError):
+                pass
+        break
+    cards = []
+    n_err = 0
+    for line in gen_file.read_text(encoding="utf-8").splitlines():
+        if len(cards) >= k:
+            break
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("status") != "ok":
+            n_err += 1
+            continue
+        ref, gen = r.get("reference") or "", r.get("findings") or ""
+        src = _find_image(str(r.get("image", "")), gen_file, run)
+        dest = assets / f"example_{len(cards)}.png"
+        if src is None or not _thumbnail(src, dest):
+            continue
+        ref_h, gen_h = word_diff_html(ref, gen)
+
+        def pos(text):
+            return sorted(o for o, v in label_report(text).items() if v == 1)
+
+        pr, pg = pos(ref), pos(gen)
+        lab = (f"<p class=labels>CheXpert (rules labeler) — reference: {html.escape(', '.join(pr) or 'none')}; "
+               f"generated: {html.escape(', '.join(pg) or 'none')}"
+               + (" ✓" if pr == pg else " ✗") + "</p>")
+        nn_h = (f"<p><span class=tag>nearest neighbour</span> {html.escape(nn[r['id']])}</p>"
+                if nn.get(r["id"]) else "")
+        cards.append(f"<div class=card><img src='{_rel(dest, run)}' alt='{html.escape(str(r['id']))}'>"
+                     f"<div><p class=id>{html.escape(str(r['id']))}</p>"
+                     f"<p><span class=tag>reference</span> {ref_h}</p>"
+                     f"<p><span class=tag>generated</span> {gen_h}</p>{nn_h}{lab}</div></div>")
+    if not cards:
+        return ""
+    intro = (f"<p class=note>The first {len(cards)} test images of <code>{html.escape(_rel(gen_file, run))}</code>. "
+             "<del>struck</del> = in the reference, missed by the generator; <ins>marked</ins> = written by the "
+             "generator, not in the reference.</p>")
+    return _sec("examples", "Examples: reference vs generated findings", intro + f"<div class=grid>{''.join(cards)}</div>")
+
+
+def _section_stages(found, run: Path) -> str:
+    rows = []
+    for p in found["stage"]:
+        d = _json(p)
+        if d and "stage" in d:
+            rows.append([html.escape(d["stage"]), f"{d.get('seconds', 0):.0f} s", html.escape(str(d.get("finished", "")))])
+    if not rows:
+        return ""
+    total = sum(_json(p).get("seconds", 0) for p in found["stage"] if _json(p))
+    return _sec("stages", "Stages", _table(["stage", "time (last run)", "finished"], rows, "small")
+                + f"<p class=note>total {total / 60:.1f} min of stage time.</p>")
+
+
+def _sec(anchor: str, title: str, body: str, cls: str = "") -> str:
+    return f"<section id='{anchor}' class='{cls}'><h2>{title}</h2>{body}</section>"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,'DejaVu Sans',sans-serif;margin:0 auto;max-width:1200px;padding:16px 24px;
+color:#1b1b1b;line-height:1.4}
+h1{font-size:1.6em;margin-bottom:0} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+table{border-collapse:collapse;margin:8px 0;font-size:0.88em} th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
+th:first-child,td:first-child{text-align:left} thead{background:#f3f3f3}
+.ci{color:#777;font-size:0.85em} .note{color:#555;font-size:0.88em} .ahead{color:#137a2d;font-weight:600}
+.behind{color:#b3261e;font-weight:600} .shortfall{color:#b3261e} .verdict{background:#fff7e6;padding:2px 14px;
+border-left:4px solid #e0a800} nav a{margin-right:12px} .figs img,.fig img{max-width:100%;margin:6px 0}
+.figs{display:flex;flex-wrap:wrap;gap:8px} .figs img{max-width:560px;height:auto}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:12px}
+.card{display:flex;gap:10px;border:1px solid #ddd;border-radius:6px;padding:8px;font-size:0.86em}
+.card img{width:190px;height:190px;object-fit:contain;background:#000} .card p{margin:3px 0}
+.id{font-family:monospace;color:#666} .tag{display:inline-block;min-width:82px;color:#555;font-weight:600}
+del{background:#fde2e1;color:#8a1c14} ins{background:#dff3e2;color:#0d5c22;text-decoration:none}
+.labels{color:#444} code{background:#f3f3f3;padding:0 3px} .limits li{margin:3px 0}
+"""
+
+LIMITS = """<ul class=limits>
+<li>This run trains and tests on <b>synthetic phantoms</b> (radgen's built-in generator), not on patients. It shows
+that the system runs end to end and how its parts compare; <b>it is not a clinical model</b> and its numbers say
+nothing about real radiographs.</li>
+<li>The encoder and the generator are tiny and trained for minutes on a CPU; the published RAD-DINO encoder
+(ViT-B/14, 518 px) and a 7B LLM are set up in the README.</li>
+<li>Offline, CheXpert F1 uses radgen's rules labeler unless CheXbert weights are given; RadGraph F1 and
+RadCliQ need local model weights and are left out without them. <code>radgraph_proxy_f1</code> is an
+approximation and is named as one.</li>
+</ul>"""
+
+
+def build_page(run: str | os.PathLike, examples: int = 8, title: str | None = None) -> Path:
+    """Write ``run/index.html`` and ``run/page/*.png`` from the job outputs found in ``run``."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
+    assets = run / PAGE_DIR
+    assets.mkdir(exist_ok=True)
+    for old in assets.glob("*.png"):  # drawn afresh: nothing stale from an earlier build
+        old.unlink()
+    found = find_outputs(run)
+    metrics_html, _ = _section_metrics(found, run)
+    cmp_html, cmps = _section_comparisons(found, run)
+    sections = [_verdict(cmps), metrics_html, cmp_html, _section_probe(found, run, assets),
+                _section_curves(found, run, assets), _section_examples(found, run, assets, examples),
+                _section_stages(found, run)]
+    sections = [s for s in sections if s]
+    if not sections:
+        raise FileNotFoundError(f"{run}: no job outputs found (metrics.json, probe.json, log.csv, generated.jsonl)")
+    import importlib.metadata as md
+
+    try:
+        version = md.version("radgen")
+    except md.PackageNotFoundError:
+        version = "?"
+    links = [f"<a href='#{a}'>{t}</a>" for a, t in (
+        ("verdict", "verdict"), ("metrics", "metrics"), ("comparisons", "comparisons"), ("probe", "probes"),
+        ("curves", "training curves"), ("examples", "examples"), ("stages", "stages"), ("limits", "limitations"))
+        if f"id='{a}'" in "".join(sections) or a == "limits"]
+    cfg_link = "".join(f" · <a href='{n}'>{n}</a>" for n in ("demo.yaml",) if (run / n).is_file())
+    doc = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title or run.name)} — radgen"
+           f"</title><style>{CSS}</style></head><body><h1>{html.escape(title or 'radgen results: ' + run.name)}</h1>"
+           f"<p class=note>radgen {version} · built {time.strftime('%Y-%m-%d %H:%M')} from "
+           f"<code>{html.escape(str(run.resolve()))}</code>{cfg_link}</p><nav>{''.join(links)}</nav>"
+           + "".join(sections) + _sec("limits", "Limitations", LIMITS) + "</body></html>\n")
+    page = run / "index.html"
+    atomic_write_text(page, doc)
+    return page
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("report", help="build the offline results page (index.html) of a run folder",
+                              description="Reads the job outputs in RUN_DIR (metrics.json, comparison.json, "
+                                          "probe.json, training log.csv files, generated.jsonl) and writes "
+                                          "RUN_DIR/index.html with its figures in RUN_DIR/page/.")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--examples", type=int, default=8, help="example radiographs on the page (default 8)")
+    p.add_argument("--title", help="page title")
+    p.set_defaults(func=cmd_report)
+    return p
+
+
+def cmd_report(args) -> int:
+    try:
+        page = build_page(args.run, examples=args.examples, title=args.title)
+    except FileNotFoundError as exc:
+        print(f"radgen report: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {page} (open it in a browser; figures in {page.parent / PAGE_DIR})")
+    return 0

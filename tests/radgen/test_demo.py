@@ -1,0 +1,201 @@
+"""``radgen demo`` (stage-resumable pipeline) and ``radgen report`` (the results page).
+
+One tiny demo run (40 phantoms, a 2-step encoder pretraining, a tiny random LLM, a few training
+steps) is shared by the module: it exercises every stage for real, then the tests check the page,
+skip-on-rerun and redo-after-delete on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import html.parser
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from radgen.jobs import demo as demo_mod
+from radgen.jobs.demo import STAGES, DemoError, load_demo_config, run_demo
+from radgen.jobs.report_page import build_page, shortfalls, word_diff_html
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny_overrides(out: Path, llm: Path) -> list[str]:
+    return [
+        f"out={out}",
+        "synth.overrides=[n=40,size=64,seed=3]",
+        "encoder.overrides=[optim.epochs=1,optim.warmup_epochs=0,optim.batch_size=16,crops.n_local=2,"
+        "model.img_size=56,crops.global_size=56,crops.local_size=28,data.image_size=64,train.checkpoint_every=1]",
+        "probe.probes=[logistic,segment]", "probe.seg_epochs=2", "probe.resamples=50",
+        f"generator.overrides=[llm.path={llm},stage1.max_steps=2,stage2.max_steps=2,stage1.batch_size=4,"
+        "stage2.batch_size=4,train.eval_every=0,train.checkpoint_every=1,data.max_val_samples=2,"
+        "train.sample_generations=1,train.precision=fp32,data.workers=0]",
+        "generate.max_new_tokens=12", "generate.batch_size=4",
+        "evaluate.metrics=[bleu,rouge_l,chexpert]", "evaluate.resamples=50",
+        "report.examples=3",
+    ]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, tiny_llm_dir, one_thread):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    cfg = load_demo_config("quick", [], _tiny_overrides(out, tiny_llm_dir))
+    logs: list[str] = []
+    summary = run_demo(cfg, progress=False, log=logs.append)
+    return cfg, out, summary, logs
+
+
+class _Refs(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs: list[tuple[str, str]] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "img":
+            self.refs.append(("img", a["src"]))
+        elif tag == "a" and a.get("href"):
+            self.refs.append(("a", a["href"]))
+
+
+def _check_page(page: Path) -> _Refs:
+    parser = _Refs()
+    parser.feed(page.read_text(encoding="utf-8"))
+    for kind, ref in parser.refs:
+        assert not ref.startswith(("http:", "https:", "//", "/")), f"{kind} {ref}: page must work offline"
+        if ref.startswith("#"):
+            assert ref[1:] in parser.ids, f"dangling anchor {ref}"
+        else:
+            assert (page.parent / ref).is_file(), f"{kind} {ref} referenced by {page} does not exist"
+    return parser
+
+
+def test_every_stage_runs_and_the_page_has_every_section(demo_run):
+    cfg, out, summary, logs = demo_run
+    assert [r["stage"] for r in summary["stages"]] == [s.name for s in STAGES]
+    assert all(r["status"] == "ran" for r in summary["stages"])
+    page = out / "index.html"
+    parser = _check_page(page)
+    for section in ("verdict", "metrics", "comparisons", "probe", "curves", "examples", "stages", "limits"):
+        assert section in parser.ids, f"section {section} missing"
+    text = page.read_text(encoding="utf-8")
+    imgs = [r for k, r in parser.refs if k == "img"]
+    assert sum("example_" in r for r in imgs) == 3
+    assert any("pretrain_" in r for r in imgs) and any("train_" in r for r in imgs)
+    # every baseline is compared on both headline metrics, and the probe table has all three kinds
+    for b in ("normal_template", "most_common", "nearest_neighbour"):
+        assert f"vs {b} (B)" in text
+    assert "chexpert_f1_14_micro" in text and "chexpert_f1_5_micro" in text
+    for model in ("pretrained", "random-0", "pixels-16"):
+        assert f"<td>{model}</td>" in text
+    assert "not a clinical model" in text
+    # the page's numbers are the evaluation's numbers
+    summary_json = json.loads((out / "evaluate" / "summary.json").read_text())
+    v = summary_json["systems"]["generator"]["scores"]["chexpert_f1_14_micro"]
+    assert f"{v:.3f}" in text
+
+
+def test_rerun_skips_every_stage(demo_run):
+    cfg, out, _, _ = demo_run
+    mtime = (out / "encoder" / "checkpoint.pt").stat().st_mtime_ns
+    summary = run_demo(cfg, progress=False, log=lambda m: None)
+    assert all(r["status"] == "skipped" for r in summary["stages"])
+    assert (out / "encoder" / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+
+def test_deleting_a_stage_redoes_it_and_only_what_reads_it(demo_run):
+    cfg, out, _, _ = demo_run
+    ckpt = (out / "encoder" / "checkpoint.pt").stat().st_mtime_ns
+    model = (out / "generator" / "model.json").stat().st_mtime_ns
+    shutil.rmtree(out / "generate")
+    summary = run_demo(cfg, progress=False, log=lambda m: None)
+    status = {r["stage"]: r["status"] for r in summary["stages"]}
+    assert status == {"data": "skipped", "encoder": "skipped", "probe": "skipped", "generator": "skipped",
+                      "generate": "ran", "baselines": "skipped", "evaluate": "ran", "page": "ran"}
+    assert (out / "encoder" / "checkpoint.pt").stat().st_mtime_ns == ckpt
+    assert (out / "generator" / "model.json").stat().st_mtime_ns == model
+    records = [json.loads(line) for line in (out / "generate" / "generated.jsonl").read_text().splitlines()]
+    assert len(records) == len({r["id"] for r in records}) > 0
+    _check_page(out / "index.html")
+
+
+def test_changed_settings_redo_only_the_stages_they_touch(demo_run):
+    cfg, out, _, _ = demo_run
+    changed = copy.deepcopy(cfg)
+    changed.report.examples = 2
+    summary = run_demo(changed, progress=False, log=lambda m: None)
+    status = {r["stage"]: r["status"] for r in summary["stages"]}
+    assert status["page"] == "ran" and all(status[s] == "skipped" for s in status if s != "page")
+    assert (out / "index.html").read_text().count("class=card") == 2
+
+
+def test_refuses_a_foreign_folder_and_bad_settings_before_work(tmp_path, tiny_llm_dir):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    cfg = load_demo_config("quick", [], _tiny_overrides(foreign, tiny_llm_dir))
+    with pytest.raises(DemoError, match="not a radgen demo run"):
+        run_demo(cfg, progress=False, log=lambda m: None)
+    assert (foreign / "precious.txt").read_text() == "keep me"
+    from radgen.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.nope|nope"):
+        run_demo(load_demo_config("quick", [], [f"out={tmp_path / 'x'}", "encoder.overrides=[optim.nope=1]"]),
+                 progress=False)
+    with pytest.raises(ConfigError, match="probe"):
+        run_demo(load_demo_config("quick", [], [f"out={tmp_path / 'y'}", "probe.probes=[logistic,bogus]"]),
+                 progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_report_command_on_a_plain_evaluate_folder(tmp_path):
+    """The page builder works on any run folder, not only a demo's."""
+    from radgen.jobs.evaluate import run_evaluate
+
+    refs = tmp_path / "refs.jsonl"
+    preds = tmp_path / "preds.jsonl"
+    other = tmp_path / "other.jsonl"
+    texts = ["Heart size is normal. No pleural effusion.", "There is a small left pleural effusion.",
+             "Cardiomegaly. No pneumothorax.", "The lungs are clear."]
+    refs.write_text("".join(json.dumps({"id": f"r{i}", "report": t}) + "\n" for i, t in enumerate(texts)))
+    preds.write_text("".join(json.dumps({"id": f"r{i}", "report": t}) + "\n"
+                             for i, t in enumerate(["Heart size is normal."] * 4)))
+    other.write_text("".join(json.dumps({"id": f"r{i}", "report": t}) + "\n" for i, t in enumerate(texts)))
+    run = tmp_path / "run"
+    run_evaluate(str(preds), str(refs), str(run / "model_vs_oracle"), metrics=["bleu", "chexpert"],
+                 compare_with=str(other))
+    page = build_page(run)
+    parser = _check_page(page)
+    assert {"metrics", "comparisons", "verdict"} <= parser.ids
+    assert "examples" not in parser.ids  # nothing generated with images: the section is left out
+    assert "falls short" in page.read_text()
+
+
+def test_word_diff_marks_missed_and_added_words():
+    ref, gen = word_diff_html("Small left pleural effusion. No pneumothorax.",
+                              "Small right pleural effusion. No pneumothorax.")
+    assert "<del>left</del>" in ref and "<ins>right</ins>" in gen
+    assert "<del>" not in gen and "<ins>" not in ref
+    ref, gen = word_diff_html("a <b> & c", "a <b> & c")
+    assert "&lt;b&gt;" in ref and "<del>" not in ref  # escaped, and equal text is unmarked
+
+
+def test_shortfalls_name_only_metrics_where_the_model_is_behind():
+    cmps = {"nn": {"chexpert_f1_14_micro": {"a": 0.4, "b": 0.5, "diff": -0.1, "ci": [-0.2, -0.01]},
+                   "chexpert_f1_5_micro": {"a": 0.3, "b": 0.2, "diff": 0.1, "ci": [0.01, 0.2]}},
+            "tpl": {"chexpert_f1_14_micro": {"a": 0.4, "b": 0.41, "diff": -0.01, "ci": [-0.05, 0.03]}}}
+    s = shortfalls(cmps)
+    assert [(x["baseline"], x["metric"], x["significant"]) for x in s] == [
+        ("nn", "chexpert_f1_14_micro", True), ("tpl", "chexpert_f1_14_micro", False)]
+
+
+def test_stage_dependencies_are_declared_in_order():
+    names = [s.name for s in STAGES]
+    for i, s in enumerate(STAGES):
+        assert all(names.index(d) < i for d in s.deps), s.name
+    assert demo_mod.MARKER == "stage.json"
