@@ -385,9 +385,10 @@ def _section_probe(found, run: Path, assets: Path) -> str:
     parts = []
     for p in found["probe"]:
         d = _json(p)
-        if not d or "rows" not in d:
+        rows = [r for r in (d or {}).get("rows") or []
+                if isinstance(r, dict) and {"model", "probe", "target", "metric", "value"} <= r.keys()]
+        if not rows:  # not a `radgen probe` result (or an older format): nothing to show
             continue
-        rows = d["rows"]
         present = [h for h in HEADLINE if any((r["probe"], r["target"], r["metric"]) == h[:3] for r in rows)]
         by = {(r["model"], r["probe"], r["target"], r["metric"]): r for r in rows}
         models = list(dict.fromkeys(r["model"] for r in rows))
