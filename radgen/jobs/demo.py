@@ -305,8 +305,8 @@ def run_demo(cfg: DictConfig, force: bool = False, progress: bool = True, log=pr
             rows.append({"stage": stage.name, "status": "skipped", "seconds": marker.get("seconds")})
             continue
         started = folder / STARTED
-        if folder.exists() and not (started.is_file() and started.read_text().strip() == key):
-            shutil.rmtree(folder)  # stale output of other settings or inputs: start clean
+        if folder.exists() and (force or not (started.is_file() and started.read_text().strip() == key)):
+            shutil.rmtree(folder)  # forced, or stale output of other settings or inputs: start clean
         resumed = folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).unlink(missing_ok=True)

@@ -549,7 +549,7 @@ th:first-child,td:first-child{text-align:left} thead{background:#f3f3f3}
 .ci{color:#777;font-size:0.85em} .note{color:#555;font-size:0.88em} .ahead{color:#137a2d;font-weight:600}
 .behind{color:#b3261e;font-weight:600} .shortfall{color:#b3261e} .verdict{background:#fff7e6;padding:2px 14px;
 border-left:4px solid #e0a800} nav a{margin-right:12px} .figs img,.fig img{max-width:100%;margin:6px 0}
-.figs{display:flex;flex-wrap:wrap;gap:8px} .figs img{max-width:560px;height:auto}
+.figs{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start} .figs img{max-width:48%;height:auto}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:12px}
 .card{display:flex;gap:10px;border:1px solid #ddd;border-radius:6px;padding:8px;font-size:0.86em}
 .card img{width:190px;height:190px;object-fit:contain;background:#000} .card p{margin:3px 0}
