@@ -84,6 +84,8 @@ def find_outputs(run: Path) -> dict[str, list[Path]]:
             found["generated"].append(p)
         elif p.name == "stage.json":
             found["stage"].append(p)
+    # demo stages in the order they ran, not by folder name
+    found["stage"].sort(key=lambda p: str((_json(p) or {}).get("finished", "")))
     return found
 
 
@@ -580,7 +582,7 @@ def build_page(run: str | os.PathLike, examples: int = 8, title: str | None = No
     for old in assets.glob("*.png"):  # drawn afresh: nothing stale from an earlier build
         old.unlink()
     found = find_outputs(run)
-    metrics_html, _ = _section_metrics(found, run)
+    metrics_html, systems = _section_metrics(found, run)
     cmp_html, cmps = _section_comparisons(found, run)
     sections = [_verdict(cmps), metrics_html, cmp_html, _section_probe(found, run, assets),
                 _section_curves(found, run, assets), _section_examples(found, run, assets, examples),
@@ -606,7 +608,49 @@ def build_page(run: str | os.PathLike, examples: int = 8, title: str | None = No
            + "".join(sections) + _sec("limits", "Limitations", LIMITS) + "</body></html>\n")
     page = run / "index.html"
     atomic_write_text(page, doc)
+    atomic_write_text(run / "summary.md", summary_markdown(found, systems, cmps))
     return page
+
+
+SUMMARY_METRICS = (("chexpert_f1_14_micro", "CheXpert-14 micro F1"), ("chexpert_f1_5_micro", "CheXpert-5 micro F1"),
+                   ("bleu_4", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("radgraph_proxy_partial_f1", "RadGraph proxy F1"))
+
+
+def summary_markdown(found: dict, systems: dict, cmps: dict) -> str:
+    """The page's headline numbers as Markdown (``summary.md``: for READMEs and notes)."""
+    def ci(v, c):
+        return "—" if v is None else (f"{v:.3f}" if not c or c[0] is None else f"{v:.3f} [{c[0]:.3f}, {c[1]:.3f}]")
+
+    out = []
+    if systems:
+        order = sorted(systems, key=lambda s: (0 if "generator" in s or "generated" in s else 1, s))
+        keys = [(k, t) for k, t in SUMMARY_METRICS if any(k in systems[s][1]["scores"] for s in order)]
+        out += ["| system | n | " + " | ".join(t for _, t in keys) + " |", "|---|---:|" + "---|" * len(keys)]
+        for s in order:
+            d = systems[s][1]
+            out.append(f"| {s} | {d.get('n_pairs')} | " + " | ".join(
+                ci(d["scores"].get(k), (d.get("ci") or {}).get(k)) for k, _ in keys) + " |")
+        out.append("")
+    if cmps:
+        keys = [(k, t) for k, t in SUMMARY_METRICS if any(k in c for c in cmps.values())]
+        out += ["| generator − baseline | " + " | ".join(t for _, t in keys) + " |", "|---|" + "---|" * len(keys)]
+        for b, c in cmps.items():
+            out.append(f"| {b} | " + " | ".join(
+                "—" if k not in c else f"{c[k]['diff']:+.3f} [{c[k]['ci'][0]:+.3f}, {c[k]['ci'][1]:+.3f}]"
+                for k, _ in keys) + " |")
+        out.append("")
+    from radgen.jobs.probe import headline
+
+    for p in found["probe"]:
+        rows = [r for r in (_json(p) or {}).get("rows") or []
+                if isinstance(r, dict) and {"model", "probe", "target", "metric", "value"} <= r.keys()]
+        if rows:
+            out += [headline(rows), ""]
+    stages = [d for d in (_json(p) for p in found["stage"]) if d and "stage" in d]
+    if stages:
+        out += ["| stage | seconds |", "|---|---:|"] + [f"| {d['stage']} | {d.get('seconds', 0):.0f} |" for d in stages]
+        out.append(f"| total | {sum(d.get('seconds', 0) for d in stages):.0f} |")
+    return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -98,6 +98,9 @@ def test_every_stage_runs_and_the_page_has_every_section(demo_run):
     summary_json = json.loads((out / "evaluate" / "summary.json").read_text())
     v = summary_json["systems"]["generator"]["scores"]["chexpert_f1_14_micro"]
     assert f"{v:.3f}" in text
+    summary_md = (out / "summary.md").read_text()
+    assert f"| generator | {summary_json['systems']['generator']['n_pairs']} | {v:.3f}" in summary_md
+    assert summary_md.index("| data |") < summary_md.index("| encoder |") < summary_md.index("| evaluate |")
 
 
 def test_rerun_skips_every_stage(demo_run):
