@@ -371,14 +371,20 @@ def _verdict(cmps: dict) -> str:
         items.append(f"<li>{s['metric']}: {s['a']:.3f} vs <b>{html.escape(s['baseline'])}</b> {s['b']:.3f} "
                      f"({s['diff']:+.3f}, CI [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]) — {how}.</li>")
     n_pairs = len(cmps) * len(VERDICT_METRICS)
-    if not short:
+    not_ahead = n_pairs - len(short) - len(ahead)  # ties, or ahead within the CI
+    tie_note = (f"<p>On {not_ahead} more it is not ahead either: tied, or ahead by less than the paired CI.</p>"
+                if not_ahead else "")
+    if not short and not not_ahead:
         text = (f"<p>The trained generator is ahead of every baseline on CheXpert-14 and CheXpert-5 micro F1 "
                 f"({len(ahead)} of {n_pairs} differences with a CI excluding 0).</p>")
+    elif not short:
+        text = ("<p><b>Where the trained model falls short:</b> it is behind no baseline on CheXpert-14 and "
+                "CheXpert-5 micro F1, but it is not ahead of every one.</p>")
     else:
         text = (f"<p><b>Where the trained model falls short:</b> it is behind a baseline on {len(short)} of "
                 f"{n_pairs} headline comparisons (CheXpert-14 and CheXpert-5 micro F1 against each baseline):</p>"
                 f"<ul>{''.join(items)}</ul>")
-    return _sec("verdict", "Verdict", text, cls="verdict")
+    return _sec("verdict", "Verdict", text + tie_note, cls="verdict")
 
 
 def _section_probe(found, run: Path, assets: Path) -> str:
@@ -551,7 +557,7 @@ th:first-child,td:first-child{text-align:left} thead{background:#f3f3f3}
 .ci{color:#777;font-size:0.85em} .note{color:#555;font-size:0.88em} .ahead{color:#137a2d;font-weight:600}
 .behind{color:#b3261e;font-weight:600} .shortfall{color:#b3261e} .verdict{background:#fff7e6;padding:2px 14px;
 border-left:4px solid #e0a800} nav a{margin-right:12px} .figs img,.fig img{max-width:100%;margin:6px 0}
-.figs{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start} .figs img{max-width:48%;height:auto}
+.figs{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start} .figs img{max-width:32%;height:auto}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:12px}
 .card{display:flex;gap:10px;border:1px solid #ddd;border-radius:6px;padding:8px;font-size:0.86em}
 .card img{width:190px;height:190px;object-fit:contain;background:#000} .card p{margin:3px 0}
@@ -584,9 +590,9 @@ def build_page(run: str | os.PathLike, examples: int = 8, title: str | None = No
     found = find_outputs(run)
     metrics_html, systems = _section_metrics(found, run)
     cmp_html, cmps = _section_comparisons(found, run)
-    sections = [_verdict(cmps), metrics_html, cmp_html, _section_probe(found, run, assets),
-                _section_curves(found, run, assets), _section_examples(found, run, assets, examples),
-                _section_stages(found, run)]
+    # the examples right after the headline numbers: what a reader wants to look at first
+    sections = [_verdict(cmps), metrics_html, _section_examples(found, run, assets, examples), cmp_html,
+                _section_probe(found, run, assets), _section_curves(found, run, assets), _section_stages(found, run)]
     sections = [s for s in sections if s]
     if not sections:
         raise FileNotFoundError(f"{run}: no job outputs found (metrics.json, probe.json, log.csv, generated.jsonl)")
@@ -597,8 +603,8 @@ def build_page(run: str | os.PathLike, examples: int = 8, title: str | None = No
     except md.PackageNotFoundError:
         version = "?"
     links = [f"<a href='#{a}'>{t}</a>" for a, t in (
-        ("verdict", "verdict"), ("metrics", "metrics"), ("comparisons", "comparisons"), ("probe", "probes"),
-        ("curves", "training curves"), ("examples", "examples"), ("stages", "stages"), ("limits", "limitations"))
+        ("verdict", "verdict"), ("metrics", "metrics"), ("examples", "examples"), ("comparisons", "comparisons"),
+        ("probe", "probes"), ("curves", "training curves"), ("stages", "stages"), ("limits", "limitations"))
         if f"id='{a}'" in "".join(sections) or a == "limits"]
     cfg_link = "".join(f" · <a href='{n}'>{n}</a>" for n in ("demo.yaml",) if (run / n).is_file())
     doc = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title or run.name)} — radgen"
