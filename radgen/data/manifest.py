@@ -34,7 +34,7 @@ import datasets
 from eval.chexpert.observations import CHEXPERT_14, parse_label
 from radgen.data.images import IMAGE_EXTENSIONS
 
-__all__ = ["ManifestError", "read_manifest", "image_folder_dataset", "group_by_study", "FEATURES"]
+__all__ = ["ManifestError", "parse_labels", "read_manifest", "image_folder_dataset", "group_by_study", "FEATURES"]
 
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validate": "validate", "val": "validate",
                   "valid": "validate", "validation": "validate", "dev": "validate", "test": "test"}
@@ -135,6 +135,14 @@ def _normalise(raw: dict, path: Path, row: int, root: Path, check_files: bool) -
             out["age"] = float(age)
         except (TypeError, ValueError):
             raise ManifestError(path, f"age must be a number, got {age!r}", row) from None
+    out.update(parse_labels(raw, path, row))
+    return out
+
+
+def parse_labels(raw: dict, path, row) -> dict:
+    """The 14 CheXpert columns of one raw row as 1 / 0 / -1 / None; a bad value is a
+    :class:`ManifestError` naming the file, row and column."""
+    out = {}
     for k in CHEXPERT_14:
         try:
             out[k] = parse_label(raw.get(k))

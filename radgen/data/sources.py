@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from eval.chexpert.observations import CHEXPERT_14, parse_label
+from eval.chexpert.observations import CHEXPERT_14
 from radgen.data.images import IMAGE_EXTENSIONS
-from radgen.data.manifest import ManifestError, image_folder_dataset
+from radgen.data.manifest import ManifestError, image_folder_dataset, parse_labels
 
 __all__ = [
     "SourceError", "SourceResult", "MANIFEST_COLUMNS", "MANIFEST_SUFFIXES", "mimic_cxr_rows",
@@ -126,16 +126,6 @@ def _find_table(folder: Path, stem: str) -> Path | None:
     kind = stem.rsplit("-", 1)[-1]
     found = sorted(folder.glob(f"mimic-cxr-*-{kind}.csv")) + sorted(folder.glob(f"mimic-cxr-*-{kind}.csv.gz"))
     return found[0] if found else None
-
-
-def _labels(row: dict, path: Path, i: int) -> dict:
-    out = {}
-    for k in CHEXPERT_14:
-        try:
-            out[k] = parse_label(row.get(k))
-        except ValueError as exc:
-            raise ManifestError(path, f"column {k!r}: {exc}", i) from None
-    return out
 
 
 def _digits(value: str, column: str, path: Path, i: int) -> str:
@@ -257,7 +247,7 @@ def mimic_cxr_rows(root: str | os.PathLike, *, tables: str | os.PathLike | None 
     for i, r in _iter_table(chexpert_csv, ("subject_id", "study_id", *CHEXPERT_14)):
         key = (_digits(r["subject_id"], "subject_id", chexpert_csv, i),
                _digits(r["study_id"], "study_id", chexpert_csv, i))
-        labels[key] = _labels(r, chexpert_csv, i)
+        labels[key] = parse_labels(r, chexpert_csv, i)
     view_of: dict[str, str] = {}
     if meta_csv is not None:
         for _, r in _iter_table(meta_csv, ("dicom_id", "ViewPosition")):
@@ -395,7 +385,7 @@ def chexpert_rows(root: str | os.PathLike, *, val_fraction: float = 0.0, seed: i
             orientation = (r.get("Frontal/Lateral") or "").lower()
             if orientation:  # AP/PA (blank on laterals) when frontal
                 row["view"] = (r.get("AP/PA") or "FRONTAL") if orientation == "frontal" else "LATERAL"
-            row.update(_labels(r, path, i))
+            row.update(parse_labels(r, path, i))
             res.rows.append(row)
     if val_fraction > 0:
         patients = sorted({r["subject_id"] for r in res.rows if r["split"] == "train"})
