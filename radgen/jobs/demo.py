@@ -30,13 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from encoder.io import atomic_write_text
 from radgen.config import ConfigError, load_config, save_config
+from radgen.jobs.report_baselines import BASELINES
 
 __all__ = ["STAGES", "DemoError", "DemoInterrupted", "stage_key", "run_demo", "add_demo_parser", "cmd_demo"]
 
 MARKER = "stage.json"
 STARTED = ".stage-key"  # written when a stage starts: a partial folder with this key may resume
-SYSTEMS = ("generator", "normal_template", "most_common", "nearest_neighbour")
-BASELINES = SYSTEMS[1:]
 
 
 class DemoError(ValueError):

@@ -109,6 +109,24 @@ def _json(p: Path) -> dict | None:
         return None
 
 
+PROBE_ROW_KEYS = {"model", "probe", "target", "metric", "value"}
+
+
+def _probe_rows(d: dict | None) -> list[dict]:
+    """The rows of a loaded ``probe.json`` (none for another format)."""
+    return [r for r in (d or {}).get("rows") or [] if isinstance(r, dict) and PROBE_ROW_KEYS <= r.keys()]
+
+
+def _stages(found) -> list[dict]:
+    """The demo stage markers, in the order they ran."""
+    return [d for d in (_json(p) for p in found["stage"]) if d and "stage" in d]
+
+
+def _system_order(systems: dict) -> list[str]:
+    """The trained model first, then the baselines by name."""
+    return sorted(systems, key=lambda s: (0 if "generator" in s or "generated" in s else 1, s))
+
+
 def _num(v) -> float | None:
     try:
         x = float(v)
@@ -301,8 +319,7 @@ def _section_metrics(found, run: Path) -> tuple[str, dict]:
             systems[_system_name(p, run)] = (p, d)
     if not systems:
         return "", {}
-    # the trained model first, then the baselines in a fixed order
-    order = sorted(systems, key=lambda s: (0 if "generator" in s or "generated" in s else 1, s))
+    order = _system_order(systems)
     present = [m for m in MAIN_METRICS if any(m in systems[s][1]["scores"] for s in order)]
     rows = []
     for m in present:
@@ -393,8 +410,7 @@ def _section_probe(found, run: Path, assets: Path) -> str:
     parts = []
     for p in found["probe"]:
         d = _json(p)
-        rows = [r for r in (d or {}).get("rows") or []
-                if isinstance(r, dict) and {"model", "probe", "target", "metric", "value"} <= r.keys()]
+        rows = _probe_rows(d)
         if not rows:  # not a `radgen probe` result (or an older format): nothing to show
             continue
         present = [h for h in HEADLINE if any((r["probe"], r["target"], r["metric"]) == h[:3] for r in rows)]
@@ -532,14 +548,12 @@ def _section_examples(found, run: Path, assets: Path, k: int) -> str:
 
 
 def _section_stages(found, run: Path) -> str:
-    rows = []
-    for p in found["stage"]:
-        d = _json(p)
-        if d and "stage" in d:
-            rows.append([html.escape(d["stage"]), f"{d.get('seconds', 0):.0f} s", html.escape(str(d.get("finished", "")))])
-    if not rows:
+    stages = _stages(found)
+    if not stages:
         return ""
-    total = sum(_json(p).get("seconds", 0) for p in found["stage"] if _json(p))
+    rows = [[html.escape(d["stage"]), f"{d.get('seconds', 0):.0f} s", html.escape(str(d.get("finished", "")))]
+            for d in stages]
+    total = sum(d.get("seconds", 0) for d in stages)
     return _sec("stages", "Stages", _table(["stage", "time (last run)", "finished"], rows, "small")
                 + f"<p class=note>total {total / 60:.1f} min of stage time.</p>")
 
@@ -629,7 +643,7 @@ def summary_markdown(found: dict, systems: dict, cmps: dict) -> str:
 
     out = []
     if systems:
-        order = sorted(systems, key=lambda s: (0 if "generator" in s or "generated" in s else 1, s))
+        order = _system_order(systems)
         keys = [(k, t) for k, t in SUMMARY_METRICS if any(k in systems[s][1]["scores"] for s in order)]
         out += ["| system | n | " + " | ".join(t for _, t in keys) + " |", "|---|---:|" + "---|" * len(keys)]
         for s in order:
@@ -648,11 +662,10 @@ def summary_markdown(found: dict, systems: dict, cmps: dict) -> str:
     from radgen.jobs.probe import headline
 
     for p in found["probe"]:
-        rows = [r for r in (_json(p) or {}).get("rows") or []
-                if isinstance(r, dict) and {"model", "probe", "target", "metric", "value"} <= r.keys()]
+        rows = _probe_rows(_json(p))
         if rows:
             out += [headline(rows), ""]
-    stages = [d for d in (_json(p) for p in found["stage"]) if d and "stage" in d]
+    stages = _stages(found)
     if stages:
         out += ["| stage | seconds |", "|---|---:|"] + [f"| {d['stage']} | {d.get('seconds', 0):.0f} |" for d in stages]
         out.append(f"| total | {sum(d.get('seconds', 0) for d in stages):.0f} |")
