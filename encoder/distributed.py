@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-__all__ = ["STRATEGIES", "setup_distributed", "resolve_strategy", "shard_ssl_model", "average_gradients",
+__all__ = ["STRATEGIES", "setup_distributed", "resolve_strategy", "shard_ssl_model", "average_gradients", "all_ranks_agree",
            "set_gradient_sync", "broadcast_model", "sync_diff", "full_state", "load_full_state"]
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -109,6 +109,15 @@ def broadcast_model(model: nn.Module, world: int) -> None:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def all_ranks_agree(flag: bool, device: torch.device, world: int) -> bool:
+    """True only if ``flag`` holds on every rank (one tiny all-reduce that every rank must call)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
 
 
 def sync_diff(model: nn.Module, world: int) -> float:

@@ -6,7 +6,11 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["CheckpointError", "atomic_write_bytes", "atomic_write_text"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt (checksum), unreadable or of another job's format."""
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -19,7 +23,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # a crash or a full disk before this leaves the old file whole
     except BaseException:
         try:
             os.unlink(tmp)

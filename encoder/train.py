@@ -34,9 +34,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from encoder.augment import MultiCrop, MultiCropConfig, collate_multicrop
-from encoder.checkpoint import load_checkpoint, save_checkpoint
+from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
 from encoder.distributed import (
     average_gradients,
+    all_ranks_agree,
     broadcast_model,
     full_state,
     load_full_state,
@@ -46,6 +47,7 @@ from encoder.distributed import (
     shard_ssl_model,
     sync_diff,
 )
+from encoder.guards import NONFINITE_MODES, CollapseGuard, NonFiniteGuard
 from encoder.io import atomic_write_text
 from encoder.masking import MASK_STYLES
 from encoder.ssl import SSLConfig, SSLMetaArch
@@ -57,7 +59,7 @@ __all__ = ["train", "cosine_schedule", "build_param_groups", "collapse_flags", "
 CKPT_NAME = "checkpoint.pt"
 LOG_FIELDS = ["step", "epoch", "lr", "wd", "momentum", "teacher_temp", "loss", "dino", "ibot",
               "koleo", "teacher_entropy", "teacher_batch_entropy", "teacher_info", "cls_std", "collapse",
-              "images_per_s", "sync_diff"]
+              "images_per_s", "sync_diff", "nonfinite_skipped"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,24 +268,36 @@ def _multicrop(cfg: DictConfig) -> MultiCrop:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Fail before any work starts."""
+    """Fail before any work starts, with every problem of the config in one message."""
+    errors = []
     if not cfg.out:
-        raise ValueError("pretrain-encoder: 'out' (output folder) is required")
+        errors.append("'out' (output folder) is required")
     if cfg.crops.global_size % cfg.model.patch_size or cfg.crops.local_size % cfg.model.patch_size:
-        raise ValueError(f"crop sizes ({cfg.crops.global_size}, {cfg.crops.local_size}) must be "
-                         f"multiples of the patch size {cfg.model.patch_size}")
+        errors.append(f"crop sizes ({cfg.crops.global_size}, {cfg.crops.local_size}) must be "
+                      f"multiples of the patch size {cfg.model.patch_size}")
     if cfg.optim.batch_size < 2:
-        raise ValueError("optim.batch_size must be >= 2 (KoLeo and centring need a batch)")
+        errors.append("optim.batch_size must be >= 2 (KoLeo and centring need a batch)")
     if cfg.optim.accum_steps < 1 or cfg.optim.epochs < 1:
-        raise ValueError("optim.accum_steps and optim.epochs must be >= 1")
+        errors.append("optim.accum_steps and optim.epochs must be >= 1")
     lo, hi = cfg.masking.mask_ratio
     if not 0 <= lo <= hi < 1 or not 0 <= cfg.masking.mask_probability <= 1:
-        raise ValueError("masking.mask_ratio must satisfy 0 <= lo <= hi < 1 and mask_probability in [0, 1]")
+        errors.append("masking.mask_ratio must satisfy 0 <= lo <= hi < 1 and mask_probability in [0, 1]")
     style = OmegaConf.select(cfg, "masking.style", default=None)
     if style is not None and style not in MASK_STYLES:
-        raise ValueError(f"masking.style must be one of {', '.join(MASK_STYLES)}, got {style!r}")
-    SSLConfig(centering=cfg.ssl.centering, dino_weight=cfg.ssl.dino_weight,
-              ibot_weight=cfg.ssl.ibot_weight, koleo_weight=cfg.ssl.koleo_weight)
+        errors.append(f"masking.style must be one of {', '.join(MASK_STYLES)}, got {style!r}")
+    if cfg.train.on_nonfinite not in NONFINITE_MODES:
+        errors.append(f"train.on_nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {cfg.train.on_nonfinite!r}")
+    if int(cfg.train.keep_checkpoints) < 1:
+        errors.append("train.keep_checkpoints must be >= 1")
+    if int(cfg.train.stop_on_collapse) < 0:
+        errors.append("train.stop_on_collapse must be >= 0 (0: never stop)")
+    try:
+        SSLConfig(centering=cfg.ssl.centering, dino_weight=cfg.ssl.dino_weight,
+                  ibot_weight=cfg.ssl.ibot_weight, koleo_weight=cfg.ssl.koleo_weight)
+    except ValueError as exc:
+        errors.append(str(exc))
+    if errors:
+        raise ValueError("pretrain-encoder: invalid config:\n  - " + "\n  - ".join(errors))
 
 
 def resolve_mask_style(cfg: DictConfig, saved_config: dict | None) -> str:
@@ -342,7 +356,7 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     strategy = resolve_strategy(cfg.train.strategy, world)
     out = Path(cfg.out)
     ckpt_path = out / CKPT_NAME
-    ckpt = load_checkpoint(ckpt_path) if cfg.train.resume and ckpt_path.is_file() else None
+    ckpt = load_latest_checkpoint(ckpt_path) if cfg.train.resume else None
     # Settle the mask style before the config is written, so config.yaml and the checkpoints
     # record the style the run really uses (an old run resumes with "legacy").
     cfg = copy.deepcopy(cfg)
@@ -403,6 +417,14 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
         writer.writeheader()
     tb = _tensorboard(out) if rank == 0 else None
 
+    saved = {"step": start if ckpt_path.is_file() else None}
+    nonfinite = NonFiniteGuard(str(cfg.train.on_nonfinite), int(cfg.train.max_nonfinite_skips))
+    collapse = CollapseGuard(int(cfg.train.stop_on_collapse))
+
+    def kept() -> str:
+        return (f"the last good checkpoint (step {saved['step']}) is kept at {ckpt_path}" if saved["step"] is not None
+                else "no checkpoint had been written yet")
+
     def save(step_next: int, logs: dict) -> None:
         if rank != 0 and strategy != "fsdp":
             return
@@ -415,7 +437,8 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
             "vit_config": model.student["backbone"].cfg.to_dict(),
             "ssl_config": model.config_dict(), "global_batch": global_batch, "world_size": world,
             "last_logs": {k: v for k, v in logs.items() if isinstance(v, (int, float, str))},
-        })
+        }, keep=int(cfg.train.keep_checkpoints))
+        saved["step"] = step_next
 
     bar = tqdm(total=stop_at, initial=start, desc="pretrain", unit="step",
                disable=rank != 0 or not cfg.train.progress, dynamic_ncols=True)
@@ -450,15 +473,22 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
                 average_gradients(params, world)  # FSDP has already reduce-scattered them
             if scaler:
                 scaler.unscale_(opt)
-            if o.clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
-            if scaler:
+            # The norm is needed anyway to catch an inf gradient behind a finite loss; with
+            # max_norm=inf the gradients are multiplied by exactly 1.
+            gnorm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad or float("inf"))
+            ok = NonFiniteGuard.finite(acc["loss"], 0.0 if scaler else gnorm)  # fp16: the scaler skips inf grads
+            ok = all_ranks_agree(ok, device, world)
+            if nonfinite.should_skip(ok, f"pretrain step {step}", kept()):
+                opt.zero_grad(set_to_none=True)  # no optimiser or teacher update for this step
+            elif scaler:
                 scaler.step(opt)
                 scaler.update()
             else:
                 opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.update_teacher(float(sched.momentum[step]))
+            if ok:
+                opt.zero_grad(set_to_none=True)
+                model.update_teacher(float(sched.momentum[step]))
+            acc["nonfinite_skipped"] = nonfinite.skipped
             if cfg.train.verify_sync:
                 acc["sync_diff"] = sync_diff(model, world)
 
@@ -467,6 +497,7 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
                        momentum=float(sched.momentum[step]), teacher_temp=temp,
                        images_per_s=global_batch / max(now - t_last, 1e-9))
             acc["collapse"] = collapse_flags(acc, model.dino_loss.out_dim, 2 * B)
+            collapse.update(acc["collapse"], f"pretrain step {step}", kept())
             if "teacher_entropy" in acc:
                 acc["teacher_info"] = acc["teacher_batch_entropy"] - acc["teacher_entropy"]
             t_last = now

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import sys
+from collections import Counter
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -193,6 +194,11 @@ def cmd_pretrain(args) -> int:
         print("  last step: " + ", ".join(f"{k} {last[k]:.4g}" for k in
                                           ("loss", "dino", "ibot", "koleo", "teacher_entropy", "cls_std")
                                           if isinstance(last.get(k), float)) + f", collapse {last.get('collapse')}")
+    if summary["skipped"]:
+        kinds = Counter(r["error"] for r in summary["skipped"])
+        print(f"  {len(summary['skipped'])} of {summary['n_images']} images unreadable, skipped and recorded in "
+              f"{Path(summary['checkpoint']).parent / 'skipped.jsonl'} ("
+              + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + ")")
     print(f"  checkpoint: {summary['checkpoint']}")
     return code
 
@@ -212,6 +218,8 @@ def cmd_pixel_baseline(args) -> int:
 
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    from encoder.io import CheckpointError
+    from encoder.guards import TrainingStopped
     from radgen.config import ConfigError
     from radgen.data.images import ImageLoadError
     from radgen.data.manifest import ManifestError
@@ -228,9 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ManifestError, ImageLoadError, EvaluateError) as exc:
+    except (ConfigError, ManifestError, ImageLoadError, EvaluateError, CheckpointError) as exc:
         print(f"radgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:  # a NaN/inf loss or a collapse: the last good checkpoint is kept
+        print(f"radgen {args.command}: stopped: {exc}", file=sys.stderr)
+        return 4
+    except OSError as exc:  # disk full, permissions on an output folder...: the file and the reason
+        print(f"radgen {args.command}: error: {exc.filename or ''}{': ' if exc.filename else ''}"
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"radgen {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,9 @@ ever enters an ``ImageInfo`` or an error message.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ __all__ = [
     "UnsupportedTransferSyntaxError",
     "MultiFrameError",
     "UnsupportedImageError",
+    "UnreadableFileError",
     "load_image",
     "sniff_format",
 ]
@@ -91,6 +94,12 @@ class MultiFrameError(ImageLoadError):
 
 class UnsupportedImageError(ImageLoadError):
     code = "unsupported_image"
+
+
+class UnreadableFileError(ImageLoadError):
+    """The file system refused the file: no permission, a symlink loop, a broken link, I/O error."""
+
+    code = "unreadable_file"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,25 +183,44 @@ def load_image(
         ImageLoadError: a subclass naming the file and the reason.
     """
     p = Path(path)
-    if not p.exists():
-        raise ImageLoadError(p, "file does not exist")
-    if p.is_dir():
+    try:
+        st = p.stat()
+    except OSError as exc:
+        if exc.errno == errno.ENOENT and not p.is_symlink():
+            raise ImageLoadError(p, "file does not exist") from None
+        raise UnreadableFileError(p, _os_reason(exc, p)) from None
+    if stat.S_ISDIR(st.st_mode):
         raise ImageLoadError(p, "is a directory, not an image file")
-    size = p.stat().st_size
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        raise UnreadableFileError(p, "not a regular file")
+    if st.st_size == 0:
         raise EmptyFileError(p, "file is empty (0 bytes)")
-    with open(p, "rb") as fh:
-        head = fh.read(1024)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(1024)
+    except OSError as exc:
+        raise UnreadableFileError(p, _os_reason(exc, p)) from None
     fmt = sniff_format(head)
-    if fmt is None and p.suffix.lower() in (".dcm", ".dicom"):
-        fmt = "dicom"  # DICOM written without the 128-byte preamble
+    headerless = fmt is None and p.suffix.lower() in (".dcm", ".dicom")
+    if headerless:
+        fmt = "dicom"  # DICOM written without the 128-byte preamble, or not DICOM at all
     if fmt == "dicom":
-        return _load_dicom(p, frame=frame, max_pixels=max_pixels)
+        return _load_dicom(p, frame=frame, max_pixels=max_pixels, headerless=headerless)
     if fmt is None:
         if _looks_like_text(head):
             raise NotAnImageError(p, "file is text, not an image (wrong extension?)")
         # Let PIL try formats we do not sniff; it raises if it cannot.
     return _load_pil(p, max_pixels=max_pixels, intensity=intensity)
+
+
+def _os_reason(exc: OSError, p: Path) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symlink loop"
+    if exc.errno == errno.ENOENT:
+        return "broken symlink (its target does not exist)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return f"cannot read the file ({os.strerror(exc.errno) if exc.errno else type(exc).__name__})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +339,8 @@ def _had_orientation(im: Image.Image) -> bool:
 _SAFE_DICOM_FIELDS = ("Modality", "ViewPosition", "PatientSex", "PatientAge", "BodyPartExamined")
 
 
-def _load_dicom(path: Path, *, frame: int | None, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
+def _load_dicom(path: Path, *, frame: int | None, max_pixels: int, headerless: bool = False
+                ) -> tuple[np.ndarray, ImageInfo]:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -320,6 +349,9 @@ def _load_dicom(path: Path, *, frame: int | None, max_pixels: int) -> tuple[np.n
         ds = pydicom.dcmread(path, force=True)
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
         raise CorruptImageError(path, f"unreadable DICOM ({type(exc).__name__})") from exc
+    if headerless and not any(k in ds for k in ("PixelData", "SOPClassUID", "Modality", "Rows")):
+        # No DICM preamble and nothing DICOM-like parsed: random bytes named .dcm
+        raise NotAnImageError(path, "not a DICOM file (no DICM header and no DICOM elements)")
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise NoPixelDataError(path, "DICOM file has no pixel data (e.g. a structured report)")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)

@@ -18,14 +18,18 @@ sex, age        no        ``M``/``F``, years
 anything else   no        kept as text
 ==============  ========  ===================================================================
 
-Every problem raises :class:`ManifestError` naming the file, the row and the reason.
+Every problem raises :class:`ManifestError` naming the file, the row and the reason; a manifest
+with several bad rows gets one error listing them all. A relative image path must stay inside the
+manifest's folder (or ``root``); an absolute path may point anywhere.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
@@ -62,29 +66,56 @@ class ManifestError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+MAX_LISTED_ERRORS = 20
+
+
+def _collected(path: Path, errors: list[ManifestError]) -> ManifestError:
+    """One error listing every problem found in ``path`` (the first :data:`MAX_LISTED_ERRORS`);
+    a single problem is raised as it is (with its ``row``)."""
+    if len(errors) == 1:
+        return errors[0]
+    lines = [f"row {e.row}: {e.reason}" if e.row is not None else e.reason for e in errors[:MAX_LISTED_ERRORS]]
+    more = len(errors) - len(lines)
+    return ManifestError(path, f"{len(errors)} problems:\n  - " + "\n  - ".join(lines)
+                         + (f"\n  ... and {more} more" if more > 0 else ""))
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ManifestError(path, f"not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                                  "re-encode the file as UTF-8", row=line) from None
+
+
 def _read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".csv", ".tsv"):
+        raise ManifestError(path, f"unknown manifest type {suffix!r} (use .csv, .tsv or .jsonl)")
+    text = _read_text(path)
     if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ManifestError(path, f"invalid JSON ({exc.msg})", row=i) from None
-                if not isinstance(obj, dict):
-                    raise ManifestError(path, "each line must be a JSON object", row=i)
-                rows.append(obj)
+        rows, errors = [], []
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                errors.append(ManifestError(path, f"invalid JSON ({exc.msg})", row=i))
+                continue
+            if not isinstance(obj, dict):
+                errors.append(ManifestError(path, "each line must be a JSON object", row=i))
+                continue
+            rows.append(obj)
+        if errors:
+            raise _collected(path, errors)
         return rows
-    if suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            if reader.fieldnames is None:
-                raise ManifestError(path, "file is empty (no header row)")
-            return [dict(r) for r in reader]
-    raise ManifestError(path, f"unknown manifest type {suffix!r} (use .csv, .tsv or .jsonl)")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+    if reader.fieldnames is None:
+        raise ManifestError(path, "file is empty (no header row)")
+    return [dict(r) for r in reader]
 
 
 def _images_of(raw: dict, path: Path, row: int) -> list[str]:
@@ -108,7 +139,12 @@ def _normalise(raw: dict, path: Path, row: int, root: Path, check_files: bool) -
     images = []
     for rel in _images_of(raw, path, row):
         p = Path(rel)
-        p = p if p.is_absolute() else root / p
+        if not p.is_absolute():
+            p = Path(os.path.normpath(root / p))
+            if not p.is_relative_to(os.path.normpath(root)):
+                raise ManifestError(path, f"image path {rel!r} climbs out of the manifest's folder {root} "
+                                          "(relative paths stay inside it; write an absolute path to "
+                                          "read a file elsewhere)", row)
         if check_files and not p.exists():
             raise ManifestError(path, f"image file not found: {p}", row)
         images.append(str(p))
@@ -183,16 +219,23 @@ def read_manifest(
     if not raws:
         raise ManifestError(p, "manifest has no rows")
     extra = list(keep_extra)
-    rows, seen = [], set()
+    rows, seen, errors = [], {}, []
     for i, raw in enumerate(raws, start=1):
-        r = _normalise(raw, p, i, base, check_files)
+        try:
+            r = _normalise(raw, p, i, base, check_files)
+        except ManifestError as exc:
+            errors.append(exc)
+            continue
         if r["id"] in seen:
-            raise ManifestError(p, f"duplicate id {r['id']!r}", i)
-        seen.add(r["id"])
+            errors.append(ManifestError(p, f"duplicate id {r['id']!r} (first on row {seen[r['id']]})", i))
+            continue
+        seen[r["id"]] = i
         for k in extra:
             v = raw.get(k)
             r[k] = None if v is None or v == "" else str(v)
         rows.append(r)
+    if errors:  # every problem at once, before any model is loaded
+        raise _collected(p, errors)
     if split is not None:
         want = _SPLIT_ALIASES.get(split.lower(), split)
         rows = [r for r in rows if r["split"] == want]
@@ -205,8 +248,12 @@ def read_manifest(
 def image_folder_dataset(folder: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> datasets.Dataset:
     """Every image under ``folder`` (recursively, sorted, hidden files skipped) as a Dataset.
 
-    Ids are the paths relative to ``folder`` without suffix; other columns are empty. Used for
-    encoder pretraining and for ``radgen generate`` on a plain folder of X-rays.
+    Ids are the paths relative to ``folder`` without suffix (with it where two files differ only
+    by suffix); other columns are empty. Used for
+    encoder pretraining and for ``radgen generate`` on a plain folder of X-rays. Symlinked
+    folders are not entered (no loops); a name with an image suffix that is not a readable file
+    (broken link, symlink loop, no permission) is listed, so the job records it as a failure
+    instead of losing it silently.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -214,14 +261,18 @@ def image_folder_dataset(folder: str | os.PathLike, extensions: Iterable[str] = 
     exts = {e.lower() for e in extensions}
     files = sorted(
         f for f in root.rglob("*")
-        if f.is_file() and f.suffix.lower() in exts and not any(part.startswith(".") for part in f.relative_to(root).parts)
+        if f.suffix.lower() in exts and not f.is_dir()
+        and not any(part.startswith(".") for part in f.relative_to(root).parts)
     )
     if not files:
         raise ManifestError(root, f"no image files ({', '.join(sorted(exts))}) under this folder")
+    stems = Counter(f.relative_to(root).with_suffix("") for f in files)
     rows = []
     for f in files:
         r = {k: None for k in FEATURES}
-        r["id"] = str(f.relative_to(root).with_suffix(""))
+        rel = f.relative_to(root)
+        # a.png and a.dcm side by side would share an id: those two keep their suffix
+        r["id"] = str(rel if stems[rel.with_suffix("")] > 1 else rel.with_suffix(""))
         r["images"] = [str(f)]
         rows.append(r)
     return datasets.Dataset.from_list(rows, features=FEATURES)

@@ -575,10 +575,13 @@ def check_out_path(out: str | os.PathLike) -> Path:
 
 
 def _rel(image: str, base: Path) -> str:
+    """Relative to the manifest's folder when the image is inside it, else absolute (a relative
+    path may not climb out of the manifest's folder; see read_manifest)."""
     try:
-        return Path(os.path.relpath(image, base)).as_posix()
+        rel = Path(os.path.relpath(image, base))
     except ValueError:  # another drive (Windows): keep it absolute
         return Path(image).as_posix()
+    return rel.as_posix() if rel.parts[:1] != ("..",) else Path(os.path.abspath(image)).as_posix()
 
 
 def _cell(v) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,7 +14,7 @@ from torch.utils.data import Dataset
 
 from radgen.data.images import ImageLoadError, load_image
 
-__all__ = ["ImageTensorDataset"]
+__all__ = ["ImageTensorDataset", "read_skip_log"]
 
 
 class ImageTensorDataset(Dataset):
@@ -19,16 +22,20 @@ class ImageTensorDataset(Dataset):
 
     A file that fails to load is reported once on stderr (path and reason, never patient data)
     and replaced by the next loadable image, so a long pretraining run does not die on one bad
-    file; ``skipped`` keeps the error records.
+    file; ``skipped`` keeps the error records, and with ``skip_log`` each is also appended to
+    that JSONL file (data-loader workers are separate processes: the file is what they share;
+    :func:`read_skip_log` counts each path once).
     """
 
-    def __init__(self, paths: list[str], image_size: int | None = None, cache: bool = False):
+    def __init__(self, paths: list[str], image_size: int | None = None, cache: bool = False,
+                 skip_log: str | os.PathLike | None = None):
         if not paths:
             raise ValueError("no images")
         self.paths = list(paths)
         self.image_size = image_size
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
         self.skipped: dict[str, dict] = {}
+        self.skip_log = Path(skip_log) if skip_log else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -55,8 +62,27 @@ class ImageTensorDataset(Dataset):
             except ImageLoadError as exc:
                 self.skipped[self.paths[j]] = exc.record()
                 print(f"warning: skipping {exc}", file=sys.stderr)
+                if self.skip_log is not None:
+                    self.skip_log.parent.mkdir(parents=True, exist_ok=True)
+                    with open(self.skip_log, "a", encoding="utf-8") as fh:  # one short O_APPEND write
+                        fh.write(json.dumps(exc.record()) + "\n")
                 continue
             if self.cache is not None:
                 self.cache[j] = x
             return x
         raise RuntimeError("no loadable image in the dataset")
+
+
+def read_skip_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``skip_log``, one per path (a torn last line from a kill is ignored)."""
+    seen: dict[str, dict] = {}
+    p = Path(path)
+    if not p.is_file():
+        return []
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        seen.setdefault(r.get("path"), r)
+    return list(seen.values())

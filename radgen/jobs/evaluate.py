@@ -3,7 +3,9 @@
 Files are JSONL (one object per line), JSON (a list of objects) or CSV/TSV with an id column and a
 text column. Rows are joined on id; ids present on one side only are an error unless
 ``--allow-missing`` (missing predictions are then scored as empty reports, extra ones ignored,
-and both counts recorded). Empty predictions are always scored, never dropped.
+and both counts recorded). Empty predictions are always scored, never dropped; an empty
+reference is an error. A text longer than :data:`MAX_REPORT_CHARS` is cut to that length and
+counted (``inputs.reports_cut_to_max_chars`` in metrics.json).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import csv
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,9 +22,10 @@ from encoder.io import atomic_write_bytes, atomic_write_text
 from eval.chexpert.observations import CHEXPERT_14
 from eval.score import DEFAULT_METRICS, METRICS, ScoreOptions, compare, compute_outputs, summarise
 
-__all__ = ["EvaluateError", "read_reports", "join_reports", "run_evaluate", "add_evaluate_parser",
+__all__ = ["EvaluateError", "read_reports", "cap_reports", "join_reports", "MAX_REPORT_CHARS", "run_evaluate", "add_evaluate_parser",
            "format_scores", "add_labeler_check_parser"]
 
+MAX_REPORT_CHARS = 20_000  # ~10x the longest real findings section
 TEXT_FIELDS = ("report", "text", "findings", "prediction", "generated", "hypothesis", "reference")
 
 
@@ -33,10 +37,13 @@ def _rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise EvaluateError(f"{path}: file not found")
     suffix = path.suffix.lower()
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise EvaluateError(f"{path}: not UTF-8 text ({e})") from None
+        line = data[: e.start].count(b"\n") + 1
+        raise EvaluateError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}: "
+                            f"{e.reason}); re-encode the file as UTF-8") from None
     if suffix in (".jsonl", ".ndjson"):
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -90,6 +97,18 @@ def read_reports(path: str | Path, id_field: str = "id", text_field: str | None 
             raise EvaluateError(f"{path}: row {n} (id {rid!r}): {field!r} is {type(t).__name__}, not text")
         out[rid] = t or ""
     return out
+
+
+def cap_reports(reports: dict[str, str], max_chars: int = MAX_REPORT_CHARS) -> list[str]:
+    """Cut texts longer than ``max_chars`` (in place); returns the ids cut.
+
+    The longest real findings sections run to a few thousand characters; a text far beyond
+    that is a broken input (a concatenated file, a runaway generation) and would only stall
+    METEOR's Java process and the labelers."""
+    cut = [i for i, t in reports.items() if len(t) > max_chars]
+    for i in cut:
+        reports[i] = reports[i][:max_chars]
+    return cut
 
 
 def join_reports(refs: dict[str, str], preds: dict[str, str], allow_missing: bool = False,
@@ -243,7 +262,12 @@ def run_evaluate(predictions: str, references: str, out: str, metrics: list[str]
     t0 = time.perf_counter()
     refs = read_reports(references, id_field, ref_text_field or text_field)
     preds = read_reports(predictions, id_field, text_field)
+    cut = cap_reports(refs) + cap_reports(preds)
     ids, ref_texts, hyp_texts, join = join_reports(refs, preds, allow_missing, str(references), str(predictions))
+    join["reports_cut_to_max_chars"] = len(cut)
+    if cut:
+        print(f"warning: {len(cut)} report(s) longer than {MAX_REPORT_CHARS:,} characters were cut to that "
+              f"length (e.g. id {cut[0]})", file=sys.stderr)
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
     computed = compute_outputs(ref_texts, hyp_texts, metrics, opts)  # reused by --compare
@@ -253,6 +277,7 @@ def run_evaluate(predictions: str, references: str, out: str, metrics: list[str]
     result["written"] = _write_result(result, out_p, ids)
     if compare_with:
         other = read_reports(compare_with, id_field, text_field)
+        cap_reports(other)
         _, _, hyp_b, join_b = join_reports(refs, other, allow_missing, str(references), str(compare_with))
         cmp = compare(ref_texts, hyp_texts, hyp_b, metrics, opts, computed_a=computed)
         cmp["inputs"] = {"a": str(predictions), "b": str(compare_with), "join_b": join_b}

@@ -222,10 +222,10 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
 
 
 def _rel(path: str, root: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
+    """``path`` relative to ``root`` when inside it (lexically: no symlink is followed, so a
+    symlink loop or a broken link still gets its record)."""
+    p, r = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    return str(p.relative_to(r)) if p.is_relative_to(r) else str(path)
 
 
 def _ref(row: ReportRow) -> dict:

@@ -1,4 +1,8 @@
-"""``radgen pretrain-encoder``: files -> image Dataset -> ``encoder.train.train``."""
+"""``radgen pretrain-encoder``: files -> image Dataset -> ``encoder.train.train``.
+
+Unreadable images are skipped (the next loadable one takes their place) and recorded in
+``out/skipped.jsonl``; the summary counts them.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ from omegaconf import DictConfig
 
 from radgen.config import ConfigError
 from radgen.data.manifest import image_folder_dataset, read_manifest
-from radgen.data.torch_datasets import ImageTensorDataset
+from radgen.data.torch_datasets import ImageTensorDataset, read_skip_log
 
-__all__ = ["image_paths", "run_pretrain"]
+__all__ = ["image_paths", "run_pretrain", "SKIPPED_FILE"]
+
+SKIPPED_FILE = "skipped.jsonl"  # one record per image that failed to load (path, error, reason)
 
 
 def image_paths(path: str, split: str | None) -> list[str]:
@@ -37,5 +43,9 @@ def run_pretrain(cfg: DictConfig) -> dict:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     paths = image_paths(cfg.data.path, cfg.data.split)
-    images = ImageTensorDataset(paths, image_size=cfg.data.image_size, cache=cfg.data.cache)
-    return train(cfg, images)
+    skip_log = Path(cfg.out) / SKIPPED_FILE
+    images = ImageTensorDataset(paths, image_size=cfg.data.image_size, cache=cfg.data.cache, skip_log=skip_log)
+    summary = train(cfg, images)
+    summary["n_images"] = len(paths)
+    summary["skipped"] = read_skip_log(skip_log)
+    return summary

@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from encoder.checkpoint import load_checkpoint, save_checkpoint
+from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
+from encoder.guards import NONFINITE_MODES, NonFiniteGuard
 from encoder.distributed import setup_distributed
 from encoder.io import atomic_write_text
 from encoder.processor import RadDinoProcessor
@@ -105,6 +106,10 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
             errors.append(f"{name}.max_steps must be >= 0")
         if float(st.lr) <= 0:
             errors.append(f"{name}.lr must be > 0")
+    if cfg.train.on_nonfinite not in NONFINITE_MODES:
+        errors.append(f"train.on_nonfinite {cfg.train.on_nonfinite!r}: choose {' or '.join(NONFINITE_MODES)}")
+    if int(cfg.train.keep_checkpoints) < 1:
+        errors.append("train.keep_checkpoints must be >= 1")
     if int(cfg.prompt.max_target_tokens) < 2:
         errors.append("prompt.max_target_tokens must be >= 2")
     if "{indication}" not in str(cfg.prompt.indication):
@@ -260,19 +265,20 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
     if device.type == "cuda":
         torch.cuda.set_device(device)
     summary_path = out / SUMMARY_FILE
-    if (out / MODEL_JSON).is_file() and summary_path.is_file() and not (out / STATE_FILE).is_file():
+    if (out / MODEL_JSON).is_file() and summary_path.is_file() and not any(out.glob(STATE_FILE + "*")):
         summary = json.loads(summary_path.read_text())
         if summary.get("status") == "complete":
             return {**summary, "status": "already-complete", "rank": rank}
-    state = None
-    if (out / STATE_FILE).is_file():
-        state = load_checkpoint(out / STATE_FILE, fmt=STATE_FORMAT)
+    state = load_latest_checkpoint(out / STATE_FILE, fmt=STATE_FORMAT)
+    if state is not None:
         if _core(state["config"]) != _core(OmegaConf.to_container(cfg, resolve=True)):
             raise ConfigError(f"{out} holds a run with a different config; resume it with the same "
                               "config or choose a new --out")
 
-    rows_train = read_report_rows(str(cfg.data.path), split=cfg.data.train_split, text_field=str(cfg.data.text_field),
-                                  indication_field=cfg.data.indication_field, require_text=True)
+    rows_all = read_report_rows(str(cfg.data.path), split=cfg.data.train_split, text_field=str(cfg.data.text_field),
+                                indication_field=cfg.data.indication_field)
+    rows_train = [r for r in rows_all if r.text and r.text.strip()]  # an empty report teaches nothing
+    n_no_text = len(rows_all) - len(rows_train)
     if cfg.data.max_train_samples:
         rows_train = rows_train[: int(cfg.data.max_train_samples)]
     rows_val = []
@@ -335,7 +341,7 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
             signal.signal(signal.SIGTERM, prev_handler)
     summary = {"status": status, "rank": rank, "world_size": world, "device": str(device),
                "precision": ctx_precision, "n_train": n_train, "n_val": len(val_in.ok) if val_in else 0,
-               "n_skipped": len(skipped), "seconds": round(time.perf_counter() - t_start, 1),
+               "n_skipped": len(skipped), "n_without_text": n_no_text, "seconds": round(time.perf_counter() - t_start, 1),
                "out": str(out)}
     if status == "complete":
         if rank == 0:
@@ -343,8 +349,8 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
             last = [r for r in log_rows if r.get("val_loss")]
             summary["final_val_loss"] = float(last[-1]["val_loss"]) if last else None
             atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
-            (out / STATE_FILE).unlink(missing_ok=True)
-            (out / (STATE_FILE + ".sha256")).unlink(missing_ok=True)
+            for f in out.glob(STATE_FILE + "*"):  # checkpoint.pt, checkpoint.pt.1, their checksums
+                f.unlink(missing_ok=True)
         _barrier(world)
     if return_model:
         summary["model"] = built
@@ -395,7 +401,14 @@ def _save_state(out: Path, built: BuiltModel, stage: str, step: int, opt, done_s
         "projector": {k: v.detach().cpu().clone() for k, v in built.model.projector.state_dict().items()},
         "lora": lora, "optimizer": opt.state_dict(), "tokens": int(tokens),
         "config": OmegaConf.to_container(cfg, resolve=True),
-    }, fmt=STATE_FORMAT)
+    }, fmt=STATE_FORMAT, keep=int(cfg.train.keep_checkpoints))
+
+
+def _kept(out: Path) -> str:
+    """What a guard that stops the run leaves behind (for its message)."""
+    if not (out / STATE_FILE).is_file():
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint is kept at {out / STATE_FILE} (re-running resumes from it)"
 
 
 def _sum_grads(params, world: int) -> None:
@@ -433,6 +446,7 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
     n = len(train_in.ok)
     t_last, tok_last = time.perf_counter(), tokens_seen
     bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not show)
+    nonfinite = NonFiniteGuard(str(tr.on_nonfinite), int(tr.max_nonfinite_skips))
     tb = None
     if tr.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -458,10 +472,12 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             loss.backward()
             loss_total += float(loss.detach())
         _sum_grads(params, world)
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], float(st.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], float(st.grad_clip))
         loss_total = _all_sum(loss_total, device, world)
+        ok = _all_sum(0.0 if NonFiniteGuard.finite(loss_total, gnorm) else 1.0, device, world) == 0
+        if not nonfinite.should_skip(ok, f"{stage} step {step + 1}", _kept(out)):
+            opt.step()
+        opt.zero_grad(set_to_none=True)
         tokens_seen += int(n_tok_all)
         done = step + 1
         bar.update(1)
@@ -585,7 +601,9 @@ def cmd_train(args) -> int:
         return 0
     print(f"train: {summary['status']} in {summary['seconds']} s ({summary['device']}, {summary['precision']}, "
           f"world size {summary['world_size']}); {summary['n_train']} training / {summary['n_val']} validation images"
-          + (f", {summary['n_skipped']} unreadable skipped" if summary["n_skipped"] else ""))
+          + (f", {summary['n_skipped']} unreadable skipped (skipped.jsonl)" if summary["n_skipped"] else "")
+          + (f", {summary['n_without_text']} training rows with an empty {cfg.data.text_field!r} left out"
+             if summary.get("n_without_text") else ""))
     if summary["status"] == "complete":
         print(f"  run folder: {summary['out']} (model.json, projector.safetensors, {ADAPTER_DIR}/, log.csv)"
               + (f"; final val loss {summary['final_val_loss']:.4f}" if summary.get("final_val_loss") else ""))

@@ -63,7 +63,10 @@ class ReportTokenizer:
 
     def target_ids(self, text: str) -> list[int]:
         """Findings tokens (at most ``max_target_tokens - 1``) followed by EOS."""
-        ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+        # Every token covers at least one character, so this cut never changes the result; it
+        # keeps an absurdly long report (a megabyte) from being tokenised in full at every step.
+        text = text.strip()[: 64 * self.max_target_tokens]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids[: self.max_target_tokens - 1] + [self.tokenizer.eos_token_id]
 
     def train_batch(self, targets: list[str], indications: list[str | None] | None = None) -> dict[str, Tensor]:

@@ -22,26 +22,10 @@ from radgen.jobs.report_page import build_page, shortfalls, word_diff_html
 pytestmark = pytest.mark.slow
 
 
-def _tiny_overrides(out: Path, llm: Path) -> list[str]:
-    return [
-        f"out={out}",
-        "synth.overrides=[n=40,size=64,seed=3]",
-        "encoder.overrides=[optim.epochs=1,optim.warmup_epochs=0,optim.batch_size=16,crops.n_local=2,"
-        "model.img_size=56,crops.global_size=56,crops.local_size=28,data.image_size=64,train.checkpoint_every=1]",
-        "probe.probes=[logistic,segment]", "probe.seg_epochs=2", "probe.resamples=50",
-        f"generator.overrides=[llm.path={llm},stage1.max_steps=2,stage2.max_steps=2,stage1.batch_size=4,"
-        "stage2.batch_size=4,train.eval_every=0,train.checkpoint_every=1,data.max_val_samples=2,"
-        "train.sample_generations=1,train.precision=fp32,data.workers=0]",
-        "generate.max_new_tokens=12", "generate.batch_size=4",
-        "evaluate.metrics=[bleu,rouge_l,chexpert]", "evaluate.resamples=50",
-        "report.examples=3",
-    ]
-
-
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, tiny_llm_dir, one_thread):
+def demo_run(tmp_path_factory, tiny_llm_dir, tiny_demo_overrides, one_thread):
     out = tmp_path_factory.mktemp("demo") / "run"
-    cfg = load_demo_config("quick", [], _tiny_overrides(out, tiny_llm_dir))
+    cfg = load_demo_config("quick", [], tiny_demo_overrides(out, tiny_llm_dir))
     logs: list[str] = []
     summary = run_demo(cfg, progress=False, log=logs.append)
     return cfg, out, summary, logs
@@ -137,11 +121,11 @@ def test_changed_settings_redo_only_the_stages_they_touch(demo_run):
     assert (out / "index.html").read_text().count("class=card") == 2
 
 
-def test_refuses_a_foreign_folder_and_bad_settings_before_work(tmp_path, tiny_llm_dir):
+def test_refuses_a_foreign_folder_and_bad_settings_before_work(tmp_path, tiny_llm_dir, tiny_demo_overrides):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
-    cfg = load_demo_config("quick", [], _tiny_overrides(foreign, tiny_llm_dir))
+    cfg = load_demo_config("quick", [], tiny_demo_overrides(foreign, tiny_llm_dir))
     with pytest.raises(DemoError, match="not a radgen demo run"):
         run_demo(cfg, progress=False, log=lambda m: None)
     assert (foreign / "precious.txt").read_text() == "keep me"

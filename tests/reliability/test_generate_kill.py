@@ -1,10 +1,10 @@
 """``radgen generate`` killed for real (SIGKILL, half-way) and resumed: nothing lost, nothing twice.
 
-A folder of 100 good phantoms and 20 bad files (built here: empty, random bytes named .png and
-.dcm, truncated PNGs, text named .jpg, a DICOM without pixel data, a PNG declaring 60,000 x
-60,000 pixels) goes through a real ``python -m radgen generate`` process. The process is killed
+A folder of 100 good phantoms and 20 bad files with interleaved names (built by
+``corpus.bad_files_for_kill``: empty, random bytes named .png and .dcm, truncated PNGs, text named
+.jpg, a DICOM without pixel data, a PNG declaring 60,000 x 60,000 pixels) goes through a real ``python -m radgen generate`` process. The process is killed
 once some records are on disk; ``--resume`` must end with exactly 120 records (100 reports, 20
-error records), no duplicate ids and no torn line.
+error records), no duplicate ids, no torn line, and the same reports as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus import bad_files_for_kill
 
 from radgen.config import load_config
 from radgen.data.synth.generate import generate_dataset
@@ -29,49 +28,6 @@ from radgen.jobs.train import run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG signature + IHDR declaring ``width x height`` and no image data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
-            + struct.pack(">I", zlib.crc32(chunk) & 0xFFFFFFFF))
-
-
-def _dicom_without_pixels(path: Path) -> None:
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.save_as(path, enforce_file_format=True)
-
-
-def make_bad_files(folder: Path, good_png: bytes) -> list[str]:
-    """20 files no loader can read, of 7 kinds; returns their names."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    names = []
-    for k in range(3):
-        for name, data in ((f"empty_{k}.png", b""), (f"random_{k}.png", rng.bytes(2048)),
-                           (f"random_{k}.dcm", rng.bytes(4096)), (f"truncated_{k}.png", good_png[: 40 + 200 * k]),
-                           (f"text_{k}.jpg", b"not an image\n" * (k + 1)), (f"huge_{k}.png", _png_header_only(60000, 60000))):
-            (folder / name).write_bytes(data)
-            names.append(name)
-    for k in range(2):
-        _dicom_without_pixels(folder / f"nopixels_{k}.dcm")
-        names.append(f"nopixels_{k}.dcm")
-    assert len(names) == 20
-    return names
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +43,16 @@ def run_and_folder(tmp_path_factory, tiny_llm_dir, one_thread):
                                         "stage2.batch_size=2", "data.val_split=null", "data.max_train_samples=4"])
     assert run_train(cfg, progress=False)["status"] == "complete"
     folder = root / "in"
-    (folder / "good").mkdir(parents=True)
+    folder.mkdir()
     pngs = sorted((synth / "images").glob("*.png"))
     assert len(pngs) == 100
-    for p in pngs:
-        (folder / "good" / p.name).write_bytes(p.read_bytes())
-    bad = make_bad_files(folder / "bad", pngs[0].read_bytes())
+    # one folder, names interleaving good and bad files, so a kill can land anywhere among both
+    for i, p in enumerate(pngs):
+        (folder / f"{6 * i:04d}_good_{p.name}").write_bytes(p.read_bytes())
+    bad = []
+    for j, name in enumerate(bad_files_for_kill(root / "bad", pngs[0].read_bytes())):
+        bad.append(f"{30 * j + 3:04d}_{name}")
+        (root / "bad" / name).rename(folder / bad[-1])
     return run, folder, bad
 
 
@@ -108,7 +68,7 @@ def _lines(path: Path) -> int:
         return 0
 
 
-def test_sigkill_half_way_then_resume_gives_exactly_120_records(run_and_folder, tmp_path):
+def test_sigkill_half_way_then_resume_gives_exactly_120_records(run_and_folder, tmp_path, ledger):
     run, folder, bad = run_and_folder
     out = tmp_path / "reports.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -136,8 +96,15 @@ def test_sigkill_half_way_then_resume_gives_exactly_120_records(run_and_folder, 
     assert len(ids) == 120 and len(set(ids)) == 120
     ok = [r for r in recs if r["status"] == "ok"]
     errors = [r for r in recs if r["status"] == "error"]
-    assert len(ok) == 100 and all(r["id"].startswith("good/") and isinstance(r["findings"], str) for r in ok)
-    assert len(errors) == 20 and {r["id"] for r in errors} == {f"bad/{b}" for b in bad}
+    assert len(ok) == 100 and all("_good_" in r["id"] and isinstance(r["findings"], str) for r in ok)
+    assert len(errors) == 20 and {r["id"] for r in errors} == set(bad)
     assert all(r["findings"] is None and r["error"] and r["reason"] for r in errors)
+    # the same reports as a run that was never killed
+    ref = tmp_path / "uninterrupted.jsonl"
+    subprocess.run(_cmd(run, folder, ref), cwd=REPO, env=env, capture_output=True, timeout=600)
+    same = {r["id"]: (r["findings"], r.get("error")) for r in read_records(ref)} == \
+        {r["id"]: (r["findings"], r.get("error")) for r in recs}
+    ledger.kill("generate", "SIGKILL", f"record {partial} of 120", identical=same)
+    assert same
     print(f"\nreliability: generate SIGKILLed after {partial} of 120 records, resumed to 120 "
           f"(100 reports, 20 error records: {sorted({r['error'] for r in errors})}), 0 duplicates")
