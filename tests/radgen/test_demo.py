@@ -10,9 +10,15 @@ from __future__ import annotations
 import copy
 import html.parser
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from radgen.jobs import demo as demo_mod
@@ -20,6 +26,7 @@ from radgen.jobs.demo import STAGES, DemoError, load_demo_config, run_demo
 from radgen.jobs.report_page import build_page, shortfalls, word_diff_html
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +36,44 @@ def demo_run(tmp_path_factory, tiny_llm_dir, tiny_demo_overrides, one_thread):
     logs: list[str] = []
     summary = run_demo(cfg, progress=False, log=logs.append)
     return cfg, out, summary, logs
+
+
+def _demo_result(run: Path) -> dict:
+    """What a demo computed (timings aside): the generated reports, every metric and the probes."""
+    gen = [(r["id"], r["findings"]) for r in map(json.loads, (run / "generate" / "generated.jsonl").read_text().splitlines())]
+    scores = {p.parent.name: json.loads(p.read_text())["scores"] for p in sorted((run / "evaluate").glob("*/metrics.json"))}
+    probe = [{k: v for k, v in r.items() if k != "spec"}  # the spec holds the run folder's path
+             for r in json.loads((run / "probe" / "probe.json").read_text())["rows"]]
+    return {"generated": gen, "scores": scores, "probe": probe}
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_demo_killed_and_resumed_matches_the_uninterrupted_run(demo_run, tmp_path, tiny_llm_dir, tiny_demo_overrides,
+                                                               sig, ledger):
+    """A real ``radgen demo`` process, killed in a random stage (SIGKILL) or pre-empted while the
+    generator trains (SIGTERM), then re-run with the same command: same results as ``demo_run``."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "radgen", "demo", "--quick", "--quiet", *tiny_demo_overrides(out, tiny_llm_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    rng = np.random.default_rng()
+    stage = str(rng.choice(["encoder", "probe", "generator", "generate"])) if sig == signal.SIGKILL else "generator"
+    marker = out / stage / ("log.csv" if stage == "generator" else demo_mod.STARTED)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"demo ended before {stage}: {proc.stderr.read()[-1500:]}"
+    time.sleep(float(rng.uniform(0.0, 1.0)) if sig == signal.SIGKILL else 0.0)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL), err[-2000:]
+    assert "Traceback" not in err
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    same = _demo_result(out) == _demo_result(demo_run[1])
+    ledger.kill("demo", signal.Signals(sig).name, f"stage {stage}", same)
+    assert same
 
 
 class _Refs(html.parser.HTMLParser):
