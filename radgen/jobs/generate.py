@@ -128,7 +128,8 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
                  settings: dict | None = None, *, batch_size: int | None = None, split: str | None = None,
                  resume: bool = False, overwrite: bool = False, workers: int = 2,
                  device: str | None = None, precision: str = "fp32", seed: int = 0,
-                 progress: bool = True, built: BuiltModel | None = None) -> dict:
+                 progress: bool = True, built: BuiltModel | None = None,
+                 trust_remote_code: bool = False) -> dict:
     """Generate findings for every image of ``images`` into ``out``; returns a summary dict.
 
     ``settings`` override the run's generation defaults (``max_new_tokens``, ``num_beams``,
@@ -147,7 +148,7 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
         raise GenerateError(f"{out} exists; pass --resume to continue it or --overwrite to replace it")
     src = Path(images)
     if built is None:
-        built = load_run(model_dir, device=dev)
+        built = load_run(model_dir, device=dev, trust_remote_code=trust_remote_code)
     fields = built.info.get("data") or {}
     rows = read_report_rows(src, split=split, text_field=fields.get("text_field") or "findings",
                             indication_field=fields.get("indication_field"))
@@ -307,6 +308,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="image-loading threads (default 2)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="keep the records already in --out, do the rest")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a run trained with llm.trust_remote_code=true to run its LLM's own Python code")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--merge-lora", metavar="DIR",
                    help="write a standalone run folder with LoRA merged into the LLM (then generate with it)")
@@ -333,7 +336,7 @@ def cmd_generate(args) -> int:
         s = run_generate(model_dir, args.images, args.out, settings, batch_size=args.batch_size,
                          split=args.split, resume=args.resume, overwrite=args.overwrite,
                          workers=args.workers, device=args.device, precision=args.precision,
-                         seed=args.seed, progress=not args.quiet)
+                         seed=args.seed, progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     except (GenerateError, RunError) as exc:
         print(f"radgen generate: error: {exc}", file=sys.stderr)
         return 2

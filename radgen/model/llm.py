@@ -368,18 +368,27 @@ def resolve_llm_path(spec: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------- loading
 
 def load_llm(spec: str | os.PathLike, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+             device: str | torch.device = "cpu", trust_remote_code: bool = False,
+             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` from an LLM spec (see :func:`resolve_llm_path`), in eval mode.
 
-    Only local files are read and no repository code runs (``trust_remote_code=False``). A
+    Only local files are read, and no code shipped with the model runs unless
+    ``trust_remote_code`` (the user's explicit ``llm.trust_remote_code=true``). A
     tokenizer without a pad token gets its EOS (else UNK) token as pad; which side to pad on is
     the caller's business (right for training, left for batched generation)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_llm_path(spec)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
-                                                 dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                     trust_remote_code=trust_remote_code, dtype=dtype)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise LLMError(f"the LLM in {path} needs its own Python code to load; radgen does not run it unless "
+                       "you set llm.trust_remote_code=true (only for code you have read)") from None
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:

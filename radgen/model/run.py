@@ -80,7 +80,8 @@ def build_model(cfg, encoder=None, with_lora: bool = True) -> BuiltModel:
     vision = FrozenVision(encoder, features)
     image_size = int(cfg.data.image_size or encoder.cfg.img_size)
     llm_path = resolve_llm_path(str(cfg.llm.path))
-    llm, tokenizer = load_llm(str(llm_path), dtype=_dtype(cfg.llm.dtype))
+    llm, tokenizer = load_llm(str(llm_path), dtype=_dtype(cfg.llm.dtype),
+                              trust_remote_code=bool(cfg.llm.get("trust_remote_code", False)))
     image_token_id = add_image_token(tokenizer, llm, token=str(cfg.prompt.image_token))
     if cfg.llm.get("gradient_checkpointing"):
         llm.gradient_checkpointing_enable()
@@ -153,9 +154,12 @@ def save_trained(built: BuiltModel, run_dir: str | os.PathLike, stage: str, extr
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", check_hashes: bool = True,
-             encoder_spec: str | None = None, llm_path: str | None = None) -> BuiltModel:
+             encoder_spec: str | None = None, llm_path: str | None = None,
+             trust_remote_code: bool = False) -> BuiltModel:
     """Rebuild a trained model from its run folder (``encoder_spec`` / ``llm_path`` relocate the
-    frozen parts; their hashes must still match)."""
+    frozen parts; their hashes must still match). A run trained with
+    ``llm.trust_remote_code=true`` loads only when ``trust_remote_code`` is set here as well: the
+    consent is the user's at each use, not stored in a folder someone may hand on."""
     from omegaconf import OmegaConf
     from peft import PeftModel
 
@@ -169,6 +173,9 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", che
     if info.get("format") != FORMAT:
         raise RunError(f"{mj}: format {info.get('format')!r} is not {FORMAT!r}")
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    if cfg.llm.get("trust_remote_code") and not trust_remote_code:
+        raise RunError(f"{run_dir} was trained with llm.trust_remote_code=true: its LLM runs its own Python "
+                       "code; pass --trust-remote-code (radgen generate) if you trust it")
     spec = encoder_spec or info["encoder"]["spec"]
     encoder = load_encoder_spec(spec, which=info["encoder"]["which"])
     if check_hashes and weights_sha256(encoder) != info["encoder"]["sha256"]:
