@@ -8,6 +8,7 @@ config is written next to every output with :func:`save_config`.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Iterable
@@ -31,12 +32,16 @@ def configs_dir() -> Path:
 
 
 def load_config(job: str, files: Iterable[str | os.PathLike] = (), overrides: Iterable[str] = ()) -> DictConfig:
-    """Resolve the config of ``job`` (a folder name under ``configs/``)."""
+    """Resolve the config of ``job`` (a folder name under ``configs/``).
+
+    Every unknown key of every file and override is reported in one :class:`ConfigError`
+    (with the closest known key), before anything is merged or run."""
     default = configs_dir() / job / "default.yaml"
     if not default.is_file():
         raise ConfigError(f"no default config for job {job!r} at {default}")
     cfg = OmegaConf.load(default)
     OmegaConf.set_struct(cfg, True)  # unknown keys are errors
+    layers: list[tuple[str, DictConfig]] = []
     for f in files:
         p = Path(f)
         if not p.is_file():
@@ -46,18 +51,42 @@ def load_config(job: str, files: Iterable[str | os.PathLike] = (), overrides: It
                 raise ConfigError(f"config file not found: {f}")
             p = cand
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
-        except OmegaConfBaseException as exc:
+            layers.append((str(p), OmegaConf.load(p)))
+        except (OmegaConfBaseException, ValueError, OSError) as exc:  # YAML syntax, unreadable
             raise ConfigError(f"{p}: {_short(exc)}") from None
     overrides = list(overrides)
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not of the form key=value")
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        layers.append(("command-line override", OmegaConf.from_dotlist(overrides)))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"command-line override: {_short(exc)}") from None
+    base = OmegaConf.to_container(cfg)
+    errors = [e for where, layer in layers for e in _unknown_keys(base, OmegaConf.to_container(layer), where)]
+    if errors:
+        raise ConfigError(f"{len(errors)} unknown config key(s) for {job!r} (see {default}):\n  - "
+                          + "\n  - ".join(errors))
+    for where, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{where}: {_short(exc)}") from None
     return cfg
+
+
+def _unknown_keys(base, layer, where: str, prefix: str = "") -> list[str]:
+    """Keys of ``layer`` (nested dicts) that ``base`` does not have, with the closest known one."""
+    if not isinstance(base, dict) or not isinstance(layer, dict):
+        return []
+    out = []
+    for k, v in layer.items():
+        if k not in base:
+            close = difflib.get_close_matches(str(k), [str(b) for b in base], n=1)
+            out.append(f"{where}: unknown key {prefix}{k}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+        else:
+            out += _unknown_keys(base[k], v, where, f"{prefix}{k}.")
+    return out
 
 
 def save_config(cfg: DictConfig, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:

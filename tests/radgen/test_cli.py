@@ -64,6 +64,18 @@ def test_config_layers(tmp_path: Path):
         load_config("nope")
 
 
+def test_every_unknown_key_is_reported_at_once(tmp_path: Path):
+    f = tmp_path / "o.yaml"
+    f.write_text("sise: 64\nsplits:\n  tset: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config("synth", [f], ["n=10", "seeed=3"])
+    text = str(err.value)
+    assert "3 unknown config key(s)" in text
+    assert f"{f}: unknown key sise (did you mean size?)" in text
+    assert "unknown key splits.tset (did you mean splits.test?)" in text
+    assert "command-line override: unknown key seeed (did you mean seed?)" in text
+
+
 def test_console_script_info():
     exe = Path(sys.executable).parent / "radgen"
     res = subprocess.run([str(exe), "info"], capture_output=True, text=True, timeout=120)
