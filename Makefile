@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test reliability clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The reliability suite alone (bad inputs, kill-and-resume, faults, identifiers); see docs/reliability.md.
+reliability: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m reliability
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,7 +4,7 @@ that run a real ``radgen`` process on it.
 Image cases (:func:`build_image_corpus`): zero-byte, truncated PNG and JPEG, random bytes named
 ``.png`` and ``.dcm``, text named ``.jpg``, DICOM without pixel data, DICOM in a transfer syntax
 nothing here decodes (JPEG-LS, no plugin installed), a PNG declaring 60,000 x 60,000 pixels,
-a symlink loop, a symlinked folder pointing at its parent, an unreadable file (mode 000) -- all
+a symlink loop, a named pipe, a symlinked folder pointing at itself, an unreadable file (mode 000) -- all
 skipped and recorded -- and a CMYK JPEG and a 16-bit PNG, which load. The good images are DICOMs
 carrying fake patient identifiers (:data:`IDENTIFIERS`), so the same runs also check that none
 of them is ever written anywhere.
@@ -154,6 +154,8 @@ def build_image_corpus(folder: Path, image: np.ndarray) -> list[Case]:
     os.symlink("loop_b.png", folder / "loop_a.png")
     os.symlink("loop_a.png", folder / "loop_b.png")
     cases.append(Case("symlink loop (a -> b -> a)", ["loop_a.png", "loop_b.png"], "skipped:unreadable_file"))
+    os.mkfifo(folder / "fifo.png")  # opening it would block forever
+    cases.append(Case("named pipe (FIFO) named .png", ["fifo.png"], "skipped:unreadable_file"))
     os.symlink(".", folder / "cycle")  # a folder linking to itself: the scan must not enter it
     cases.append(Case("folder symlink to itself", ["cycle"], "not listed"))
     if can_make_unreadable():
