@@ -36,6 +36,7 @@ import re
 import shutil
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -508,6 +509,42 @@ def _as_dict(texts: list[str]) -> dict[int, list[str]]:
     return {i: [t] for i, t in enumerate(texts)}
 
 
+class _CorpusSized(list):
+    """A chunk of cooked references whose ``len`` is the corpus size: pycocoevalcap's
+    ``compute_cider`` takes the IDF denominator log(N) from ``len(crefs)``."""
+
+    def __init__(self, items, total: int):
+        super().__init__(items)
+        self.total = total
+
+    def __len__(self) -> int:
+        return self.total
+
+
+def cider_d_scores(refs: list[str], hyps: list[str], chunk: int = 2048) -> list[float]:
+    """Per-pair CIDEr-D of tokenised texts, equal to ``Cider().compute_score``'s per-pair list.
+
+    pycocoevalcap keeps every pair's n-gram counts until it scores (about 9 KiB per pair); here
+    the document frequencies are counted over all references first (as its compute_doc_freq
+    does for one reference per pair), then its own ``compute_cider`` scores ``chunk`` pairs at a
+    time against them, so memory stays bounded and the arithmetic is the library's."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer, precook
+
+    df: defaultdict = defaultdict(float)
+    for r in refs:
+        for ngram in precook(r):  # the keys are unique: a set, as compute_doc_freq takes
+            df[ngram] += 1
+    scores: list[float] = []
+    for s in range(0, len(refs), chunk):
+        scorer = CiderScorer(n=4, sigma=6.0)
+        for h, r in zip(hyps[s:s + chunk], refs[s:s + chunk]):
+            scorer += (h, [r])
+        scorer.document_frequency = df
+        scorer.crefs = _CorpusSized(scorer.crefs, len(refs))
+        scores += scorer.compute_cider()
+    return scores
+
+
 def _mean_output(name: str, scores, base_info: dict, secs: float, **info) -> MetricOutput:
     col = np.asarray(scores, dtype=np.float64)
     return MetricOutput(
@@ -541,17 +578,19 @@ def _python_families(
                 "seconds": seconds["bleu"],
             },
         )
-    from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    # family -> (score name, pycocoevalcap scorer, info); both score as the mean of per-pair values
+    def rouge(r, h):
+        return Rouge().compute_score(_as_dict(r), _as_dict(h))[1]
+
+    # family -> (score name, per-pair scorer, info); both score as the mean of per-pair values
     mean_families = {
-        "rouge_l": ("rouge_l", Rouge, {
+        "rouge_l": ("rouge_l", rouge, {
             "implementation": "pycocoevalcap 1.2 Rouge: LCS F-measure, beta=1.2",
             "aggregate": "mean of per-pair scores (as pycocoevalcap)"}),
-        "cider": ("cider_d", Cider, {
-            "implementation": "pycocoevalcap 1.2 Cider, which is CIDEr-D (n=4, sigma=6, clipped counts, "
-                              "Gaussian length penalty, x10)",
+        "cider": ("cider_d", cider_d_scores, {
+            "implementation": "pycocoevalcap 1.2 CiderScorer, which is CIDEr-D (n=4, sigma=6, clipped counts, "
+                              "Gaussian length penalty, x10), run in chunks with the corpus-wide IDF",
             "aggregate": "mean of per-pair scores (as pycocoevalcap); IDF comes from the references of "
                          "this call and stays fixed when rows are resampled"}),
     }
@@ -559,7 +598,7 @@ def _python_families(
         if family not in families:
             continue
         t = time.perf_counter()
-        _, scores = scorer().compute_score(_as_dict(rt), _as_dict(ht))
+        scores = scorer(rt, ht)
         seconds[family] = time.perf_counter() - t
         outputs[family] = _mean_output(name + suffix, scores, base_info, seconds[family], **info)
     return outputs

@@ -208,9 +208,31 @@ def compute_outputs(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence[
     return outputs, omitted, seconds
 
 
-def bootstrap_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
-    """(R, n) indices of report pairs; shared by every metric (and both systems in :func:`compare`)."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+class BootstrapIndices:
+    """R resamples of n report-pair indices, shared by every metric (and both systems in
+    :func:`compare`); iterating yields one (n,) row at a time.
+
+    The rows are drawn in blocks of at most ``block_elems`` numbers from one generator, so memory
+    stays bounded (an (R, n) matrix is 800 MB at R = 1,000, n = 100,000) and each iteration
+    repeats the same rows. numpy's Generator gives the same rows block by block as in one
+    (R, n) call (tested)."""
+
+    def __init__(self, n: int, n_resamples: int, seed: int, block_elems: int = 1 << 22):
+        self.n, self.n_resamples, self.seed = int(n), int(n_resamples), seed
+        self.block = max(1, block_elems // max(1, self.n))
+
+    def __len__(self) -> int:
+        return self.n_resamples
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        for start in range(0, self.n_resamples, self.block):
+            yield from rng.integers(0, self.n, size=(min(self.block, self.n_resamples - start), self.n))
+
+
+def bootstrap_indices(n: int, n_resamples: int, seed: int) -> BootstrapIndices:
+    """The resamples of :func:`summarise` and :func:`compare` (see :class:`BootstrapIndices`)."""
+    return BootstrapIndices(n, n_resamples, seed)
 
 
 def _resampled(out: MetricOutput, idx: np.ndarray) -> dict[str, np.ndarray]:

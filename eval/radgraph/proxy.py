@@ -382,6 +382,19 @@ def _thaw(text: str) -> dict[str, Any]:
     return {"text": text, "entities": ents}
 
 
+class _LazyGraphs(Sequence):
+    """The proxy graph of ``texts[i]``, built when read."""
+
+    def __init__(self, texts: Sequence[str]):
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i):
+        return extract_proxy_graph(self.texts[i])
+
+
 def radgraph_proxy_reward(refs: Sequence[str], hyps: Sequence[str], lowercase: bool = True) -> MetricOutput:
     """RadGraph-style reward with the rule-based extractor: ``radgraph_proxy_{simple,partial,complete}_f1``.
 
@@ -393,9 +406,8 @@ def radgraph_proxy_reward(refs: Sequence[str], hyps: Sequence[str], lowercase: b
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"{name} {i}: report text must be a str, got {type(t).__name__}")
-    ref_ann = [extract_proxy_graph(t) for t in refs]
-    hyp_ann = [extract_proxy_graph(t) for t in hyps]
-    return radgraph_reward(ref_ann, hyp_ann, lowercase=lowercase, prefix="radgraph_proxy", info={
+    # Graphs are built as each pair is scored, not all at once (about 12 KiB per pair held).
+    return radgraph_reward(_LazyGraphs(refs), _LazyGraphs(hyps), lowercase=lowercase, prefix="radgraph_proxy", info={
         "metric": "RadGraph-style proxy reward (rule-based extractor; NOT RadGraph-F1, not comparable "
                   "with published RadGraph-F1 numbers)",
         "annotator": f"eval.radgraph.proxy rule-based extractor v{PROXY_VERSION}",

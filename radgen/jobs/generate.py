@@ -93,6 +93,18 @@ def read_records(path: str | os.PathLike, repair: bool = False) -> list[dict]:
     return out
 
 
+def _count_records(path: Path) -> tuple[int, int]:
+    """(records, error records) of an output file, read one record at a time."""
+    n = n_err = 0
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = (csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",") if _is_csv(path)
+                else (json.loads(line) for line in fh if line.strip()))
+        for r in rows:
+            n += 1
+            n_err += r.get("status") == "error"
+    return n, n_err
+
+
 class _Writer:
     """Appends records and makes each batch durable (flush + fsync) before the next starts."""
 
@@ -173,6 +185,7 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
         read_records(out, repair=True)
     mine = [r for i, r in enumerate(rows) if i % world == rank and r.id not in done]
 
+    order = {r.id: i for i, r in enumerate(mine)}  # once: rebuilt per batch it was quadratic in N
     proc = RadDinoProcessor(shortest_edge=built.image_size, crop_size=built.image_size)
     writer = _Writer(part)
     n_ok = n_err = 0
@@ -196,8 +209,7 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
                         records[row.id] = {"id": row.id, "image": _rel(row.image, root), "status": "ok",
                                            "findings": text, **_ref(row), "model_sha256": mhash,
                                            "settings": rec_settings}
-                batch_rows = [r for r in (b.rows + [f[0] for f in b.failures])]
-                order = {r.id: i for i, r in enumerate(mine)}
+                batch_rows = b.rows + [f[0] for f in b.failures]
                 writer.write([records[r.id] for r in sorted(batch_rows, key=lambda r: order[r.id])])
                 n_ok += len(b.rows)
                 n_err += len(b.failures)
@@ -214,11 +226,10 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
         if rank == 0:
             _merge_parts(out, world, [r.id for r in rows])
         dist.barrier()
-    records = read_records(out) if rank == 0 else []
+    n_records, n_failed_total = _count_records(out) if rank == 0 else (0, 0)
     return {"rank": rank, "world_size": world, "n_inputs": len(rows), "n_resumed": len(done),
-            "n_ok": n_ok, "n_failed": n_err,
-            "n_failed_total": sum(1 for r in records if r.get("status") == "error"),
-            "n_records": len(records), "seconds": round(seconds, 2),
+            "n_ok": n_ok, "n_failed": n_err, "n_failed_total": n_failed_total,
+            "n_records": n_records, "seconds": round(seconds, 2),
             "reports_per_s": round((n_ok + n_err) / seconds, 3) if seconds > 0 else None, "out": str(out)}
 
 

@@ -323,3 +323,19 @@ def test_many_pairs_stream_through_one_jvm(ours):
     assert secs["total"] <= wall
     met = res.outputs["meteor"].info
     print(f"METEOR corpus {met['java_corpus_score']:.4f} vs mean of segments {met['mean_of_segment_scores']:.4f}")
+
+
+def test_chunked_cider_equals_pycocoevalcap_exactly():
+    """CIDEr-D in chunks (bounded memory) with the corpus-wide IDF: the library's per-pair scores."""
+    import random
+
+    from pycocoevalcap.cider.cider import Cider
+
+    from eval.lexical import _as_dict, cider_d_scores
+
+    rng = random.Random(0)
+    words = "the heart is normal in size lungs are clear no pleural effusion small left apical pneumothorax".split()
+    refs = [" ".join(rng.choices(words, k=rng.randint(0, 18))) for _ in range(700)]
+    hyps = [" ".join(rng.choices(words, k=rng.randint(0, 18))) for _ in range(700)]
+    direct = Cider().compute_score(_as_dict(refs), _as_dict(hyps))[1]
+    assert np.array_equal(np.asarray(cider_d_scores(refs, hyps, chunk=128)), np.asarray(direct))

@@ -174,13 +174,25 @@ def test_scores_equal_the_underlying_functions():
 def test_bootstrap_ci_equals_hand_computed_quantiles():
     # radgraph_proxy needs no Java; its scores are means of per-pair values
     r = score(REFS, HYPS, metrics=["radgraph_proxy"], n_resamples=200, seed=7)
-    idx = bootstrap_indices(len(REFS), 200, 7)
+    idx = np.stack(list(bootstrap_indices(len(REFS), 200, 7)))
     assert idx.shape == (200, len(REFS)) and idx.min() >= 0 and idx.max() < len(REFS)
     for k in ["radgraph_proxy_simple_f1", "radgraph_proxy_complete_f1"]:
         per = np.asarray(r["per_pair"][k])
         means = np.array([per[row].mean() for row in idx])
         lo, hi = np.quantile(means, [0.025, 0.975])
         assert r["ci"][k] == pytest.approx([lo, hi], abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_bootstrap_rows_come_in_bounded_blocks_and_equal_one_draw(n):
+    """Drawn block by block (memory bounded), the rows are those of one (R, n) draw, and every
+    pass over them repeats them."""
+    from eval.score import BootstrapIndices
+
+    one = np.random.default_rng(5).integers(0, n, size=(300, n))
+    blocks = BootstrapIndices(n, 300, 5, block_elems=7 * n)  # 7 rows per block, a short last one
+    assert len(blocks) == 300 and blocks.block == 7
+    assert np.array_equal(np.stack(list(blocks)), one) and np.array_equal(np.stack(list(blocks)), one)
 
 
 def test_bootstrap_ci_of_ratio_metric_is_aggregate_of_resampled_rows():
