@@ -169,11 +169,68 @@ def test_common_row_shape():
 
 
 def test_every_script_has_quick_threads_and_json():
-    """Read from the sources (running --help would import torch seven times)."""
-    for name in B.ORDER:
+    """Read from the sources (running --help would import torch once per script)."""
+    names = B.list_scripts(REPO / "bench")
+    assert "soak" in names
+    for name in names:
         src = (REPO / "bench" / f"{name}.py").read_text()
         assert '"--quick"' in src and '"--threads"' in src, name
         assert "add_json_arg(ap)" in src and "write_json(args.json" in src, name
+
+
+def _soak():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import soak
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return soak
+
+
+SOAK_MEASURE = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import soak
+d, env = Path(sys.argv[2]), dict(os.environ)
+out = {"big": soak.measure([sys.executable, "-c", "x = b'1' * (200 << 20); raise SystemExit(3)"], env, d / "big", 60),
+       "small": soak.measure([sys.executable, "-c", "pass"], env, d / "small", 60),
+       "hooked": soak.measure([sys.executable, "-m", "radgen", "evaluate", "--help"], env, d / "help", 120)}
+print(json.dumps(out))
+"""
+
+
+def test_soak_measures_one_child_not_the_cumulative_children(tmp_path):
+    """bench/soak.py's wait4 peak is per child; the radgen exit hook reports the job process's own.
+
+    Measured from a small process: Linux adds the forking process's RSS to a child's peak at exec,
+    and this pytest process may have imported torch already.
+    """
+    res = subprocess.run([sys.executable, "-c", SOAK_MEASURE, str(REPO / "bench"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    m = json.loads(res.stdout.splitlines()[-1])
+    big, small, hooked = m["big"], m["small"], m["hooked"]
+    assert big["exit"] == 3 and big["peak_mib"] >= 200 and big["own_mib"] is None
+    assert small["exit"] == 0 and small["peak_mib"] < 100  # not the earlier child's 200 MiB
+    assert hooked["exit"] == 0 and 0 < hooked["own_mib"] <= hooked["peak_mib"] + 1
+
+
+def test_soak_rows_on_fake_measurements():
+    soak = _soak()
+
+    def m(size, peak, own, exit=0):
+        return {"size": size, "peak_mib": peak, "own_mib": own, "child_mib": None, "wall_s": 2.0, "exit": exit,
+                "timed_out": False, "cpu_s": 1.0, "stderr_tail": []}
+
+    results = {"features": [m(1000, 1000.0, 900.0), m(20000, 1100.0, 950.0)],
+               "evaluate": [m(10000, 1000.0, 200.0), m(100000, 0.0, None, exit=1)]}
+    rows = soak.json_rows(results, {}, {"commands": {}, "threads": 1})
+    assert [set(r) for r in rows] == [set(B.ROW_KEYS)] * 2
+    assert rows[0]["ratio_kind"] == soak.RATIO_FLAT and abs(rows[0]["ratio"] - 1.1) < 1e-9
+    assert rows[0]["detail"]["growth_mib"] == 100.0 and "flat within 20 %: yes" in rows[0]["notes"]
+    assert rows[0]["value"] == 1100.0 and len(rows[0]["detail"]["sizes"]) == 2
+    assert rows[1]["ratio"] is None and "(exit 1)" in rows[1]["notes"]  # a failed size: no ratio, no crash
 
 
 @pytest.mark.slow
