@@ -22,9 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
-# The reliability suite alone (bad inputs, kill-and-resume, faults, identifiers); see docs/reliability.md.
+# The reliability report: the reliability tests (bad inputs, kill-and-resume, faults, identifiers)
+# and the quick soak benchmark (peak memory against input size); see docs/reliability.md.
 reliability: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m reliability
+	$(VENV)/bin/python bench/soak.py --quick --threads 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
