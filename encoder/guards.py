@@ -8,9 +8,23 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["TrainingStopped", "NonFiniteGuard", "CollapseGuard", "NONFINITE_MODES"]
+__all__ = ["TrainingStopped", "NonFiniteGuard", "CollapseGuard", "NONFINITE_MODES", "train_config_errors"]
 
 NONFINITE_MODES = ("stop", "skip")
+
+
+def train_config_errors(train) -> list[str]:
+    """Problems of the guard and checkpoint keys of a job's ``train:`` config section."""
+    errors = []
+    if train.on_nonfinite not in NONFINITE_MODES:
+        errors.append(f"train.on_nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {train.on_nonfinite!r}")
+    if int(train.max_nonfinite_skips) < 0:
+        errors.append("train.max_nonfinite_skips must be >= 0")
+    if int(train.keep_checkpoints) < 1:
+        errors.append("train.keep_checkpoints must be >= 1")
+    if int(train.get("stop_on_collapse", 0)) < 0:
+        errors.append("train.stop_on_collapse must be >= 0 (0: never stop)")
+    return errors
 
 
 class TrainingStopped(RuntimeError):

@@ -47,7 +47,7 @@ from encoder.distributed import (
     shard_ssl_model,
     sync_diff,
 )
-from encoder.guards import NONFINITE_MODES, CollapseGuard, NonFiniteGuard
+from encoder.guards import CollapseGuard, NonFiniteGuard, train_config_errors
 from encoder.io import atomic_write_text
 from encoder.masking import MASK_STYLES
 from encoder.ssl import SSLConfig, SSLMetaArch
@@ -285,12 +285,7 @@ def validate_config(cfg: DictConfig) -> None:
     style = OmegaConf.select(cfg, "masking.style", default=None)
     if style is not None and style not in MASK_STYLES:
         errors.append(f"masking.style must be one of {', '.join(MASK_STYLES)}, got {style!r}")
-    if cfg.train.on_nonfinite not in NONFINITE_MODES:
-        errors.append(f"train.on_nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {cfg.train.on_nonfinite!r}")
-    if int(cfg.train.keep_checkpoints) < 1:
-        errors.append("train.keep_checkpoints must be >= 1")
-    if int(cfg.train.stop_on_collapse) < 0:
-        errors.append("train.stop_on_collapse must be >= 0 (0: never stop)")
+    errors += train_config_errors(cfg.train)
     try:
         SSLConfig(centering=cfg.ssl.centering, dino_weight=cfg.ssl.dino_weight,
                   ibot_weight=cfg.ssl.ibot_weight, koleo_weight=cfg.ssl.koleo_weight)

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
-from encoder.guards import NONFINITE_MODES, NonFiniteGuard
+from encoder.guards import NonFiniteGuard, train_config_errors
 from encoder.distributed import setup_distributed
 from encoder.io import atomic_write_text
 from encoder.processor import RadDinoProcessor
@@ -106,10 +106,7 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
             errors.append(f"{name}.max_steps must be >= 0")
         if float(st.lr) <= 0:
             errors.append(f"{name}.lr must be > 0")
-    if cfg.train.on_nonfinite not in NONFINITE_MODES:
-        errors.append(f"train.on_nonfinite {cfg.train.on_nonfinite!r}: choose {' or '.join(NONFINITE_MODES)}")
-    if int(cfg.train.keep_checkpoints) < 1:
-        errors.append("train.keep_checkpoints must be >= 1")
+    errors += train_config_errors(cfg.train)
     if int(cfg.prompt.max_target_tokens) < 2:
         errors.append("prompt.max_target_tokens must be >= 2")
     if "{indication}" not in str(cfg.prompt.indication):

@@ -27,6 +27,15 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 
+# A pretraining run of a few seconds: a 2-block ViT at 56 px; each test adds its schedule.
+TINY_PRETRAIN = [
+    "model.arch=vit_tiny", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.img_size=56",
+    "ssl.out_dim=64", "ssl.hidden_dim=64", "ssl.bottleneck_dim=32", "crops.global_size=56",
+    "crops.local_size=28", "crops.n_local=2", "optim.batch_size=4", "optim.warmup_epochs=0",
+    "optim.freeze_last_layer_epochs=0", "teacher.warmup_temp_epochs=0", "data.image_size=64",
+    "data.num_workers=0", "train.progress=false", "train.log_every=1", "train.precision=fp32",
+]
+
 # Fake identifiers (made-up strings that occur nowhere else) and the fragments searched for.
 IDENTIFIERS = {
     "PatientName": "Zyxwvu^Qutrebnik",

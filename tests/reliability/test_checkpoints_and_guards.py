@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import TINY_PRETRAIN
 
 from encoder.checkpoint import CheckpointError, load_checkpoint, load_latest_checkpoint, save_checkpoint
 from encoder.guards import TrainingStopped
@@ -18,13 +19,8 @@ from radgen.jobs.train import STATE_FORMAT
 
 pytestmark = pytest.mark.reliability
 
-TINY = [
-    "model.arch=vit_tiny", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.img_size=56",
-    "ssl.out_dim=64", "ssl.hidden_dim=64", "ssl.bottleneck_dim=32", "crops.global_size=56", "crops.local_size=28",
-    "crops.n_local=2", "optim.batch_size=4", "optim.epochs=2", "optim.steps_per_epoch=3", "optim.warmup_epochs=1",
-    "optim.freeze_last_layer_epochs=0", "teacher.warmup_temp_epochs=1", "data.image_size=64",
-    "train.progress=false", "train.checkpoint_every=2", "train.log_every=1", "train.precision=fp32",
-]
+TINY = [*TINY_PRETRAIN, "optim.epochs=2", "optim.steps_per_epoch=3", "optim.warmup_epochs=1",
+        "teacher.warmup_temp_epochs=1", "train.checkpoint_every=2"]
 
 
 def _state(step: int) -> dict:
