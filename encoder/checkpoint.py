@@ -12,14 +12,12 @@ import hashlib
 import io
 import os
 import shutil
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from encoder.io import CheckpointError, atomic_write_text
+from encoder.io import CheckpointError, atomic_write_bytes, atomic_write_text
 from encoder.vit import ViTConfig, ViTEncoder
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint", "load_encoder", "weights_sha256", "FORMAT"]
@@ -50,23 +48,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, fmt: str = FORMAT, k
     torch.save({"format": fmt, **payload}, buf)
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest() + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:  # the new bytes are on disk before anything old moves
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if keep > 1 and path.is_file():
-            _rotate(path, keep)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # the new bytes are on disk before anything old moves; then the rotation, then the rename
+    atomic_write_bytes(path, data, before_replace=(lambda: _rotate(path, keep)) if keep > 1 and path.is_file() else None)
     # A crash between the rename and this write leaves a stale checksum: the newest then fails
     # verification and load_latest_checkpoint uses <path>.1 (the previous, whole checkpoint).
     atomic_write_text(_sums(path), digest)
-    _fsync_dir(path.parent)
     for i in range(max(keep, 1), keep + 64):  # ``keep`` lowered since the last run: drop extras
         if not _kept(path, i).exists():
             break
@@ -89,20 +75,6 @@ def _rotate(path: Path, keep: int) -> None:
                 os.link(src, dst)
             except OSError:  # a file system without hard links
                 shutil.copyfile(src, dst)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames in ``folder`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, verify: bool = True, fmt: str = FORMAT) -> dict:
@@ -145,9 +117,8 @@ def load_latest_checkpoint(path: str | os.PathLike, fmt: str = FORMAT) -> dict |
         except CheckpointError as exc:
             errors.append(str(exc))
             continue
-        if errors:
-            warnings.warn(f"resuming from {p.name}: " + "; ".join(errors), stacklevel=2)
-            print(f"warning: resuming from {p} (step {ckpt.get('step')}): " + "; ".join(errors), file=sys.stderr)
+        if errors:  # shown on stderr by Python's default warning filter
+            warnings.warn(f"resuming from {p} (step {ckpt.get('step')}): " + "; ".join(errors), stacklevel=2)
         return ckpt
     if errors:
         raise CheckpointError("no checkpoint verifies: " + "; ".join(errors))

@@ -1,20 +1,25 @@
-"""File helpers shared by every layer: atomic writes (a crash never leaves half a file)."""
+"""File helpers shared by every layer: atomic writes (a crash never leaves half a file) and
+UTF-8 reading that says where a bad byte is."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["CheckpointError", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["CheckpointError", "NotUTF8Error", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "read_utf8"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt (checksum), unreadable or of another job's format."""
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes,
+                       before_replace: Callable[[], None] | None = None) -> Path:
+    """Write ``data`` to ``path`` via a fsynced temporary file in the same folder and ``os.replace``,
+    then fsync the folder. ``before_replace`` runs once the new bytes are safely on disk and just
+    before the rename (checkpoint rotation); if anything fails, ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -23,6 +28,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)  # a crash or a full disk before this leaves the old file whole
     except BaseException:
         try:
@@ -30,7 +37,39 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         except FileNotFoundError:
             pass
         raise
+    fsync_dir(path.parent)
     return path
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the renames in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class NotUTF8Error(ValueError):
+    """A text file that is not UTF-8; ``line`` (1-based), ``offset`` and ``byte`` say where."""
+
+    def __init__(self, line: int, offset: int, byte: int):
+        self.line, self.offset, self.byte = line, offset, byte
+        super().__init__(f"not UTF-8 text (byte {byte:#04x} at offset {offset}); re-encode the file as UTF-8")
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of ``path`` (UTF-8, a BOM dropped); :class:`NotUTF8Error` names the bad byte's line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise NotUTF8Error(data[: exc.start].count(b"\n") + 1, exc.start, data[exc.start]) from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

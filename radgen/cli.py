@@ -197,7 +197,7 @@ def cmd_pretrain(args) -> int:
     if summary["skipped"]:
         kinds = Counter(r["error"] for r in summary["skipped"])
         print(f"  {len(summary['skipped'])} of {summary['n_images']} images unreadable, skipped and recorded in "
-              f"{Path(summary['checkpoint']).parent / 'skipped.jsonl'} ("
+              f"{summary['skipped_file']} ("
               + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + ")")
     print(f"  checkpoint: {summary['checkpoint']}")
     return code

@@ -188,7 +188,7 @@ def load_image(
     except OSError as exc:
         if exc.errno == errno.ENOENT and not p.is_symlink():
             raise ImageLoadError(p, "file does not exist") from None
-        raise UnreadableFileError(p, _os_reason(exc, p)) from None
+        raise UnreadableFileError(p, _os_reason(exc)) from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageLoadError(p, "is a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
@@ -199,7 +199,7 @@ def load_image(
         with open(p, "rb") as fh:
             head = fh.read(1024)
     except OSError as exc:
-        raise UnreadableFileError(p, _os_reason(exc, p)) from None
+        raise UnreadableFileError(p, _os_reason(exc)) from None
     fmt = sniff_format(head)
     headerless = fmt is None and p.suffix.lower() in (".dcm", ".dicom")
     if headerless:
@@ -213,7 +213,7 @@ def load_image(
     return _load_pil(p, max_pixels=max_pixels, intensity=intensity)
 
 
-def _os_reason(exc: OSError, p: Path) -> str:
+def _os_reason(exc: OSError) -> str:
     if exc.errno == errno.ELOOP:
         return "symlink loop"
     if exc.errno == errno.ENOENT:

@@ -35,6 +35,7 @@ from typing import Iterable
 
 import datasets
 
+from encoder.io import NotUTF8Error, read_utf8
 from eval.chexpert.observations import CHEXPERT_14, parse_label
 from radgen.data.images import IMAGE_EXTENSIONS
 
@@ -81,13 +82,10 @@ def _collected(path: Path, errors: list[ManifestError]) -> ManifestError:
 
 
 def _read_text(path: Path) -> str:
-    data = path.read_bytes()
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ManifestError(path, f"not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
-                                  "re-encode the file as UTF-8", row=line) from None
+        return read_utf8(path)
+    except NotUTF8Error as exc:
+        raise ManifestError(path, str(exc), row=exc.line) from None
 
 
 def _read_rows(path: Path) -> list[dict]:

@@ -503,13 +503,6 @@ def folder_rows(folder: str | os.PathLike, *, val_fraction: float = 0.1, test_fr
             row["_group"] = None
         res.rows.append(row)
     del group_of_hash
-    # ids collide when a.png and a.dcm sit side by side: keep the suffix for those
-    counts: dict[str, int] = {}
-    for r in res.rows:
-        counts[r["id"]] = counts.get(r["id"], 0) + 1
-    for r in res.rows:
-        if counts[r["id"]] > 1:
-            r["id"] += Path(r["image"]).suffix
     # split units: a patient group, or a single image
     units: dict = {}
     for k, r in enumerate(res.rows):

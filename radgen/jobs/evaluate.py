@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from encoder.io import atomic_write_bytes, atomic_write_text
+from encoder.io import NotUTF8Error, atomic_write_bytes, atomic_write_text, read_utf8
 from eval.chexpert.observations import CHEXPERT_14
 from eval.score import DEFAULT_METRICS, METRICS, ScoreOptions, compare, compute_outputs, summarise
 
@@ -37,13 +37,10 @@ def _rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise EvaluateError(f"{path}: file not found")
     suffix = path.suffix.lower()
-    data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise EvaluateError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}: "
-                            f"{e.reason}); re-encode the file as UTF-8") from None
+        text = read_utf8(path)
+    except NotUTF8Error as e:
+        raise EvaluateError(f"{path}:{e.line}: {e}") from None
     if suffix in (".jsonl", ".ndjson"):
         rows = []
         for n, line in enumerate(text.splitlines(), 1):

@@ -48,4 +48,5 @@ def run_pretrain(cfg: DictConfig) -> dict:
     summary = train(cfg, images)
     summary["n_images"] = len(paths)
     summary["skipped"] = read_skip_log(skip_log)
+    summary["skipped_file"] = str(skip_log)
     return summary
