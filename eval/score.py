@@ -260,8 +260,10 @@ def score(refs: Sequence[str], hyps: Sequence[str], metrics: Sequence[str] | Non
 
     Returns ``{"n_pairs", "scores": {name: value}, "ci": {name: [low, high]}, "info": {family: ...},
     "omitted": {family: reason}, "seconds": {family: s}, "bootstrap": {...}, "per_pair": {...},
-    "options": {...}}``. ``metrics`` defaults to :data:`DEFAULT_METRICS`; keyword arguments set
-    :class:`ScoreOptions` fields (e.g. ``n_resamples=0`` for no CIs, ``chexbert="chexbert.pth"``).
+    "options": {...}}``, plus ``"per_observation"`` (P/R/F1 of the 14 observations) and
+    ``"per_finding"`` (:mod:`eval.chexpert.per_finding`) when CheXpert F1 is scored. ``metrics``
+    defaults to :data:`DEFAULT_METRICS`; keyword arguments set :class:`ScoreOptions` fields (e.g.
+    ``n_resamples=0`` for no CIs, ``chexbert="chexbert.pth"``).
     """
     opts = _options(options, option_kw)
     return summarise(compute_outputs(refs, hyps, metrics, opts), len(refs), opts)
@@ -296,7 +298,15 @@ def summarise(computed: tuple[dict[str, MetricOutput], dict[str, str], dict[str,
         from eval.chexpert.f1 import per_observation_table
 
         result["per_observation"] = per_observation_table(outputs["chexpert"].stats)
+        result["per_finding"] = _per_finding(outputs["chexpert"])
     return result
+
+
+def _per_finding(out: MetricOutput) -> dict:
+    """Per-finding P/R and the false-alarm rate on No-Finding films (:mod:`eval.chexpert.per_finding`)."""
+    from eval.chexpert.per_finding import per_finding_from_stats
+
+    return {"labeler": out.info.get("labeler"), **per_finding_from_stats(out.stats)}
 
 
 def compare(refs: Sequence[str], hyps_a: Sequence[str], hyps_b: Sequence[str],
@@ -307,7 +317,8 @@ def compare(refs: Sequence[str], hyps_a: Sequence[str], hyps_b: Sequence[str],
     For every score: A, B, ``diff = A - B``, its percentile CI from resampling the *pairs* (each
     resample scores both systems on the same reports) and ``p_two_sided`` = 2 · min(share of
     resampled diffs <= 0, share >= 0), capped at 1. ``computed_a``: system A's
-    :func:`compute_outputs` result when already at hand (it is not recomputed).
+    :func:`compute_outputs` result when already at hand (it is not recomputed). With CheXpert F1 on
+    both sides, ``"per_finding": {"a": ..., "b": ...}`` holds each system's per-finding summary.
     """
     opts = _options(options, option_kw)
     if len(hyps_a) != len(hyps_b):
@@ -331,7 +342,10 @@ def compare(refs: Sequence[str], hyps_a: Sequence[str], hyps_b: Sequence[str],
             p = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))) if len(d) else float("nan")
             rows[k] = {"a": sa[k], "b": sb[k], "diff": sa[k] - sb[k], "ci": _interval(d, opts.alpha),
                        "p_two_sided": float(p)}
-    return {"n_pairs": len(refs), "comparison": rows, "omitted": omitted,
-            "seconds": {"a": sec_a, "b": sec_b}, "options": opts.record(),
-            "bootstrap": {"resamples": len(idx), "seed": opts.seed, "alpha": opts.alpha,
-                          "method": "paired percentile bootstrap over report pairs"}}
+    result = {"n_pairs": len(refs), "comparison": rows, "omitted": omitted,
+              "seconds": {"a": sec_a, "b": sec_b}, "options": opts.record(),
+              "bootstrap": {"resamples": len(idx), "seed": opts.seed, "alpha": opts.alpha,
+                            "method": "paired percentile bootstrap over report pairs"}}
+    if "chexpert" in out_a and "chexpert" in out_b:
+        result["per_finding"] = {"a": _per_finding(out_a["chexpert"]), "b": _per_finding(out_b["chexpert"])}
+    return result

@@ -18,9 +18,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from radgen.data.images import ImageLoadError, load_image
+from eval.chexpert import CHEXPERT_14
 from radgen.data.manifest import FEATURES, ManifestError, image_folder_dataset, read_manifest
 
-__all__ = ["ReportRow", "read_report_rows", "image_batches", "ImageBatch"]
+__all__ = ["ReportRow", "read_report_rows", "image_batches", "image_loader", "ImageBatch"]
 
 
 @dataclass
@@ -29,6 +30,7 @@ class ReportRow:
     image: str                     # path of the image the model reads (a study's first image)
     text: str | None = None        # reference findings
     indication: str | None = None
+    labels: dict | None = None     # CheXpert-14 labels of the manifest (1 / 0 / -1 / None), if any
 
 
 def _has_manifest(p: Path) -> bool:
@@ -59,8 +61,10 @@ def read_report_rows(data: str | os.PathLike, split: str | None = None, text_fie
         text = r.get(text_field)
         if require_text and not (text and text.strip()):
             continue
+        labels = {o: r.get(o) for o in CHEXPERT_14} if any(o in ds.column_names for o in CHEXPERT_14) else None
         rows.append(ReportRow(id=str(r["id"]), image=r["images"][0] if r["images"] else "",
-                              text=text, indication=r.get(indication_field) if indication_field else None))
+                              text=text, indication=r.get(indication_field) if indication_field else None,
+                              labels=labels))
     return rows
 
 
@@ -71,19 +75,30 @@ class ImageBatch:
     failures: list[tuple[ReportRow, dict]]  # (row, ImageLoadError record) of the others
 
 
-def image_batches(rows: Sequence[ReportRow], preprocess: Callable, batch_size: int,
-                  workers: int = 2) -> Iterator[ImageBatch]:
-    """Preprocessed batches of ``rows`` in order; the next batch loads while this one is used.
+def image_loader(preprocess: Callable) -> Callable[[ReportRow], torch.Tensor]:
+    """``row -> preprocess(image of row)``: reads the row's image file (raising
+    :class:`ImageLoadError` for a missing or unreadable one); ``preprocess`` maps a float (H, W)
+    image in [0, 1] to a (3, S, S) tensor."""
+    def load(row: ReportRow) -> torch.Tensor:
+        if not row.image:
+            raise ImageLoadError("<none>", "row has no image")
+        img, _ = load_image(row.image)
+        return preprocess(img)
+    return load
 
-    ``preprocess`` maps a float (H, W) image in [0, 1] to a (3, S, S) tensor. With ``workers > 0``
-    at most two batches of images are in flight, whatever the number of rows.
+
+def image_batches(rows: Sequence[ReportRow], load_row: Callable[[ReportRow], torch.Tensor], batch_size: int,
+                  workers: int = 2) -> Iterator[ImageBatch]:
+    """Batches of the model inputs of ``rows`` in order; the next batch loads while this one is used.
+
+    ``load_row`` maps a row to its input tensor (:func:`image_loader` for images; the oracle
+    control builds its tokens from the row's labels) and raises :class:`ImageLoadError` for one
+    that cannot be had. With ``workers > 0`` at most two batches are in flight, whatever the
+    number of rows.
     """
     def load(row: ReportRow):
         try:
-            if not row.image:
-                raise ImageLoadError("<none>", "row has no image")
-            img, _ = load_image(row.image)
-            return preprocess(img), None
+            return load_row(row), None
         except ImageLoadError as exc:
             return None, exc.record()
 

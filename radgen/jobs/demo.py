@@ -30,7 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from encoder.io import atomic_write_text
 from radgen.config import ConfigError, load_config, save_config
+from encoder.pixels import is_pixels_spec
 from radgen.jobs.report_baselines import BASELINES
+from radgen.model.oracle import is_oracle_spec
 
 __all__ = ["STAGES", "DemoError", "DemoInterrupted", "stage_key", "run_demo", "add_demo_parser", "cmd_demo"]
 
@@ -90,6 +92,16 @@ def resolve_job_configs(cfg: DictConfig, out: Path) -> dict[str, DictConfig]:
                                  [*cfg.generator.overrides, f"data.path={data}", f"out={out / 'generator'}",
                                   f"encoder.spec={out / 'encoder' / 'checkpoint.pt'}", f"seed={int(cfg.seed)}"]),
     }
+    for spec in cfg.get("controls") or []:
+        if not (is_oracle_spec(spec) or is_pixels_spec(spec)):
+            raise ConfigError(f"demo controls: {spec!r} is not a control encoder (oracle, pixels or pixels:<patch>)")
+        name = control_name(spec)
+        if name in jobs:
+            raise ConfigError(f"demo controls: {name} listed twice")
+        jobs[name] = load_config("reportgen", list(cfg.generator.config),
+                                 [*cfg.generator.overrides, *(cfg.get("control_overrides") or []),
+                                  f"data.path={data}", f"out={out / 'controls' / name / 'run'}",
+                                  f"encoder.spec={spec}", f"seed={int(cfg.seed)}"])
     from encoder.train import validate_config as validate_encoder
     from radgen.jobs.probe import PROBES
     from radgen.jobs.train import validate_config as validate_reportgen
@@ -98,7 +110,9 @@ def resolve_job_configs(cfg: DictConfig, out: Path) -> dict[str, DictConfig]:
         validate_encoder(jobs["encoder"])
     except ValueError as exc:
         raise ConfigError(f"demo encoder settings: {exc}") from None
-    validate_reportgen(jobs["reportgen"], check_files=False)
+    for name, job in jobs.items():
+        if name == "reportgen" or name.startswith("generator_"):
+            validate_reportgen(job, check_files=False)
     bad = [p for p in cfg.probe.probes if p not in PROBES]
     if bad:
         raise ConfigError(f"demo probe.probes: unknown probe(s) {bad}; choose from {', '.join(PROBES)}")
@@ -177,6 +191,33 @@ def _stage_generate(demo: Demo, d: Path) -> dict:
     return {k: summary[k] for k in ("n_records", "n_failed_total", "reports_per_s")}
 
 
+def control_name(spec: str) -> str:
+    """System name of a control generator: ``generator_oracle``, ``generator_pixels``."""
+    return "generator_" + ("oracle" if is_oracle_spec(spec) else "pixels")
+
+
+def _stage_controls(demo: Demo, d: Path) -> dict:
+    """Generators trained exactly like the demo's own, on control image tokens (``controls``):
+    the oracle (the film's own labels: a ceiling of the generator alone, not a result) and the
+    frozen pixels (the findings are in them). Each: train, then generate on the test split."""
+    from radgen.jobs.generate import run_generate
+    from radgen.jobs.train import run_train
+
+    g, info = demo.cfg.generate, {}
+    for spec in demo.cfg.controls:
+        name = control_name(spec)
+        cfg = demo.jobs[name]
+        summary = run_train(cfg, progress=demo.progress)
+        if summary["status"] == "preempted":
+            raise DemoInterrupted(f"{name} training stopped early (SIGTERM)")
+        gen = run_generate(str(cfg.out), demo.path("data"), d / name / "generated.jsonl",
+                           {"max_new_tokens": int(g.max_new_tokens)}, batch_size=int(g.batch_size),
+                           split="test", resume=True, progress=demo.progress)
+        print(f"{name}: {gen['n_records']} records, {gen['reports_per_s']} reports/s")
+        info[name] = {"spec": str(spec), "n_train": summary.get("n_train"), "final_val_loss": summary.get("final_val_loss")}
+    return info
+
+
 def _stage_baselines(demo: Demo, d: Path) -> dict:
     from radgen.jobs.report_baselines import run_baselines, run_encoder
 
@@ -194,9 +235,11 @@ def _stage_evaluate(demo: Demo, d: Path) -> dict:
     opts = ScoreOptions(n_resamples=int(e.resamples), seed=int(demo.cfg.seed))
     metrics = list(e.metrics) if e.metrics is not None else None
     refs = str(demo.path("baselines", "references.jsonl"))
+    controls = [control_name(c) for c in demo.cfg.controls]
     preds = {"generator": demo.path("generate", "generated.jsonl"),
+             **{c: demo.path("controls", c, "generated.jsonl") for c in controls},
              **{b: demo.path("baselines", f"{b}.jsonl") for b in BASELINES}}
-    summary: dict = {"systems": {}, "comparisons": {}}
+    summary: dict = {"systems": {}, "comparisons": {}, "control_comparisons": {}}
     for name, pred in preds.items():
         res = run_evaluate(str(pred), refs, str(d / name), metrics=metrics, options=opts)
         summary["systems"][name] = {"n_pairs": res["n_pairs"], "scores": res["scores"], "ci": res["ci"],
@@ -207,6 +250,12 @@ def _stage_evaluate(demo: Demo, d: Path) -> dict:
         res = run_evaluate(str(preds["generator"]), refs, str(d / f"generator_vs_{b}"), metrics=metrics,
                            compare_with=str(preds[b]), options=opts)
         summary["comparisons"][b] = res["comparison"]["comparison"]
+    for c in controls:  # each control generator against every baseline and against the demo's generator
+        summary["control_comparisons"][c] = {}
+        for other in (*BASELINES, "generator"):
+            res = run_evaluate(str(preds[c]), refs, str(d / f"{c}_vs_{other}"), metrics=metrics,
+                               compare_with=str(preds[other]), options=opts)
+            summary["control_comparisons"][c][other] = res["comparison"]["comparison"]
     atomic_write_text(d / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
     return {"n_pairs": summary["systems"]["generator"]["n_pairs"]}
 
@@ -228,9 +277,11 @@ STAGES: tuple[Stage, ...] = (
           ("model.json", "log.csv"), _stage_generator),
     Stage("generate", "generate findings for the held-out test images", ("data", "generator"),
           ("generated.jsonl",), _stage_generate),
+    Stage("controls", "control generators on oracle / pixel tokens (diagnostics, not results)", ("data",),
+          (), _stage_controls),
     Stage("baselines", "baselines: normal template, most common report, nearest neighbour",
           ("data", "generator"), ("references.jsonl", "meta.json"), _stage_baselines),
-    Stage("evaluate", "clinical and lexical metrics, generator vs every baseline", ("generate", "baselines"),
+    Stage("evaluate", "clinical and lexical metrics, generator vs every baseline", ("generate", "controls", "baselines"),
           ("summary.json",), _stage_evaluate),
     Stage("page", "results page", ("data", "encoder", "probe", "generator", "generate", "evaluate"),
           ("../index.html",), _stage_report),
@@ -245,6 +296,8 @@ def _stage_settings(demo: Demo, name: str) -> object:
                 k: v for k, v in OmegaConf.to_container(demo.jobs["encoder"].train).items() if k != "progress"}},
             "probe": lambda: {**OmegaConf.to_container(c.probe), "seed": int(c.seed)},
             "generator": lambda: OmegaConf.to_container(demo.jobs["reportgen"]),
+            "controls": lambda: {**{control_name(x): OmegaConf.to_container(demo.jobs[control_name(x)])
+                                    for x in c.controls}, "generate": OmegaConf.to_container(c.generate)},
             "generate": lambda: OmegaConf.to_container(c.generate),
             "baselines": lambda: {},
             "evaluate": lambda: {**OmegaConf.to_container(c.evaluate), "seed": int(c.seed)},

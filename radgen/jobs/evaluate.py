@@ -23,7 +23,7 @@ from eval.chexpert.observations import CHEXPERT_14
 from eval.score import DEFAULT_METRICS, METRICS, ScoreOptions, compare, compute_outputs, summarise
 
 __all__ = ["EvaluateError", "read_reports", "cap_reports", "join_reports", "MAX_REPORT_CHARS", "run_evaluate", "add_evaluate_parser",
-           "format_scores", "add_labeler_check_parser"]
+           "format_scores", "format_per_finding", "per_finding_rows", "add_labeler_check_parser"]
 
 MAX_REPORT_CHARS = 20_000  # ~10x the longest real findings section
 TEXT_FIELDS = ("report", "text", "findings", "prediction", "generated", "hypothesis", "reference")
@@ -161,6 +161,66 @@ def format_scores(result: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def _false_alarm_text(fa: dict) -> str:
+    n = fa["n_no_finding"]
+    if not n:
+        return "no reference is No Finding: no false-alarm rate"
+    top = fa.get("max_findings") or ([fa["max_finding"]] if fa["max_finding"] else [])
+    most = (f"most named: {', '.join(top)} on {fa['named'][top[0]]}{' each' if len(top) > 1 else ''} "
+            f"({fa['max']:.1%})" if top else "none named")
+    return f"names a finding on {fa['n_any']} of {n} No-Finding films ({fa['any']:.1%}); {most}"
+
+
+def format_per_finding(summaries: dict[str, dict]) -> str:
+    """Markdown table of per-finding precision/recall and the false-alarm lines, for one system
+    (``{"A": result["per_finding"]}``) or several side by side (``{"A": ..., "B": ...}``)."""
+    names = list(summaries)
+    one = len(names) == 1
+    head = ["finding", "support"]
+    for n in names:
+        pre = "" if one else f"{n} "
+        head += [f"{pre}predicted", f"{pre}precision", f"{pre}recall"] + (["F1"] if one else [])
+    lines = ["### Per finding", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    rows = {n: summaries[n]["findings"] for n in names}
+    for j, first in enumerate(rows[names[0]]):
+        cells = [first["finding"], str(first["support"])]
+        for n in names:
+            r = rows[n][j]
+            cells += [str(r["predicted"]), _pct(r["precision"]), _pct(r["recall"])] + ([_pct(r["f1"])] if one else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for n in names:
+        lines.append(f"- false alarms{'' if one else ', ' + n}: {_false_alarm_text(summaries[n]['false_alarm'])}")
+    s0 = summaries[names[0]]
+    lines.append(f"- support = films whose reference names the finding; predicted = films whose report names it "
+                 f"(CheXpert label {'1' if s0['variant'] == 'chexpert_f1' else '1 or -1'}, "
+                 f"{s0.get('labeler') or '?'} labeler); — = undefined (nothing to divide by). A false alarm: "
+                 f"a film whose reference is No Finding, with any observation other than No Finding and "
+                 f"Support Devices named in the report.")
+    return "\n".join(lines)
+
+
+def per_finding_rows(summary: dict, system: str = "A") -> list[dict]:
+    """``per_finding.csv`` rows of one system: the six findings, then the "any finding" false-alarm row."""
+    fa = summary["false_alarm"]
+    rows = []
+    for r in summary["findings"]:
+        named = fa["named"].get(r["finding"])  # None for Support Devices: not a false alarm
+        rows.append({"system": system, **{k: r[k] for k in ("finding", "support", "predicted", "tp", "fp", "fn",
+                                                             "precision", "recall", "f1")},
+                     "no_finding_films": fa["n_no_finding"], "named_on_no_finding": named,
+                     "false_alarm_rate": fa["rate"].get(r["finding"])})
+    rows.append({"system": system, "finding": "any finding", "support": None, "predicted": None, "tp": None,
+                 "fp": None, "fn": None, "precision": None, "recall": None, "f1": None,
+                 "no_finding_films": fa["n_no_finding"], "named_on_no_finding": fa["n_any"],
+                 "false_alarm_rate": fa["any"]})
+    return rows
+
+
 def _csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     if rows:
@@ -230,9 +290,13 @@ def _write_result(result: dict, out: Path, ids: list[str]) -> list[str]:
     main = [{"metric": k, "value": result["scores"][k], "ci_low": result["ci"].get(k, [None])[0],
              "ci_high": result["ci"].get(k, [None, None])[1]} for k in result["scores"]]
     per_pair = [{"id": i, **{k: v[j] for k, v in result["per_pair"].items()}} for j, i in enumerate(ids)]
+    md = format_scores(result, "radgen evaluate") + "\n"
+    if "per_finding" in result:
+        md += "\n" + format_per_finding({"A": result["per_finding"]}) + "\n"
     files = {"metrics.json": json.dumps(result, indent=2, default=float),
-             "metrics.csv": _csv(main), "metrics.md": format_scores(result, "radgen evaluate") + "\n",
-             "per_report.csv": _csv(per_pair)}
+             "metrics.csv": _csv(main), "metrics.md": md, "per_report.csv": _csv(per_pair)}
+    if "per_finding" in result:
+        files["per_finding.csv"] = _csv(per_finding_rows(result["per_finding"]))
     if "per_observation" in result:
         rows = [{**r, "f1_ci_low": result["ci"].get(f"chexpert_f1/{r['observation']}", [None])[0],
                  "f1_ci_high": result["ci"].get(f"chexpert_f1/{r['observation']}", [None, None])[1]}
@@ -287,6 +351,10 @@ def run_evaluate(predictions: str, references: str, out: str, metrics: list[str]
         md += [f"| {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | {r['diff']:+.4f} | "
                f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_two_sided']:.3f} |"
                for r in rows if "/" not in r["metric"]]
+        if "per_finding" in cmp:
+            md += ["", format_per_finding({"A": cmp["per_finding"]["a"], "B": cmp["per_finding"]["b"]})]
+            rows_pf = per_finding_rows(cmp["per_finding"]["a"], "A") + per_finding_rows(cmp["per_finding"]["b"], "B")
+            atomic_write_text(out_p / "per_finding.csv", _csv(rows_pf))  # A's rows, then B's
         atomic_write_text(out_p / "comparison.md", f"A = {predictions}, B = {compare_with}\n\n" + "\n".join(md) + "\n")
         plotted = _plot_comparison(cmp, out_p / "comparison.png", ("A", "B"))
         result["comparison"] = cmp
@@ -299,7 +367,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         "evaluate", help="score generated reports: BLEU/METEOR/ROUGE-L/CIDEr, CheXpert F1, RadGraph, CIs",
         description="Score predictions against references (joined on id) with lexical and clinical "
                     "metrics and 95%% bootstrap CIs; writes metrics.json/.csv/.md, per_report.csv, "
-                    "per_observation.csv and plots to --out. Offline by default: metrics whose "
+                    "per_observation.csv, per_finding.csv (precision/recall of six findings and the "
+                    "false-alarm rate on No-Finding films) and plots to --out. Offline by default: metrics whose "
                     "weights are not supplied are omitted with the reason.")
     p.add_argument("--predictions", required=True, metavar="FILE", help="generated reports (.jsonl/.json/.csv/.tsv)")
     p.add_argument("--references", required=True, metavar="FILE", help="reference reports, same formats")
@@ -338,8 +407,10 @@ def cmd_evaluate(args) -> int:
             raise
         raise EvaluateError(f"{type(e).__name__}: {e}") from e
     print(format_scores(result, f"radgen evaluate: {args.predictions} vs {args.references}"))
-    if "comparison" in result:
+    if "comparison" in result:  # its Markdown ends with the per-finding table of A and B
         print((Path(args.out) / "comparison.md").read_text())
+    elif "per_finding" in result:
+        print("\n" + format_per_finding({"A": result["per_finding"]}) + "\n")
     print(f"wrote {', '.join(result['written'])} to {args.out}")
     return 0
 

@@ -51,6 +51,7 @@ from encoder.features import POOLS, encode, feature_dim, resolve_layers
 from encoder.inference import (PRECISIONS, bf16_supported, default_batch_size, prepare_encoder,
                                resolve_device, resolve_precision)
 from encoder.io import atomic_write_bytes, atomic_write_text
+from encoder.pixels import is_pixels_spec, parse_pixels_spec, pixel_encoder
 from encoder.processor import RadDinoProcessor
 from encoder.vit import ViTConfig, ViTEncoder
 from radgen.data.images import ImageLoadError, load_image
@@ -131,6 +132,13 @@ def _parse_random_like(spec: str) -> tuple[str, int]:
     return source, int(seed)
 
 
+def _parse_pixels(spec: str) -> tuple[int, int]:
+    try:
+        return parse_pixels_spec(spec)
+    except ValueError as exc:
+        raise FeatureJobError(str(exc)) from None
+
+
 def random_like_spec(source: str, seed: int) -> str:
     """The spec of a seeded random init with the same ``ViTConfig`` as the encoder ``source``."""
     return f"random-like:{source}:{int(seed)}"
@@ -146,6 +154,8 @@ def encoder_config(spec: str) -> ViTConfig:
         return encoder_config(_parse_random_like(spec)[0])
     if spec.startswith("random:"):
         return _parse_random(spec)[0]
+    if is_pixels_spec(spec):
+        return pixel_encoder(*_parse_pixels(spec)).cfg
     p = Path(spec)
     if p.is_file():
         st = p.stat()
@@ -159,11 +169,12 @@ def encoder_config(spec: str) -> ViTConfig:
     if p.is_dir():
         return load_encoder(p).cfg
     raise FeatureJobError(f"encoder {spec!r}: no such checkpoint file or folder "
-                          "(or use random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed>)")
+                          "(or use random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed> / pixels[:<patch>])")
 
 
 def load_encoder_spec(spec: str, which: str = "teacher") -> ViTEncoder:
-    """An encoder from a spec: checkpoint file, HF folder, ``random:...`` or ``random-like:...``."""
+    """An encoder from a spec: checkpoint file, HF folder, ``random:...``, ``random-like:...`` or
+    ``pixels[:<patch>[:<img_size>]]`` (the frozen pixel control, :mod:`encoder.pixels`)."""
     spec = str(spec)
     if spec.startswith("random-like:"):
         source, seed = _parse_random_like(spec)
@@ -171,9 +182,11 @@ def load_encoder_spec(spec: str, which: str = "teacher") -> ViTEncoder:
     if spec.startswith("random:"):
         cfg, seed = _parse_random(spec)
         return random_encoder(cfg, seed)
+    if is_pixels_spec(spec):
+        return pixel_encoder(*_parse_pixels(spec))
     if not Path(spec).exists():
         raise FeatureJobError(f"encoder {spec!r}: no such checkpoint file or folder "
-                              "(or use random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed>)")
+                              "(or use random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed> / pixels[:<patch>])")
     return load_encoder(spec, which=which)
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from encoder.io import atomic_write_text
-from encoder.processor import RadDinoProcessor
 from radgen.data.reports import ReportRow, image_batches, read_report_rows
+from radgen.model.oracle import OracleError, check_oracle_labels
 from radgen.model.run import (GENERATION_KEYS, BuiltModel, RunError, generate_reports, generation_kwargs,
                               load_run)
 
@@ -164,6 +164,8 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
     fields = built.info.get("data") or {}
     rows = read_report_rows(src, split=split, text_field=fields.get("text_field") or "findings",
                             indication_field=fields.get("indication_field"))
+    if built.is_oracle:  # its "images" are the rows' labels: a plain folder or a label-less manifest has none
+        check_oracle_labels(rows, src)
     root = src if src.is_dir() else src.parent
     gen = {k: v for k, v in (built.info.get("generate") or {}).items() if k in GENERATION_KEYS}
     gen.update({k: v for k, v in (settings or {}).items() if v is not None})
@@ -186,14 +188,14 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
     mine = [r for i, r in enumerate(rows) if i % world == rank and r.id not in done]
 
     order = {r.id: i for i, r in enumerate(mine)}  # once: rebuilt per batch it was quadratic in N
-    proc = RadDinoProcessor(shortest_edge=built.image_size, crop_size=built.image_size)
+    load_row = built.input_loader()  # the image, or for the oracle control the row's label tokens
     writer = _Writer(part)
     n_ok = n_err = 0
     t0 = time.perf_counter()
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     try:
         with tqdm(total=len(mine), desc="generate", unit="report", disable=not (progress and rank == 0)) as bar:
-            for k, b in enumerate(image_batches(mine, proc.one, bs, workers)):
+            for k, b in enumerate(image_batches(mine, load_row, bs, workers)):
                 records = {}
                 for row, err in b.failures:
                     records[row.id] = {"id": row.id, "image": _rel(row.image, root), "status": "error",
@@ -348,7 +350,7 @@ def cmd_generate(args) -> int:
                          split=args.split, resume=args.resume, overwrite=args.overwrite,
                          workers=args.workers, device=args.device, precision=args.precision,
                          seed=args.seed, progress=not args.quiet, trust_remote_code=args.trust_remote_code)
-    except (GenerateError, RunError) as exc:
+    except (GenerateError, RunError, OracleError) as exc:
         print(f"radgen generate: error: {exc}", file=sys.stderr)
         return 2
     if s["rank"] != 0:

@@ -4,6 +4,8 @@ The page builder reads whatever a run folder holds and leaves out the sections i
 for, so it works on a ``radgen demo`` run and on any folder of job outputs:
 
 - report metrics: every ``metrics.json`` (``radgen evaluate``), one column per system, with CIs;
+- per finding: the same systems' precision / recall for the CheXpert-5 findings and Support
+  Devices, and their false-alarm rate on films whose reference is No Finding;
 - paired comparisons: every ``comparison.json`` (``radgen evaluate --compare``), with the plain
   list of metrics where the first system falls short of the second;
 - probes: every ``probe.json`` (``radgen probe``): the headline table and the gap to random init;
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Iterable
 
 from encoder.io import atomic_write_text
+from eval.chexpert.per_finding import FINDINGS_6
 
 __all__ = ["build_page", "find_outputs", "word_diff_html", "shortfalls", "add_report_parser", "cmd_report"]
 
@@ -197,9 +200,17 @@ def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f"<table class='{cls}'><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
+# the demo's control generators (radgen demo ``controls``): diagnostics, named as such everywhere
+CONTROL_NAMES = {"generator_oracle": "generator (oracle tokens)", "generator_pixels": "generator (pixel tokens)"}
+
+
+def _display(name: str) -> str:
+    return CONTROL_NAMES.get(name, name)
+
+
 def _system_name(metrics_json: Path, run: Path) -> str:
     rel = _rel(metrics_json.parent, run)
-    return metrics_json.parent.name if rel.count("/") <= 1 else rel
+    return _display(metrics_json.parent.name) if rel.count("/") <= 1 else rel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,17 +359,99 @@ def _section_metrics(found, run: Path) -> tuple[str, dict]:
     return _sec("metrics", "Report metrics (test split)", body), systems
 
 
-def _section_comparisons(found, run: Path) -> tuple[str, dict]:
-    cmps = {}
+def _per_finding(d: dict) -> dict | None:
+    """A system's per-finding summary (``metrics.json["per_finding"]``). An older metrics.json has
+    only ``per_observation``: precision / recall are taken from it, with no false-alarm rate."""
+    pf = d.get("per_finding")
+    if isinstance(pf, dict) and isinstance(pf.get("findings"), list):
+        return pf
+    obs = {r.get("observation"): r for r in d.get("per_observation") or [] if isinstance(r, dict)}
+    if not all(f in obs for f in FINDINGS_6):
+        return None
+    rows = [{"finding": f, "support": obs[f].get("support"), "predicted": obs[f].get("predicted"),
+             "precision": obs[f].get("precision") if obs[f].get("predicted") else None,
+             "recall": obs[f].get("recall") if obs[f].get("support") else None} for f in FINDINGS_6]
+    return {"findings": rows, "false_alarm": None}
+
+
+def _per_finding_cells(systems: dict) -> tuple[list[str], list[tuple[str, str, list[tuple[str, str]]]]]:
+    """The per-finding table of every system that has one, as plain text: ``(systems, rows)``, each
+    row ``(label, note, [(value, aside) per system])``; the page and summary.md format it."""
+    pfs = {s: _per_finding(systems[s][1]) for s in _system_order(systems)}
+    pfs = {s: pf for s, pf in pfs.items() if pf}
+    if not pfs:
+        return [], []
+    order = list(pfs)
+    rows = []
+    for f in FINDINGS_6:
+        by = {s: next((r for r in pfs[s]["findings"] if r.get("finding") == f), None) for s in order}
+        supports = {r.get("support") for r in by.values() if r}
+        cells = []
+        for s in order:
+            r = by[s]
+            if not r:
+                cells.append(("—", ""))
+                continue
+            aside = f"{r.get('predicted')} named" + ("" if len(supports) == 1 else f", n={r.get('support')}")
+            cells.append((f"{_fmt(_num(r.get('precision')))} / {_fmt(_num(r.get('recall')))}", aside))
+        rows.append((f, f"n={supports.pop()}" if len(supports) == 1 else "", cells))
+    fas = {s: pfs[s].get("false_alarm") for s in order}
+    if any(fas.values()):
+        ns = {fa.get("n_no_finding") for fa in fas.values() if fa}
+        any_cells, max_cells = [], []
+        for s in order:
+            fa = fas[s]
+            if not fa or fa.get("any") is None:
+                any_cells.append(("—", "no No-Finding film" if fa else ""))
+                max_cells.append(("—", ""))
+                continue
+            any_cells.append((_fmt(_num(fa["any"])), f"{fa.get('n_any')} of {fa.get('n_no_finding')}"))
+            top = fa.get("max_findings") or ([fa["max_finding"]] if fa.get("max_finding") else [])
+            max_cells.append((_fmt(_num(fa.get("max"))), ", ".join(top) or "none named"))
+        note = f"n={ns.pop()} No-Finding films" if len(ns) == 1 else "share of No-Finding films"
+        rows.append(("false alarm: any finding", note, any_cells))
+        rows.append(("false alarm: most named finding", "", max_cells))
+    return order, rows
+
+
+def _section_per_finding(systems: dict, run: Path) -> str:
+    order, rows = _per_finding_cells(systems)
+    if not order:
+        return ""
+    header = ["finding"] + [f"{html.escape(s)}<br><span class=ci>precision / recall</span>" for s in order]
+    body_rows = [[f"{html.escape(label)}" + (f" <span class=ci>{html.escape(note)}</span>" if note else "")]
+                 + [html.escape(v) + (f" <span class=ci>({html.escape(a)})</span>" if a else "") for v, a in cells]
+                 for label, note, cells in rows]
+    labelers = sorted({str((_per_finding(systems[s][1]) or {}).get("labeler") or "") for s in order} - {""})
+    body = _table(header, body_rows, "metrics")
+    body += ("<p class=note>Over the test films: n = films whose reference names the finding; named = films whose "
+             "report from that system names it (CheXpert label 1, uncertain counts as not named"
+             + (f"; {html.escape(', '.join(labelers))} labeler" if labelers else "") + "); — = undefined "
+             "(nothing to divide by). <b>False alarm</b>: among the films whose reference is No Finding, the share "
+             "whose report names any observation other than No Finding and Support Devices; the most named finding "
+             "is the single finding with the highest such share.</p>")
+    return _sec("per_finding", "Per finding", body)
+
+
+def _section_comparisons(found, run: Path) -> tuple[str, dict, dict]:
+    """The comparisons section; ``(html, generator's comparisons by baseline, controls' comparisons
+    by (control, other))``. A folder ``A_vs_B`` compares A with B; a bare folder name is the
+    trained generator against it."""
+    cmps, controls, every = {}, {}, []
     for p in found["comparison"]:
         d = _json(p.with_name("comparison.json"))
         if d and "comparison" in d:
-            name = p.parent.name.split("_vs_")[-1] if "_vs_" in p.parent.name else p.parent.name
-            cmps[name] = d["comparison"]
-    if not cmps:
-        return "", {}
+            a, sep, b = p.parent.name.partition("_vs_")
+            a, b = (a, b) if sep else ("generator", a)
+            every.append((a, b, d["comparison"]))
+            if a == "generator":
+                cmps[b] = d["comparison"]
+            else:
+                controls[(a, b)] = d["comparison"]
+    if not every:
+        return "", {}, {}
     parts = []
-    for name, cmp in cmps.items():
+    for a, name, cmp in sorted(every, key=lambda t: (t[0] != "generator", t[0], t[1])):
         rows = []
         for m in [m for m in MAIN_METRICS if m in cmp]:
             c = cmp[m]
@@ -369,14 +462,39 @@ def _section_comparisons(found, run: Path) -> tuple[str, dict]:
                          f"<span class='{cls}'>{c['diff']:+.3f}</span>",
                          f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci[0] is not None else "—",
                          _fmt(c.get("p_two_sided"))])
-        parts.append(f"<h3>trained generator (A) vs {html.escape(name)} (B)</h3>"
+        who = "trained generator" if a == "generator" else _display(a)
+        parts.append(f"<h3>{html.escape(who)} (A) vs {html.escape(_display(name))} (B)</h3>"
                      + _table(["metric", "A", "B", "A − B", "95% CI", "p"], rows, "cmp"))
     intro = ("<p class=note>Paired bootstrap over the same report pairs: green = A ahead with a CI that "
              "excludes 0, red = A behind with a CI that excludes 0.</p>")
-    return _sec("comparisons", "Paired comparisons", intro + "".join(parts)), cmps
+    return _sec("comparisons", "Paired comparisons", intro + "".join(parts)), cmps, controls
 
 
-def _verdict(cmps: dict) -> str:
+def _controls_text(controls: dict) -> str:
+    """One line per control generator: its CheXpert-5 micro F1 against each system it was compared
+    with (the oracle is a ceiling of the generator alone, the pixels say whether the findings in
+    the pixels reach the reports)."""
+    m = "chexpert_f1_5_micro"
+    lines = []
+    for a in sorted({a for a, _ in controls}):
+        bits = []
+        for (a2, b), cmp in sorted(controls.items()):
+            c = cmp.get(m) if a2 == a else None
+            if c and c.get("ci") and c["ci"][0] is not None:
+                word = "ahead of" if c["ci"][0] > 0 else "behind" if c["ci"][1] < 0 else "level with"
+                bits.append(f"{word} {html.escape(_display(b))} ({c['diff']:+.3f}, CI [{c['ci'][0]:+.3f}, "
+                            f"{c['ci'][1]:+.3f}])")
+        a_val = next((c[m]["a"] for (a2, _), c in controls.items() if a2 == a and c.get(m)), None)
+        if bits:
+            lines.append(f"<li><b>{html.escape(_display(a))}</b>: CheXpert-5 micro F1 {_fmt(a_val)}; "
+                         + "; ".join(bits) + ".</li>")
+    if not lines:
+        return ""
+    return ("<p><b>Controls</b> (diagnostics, not results: the oracle's image tokens are the film's own labels, "
+            "the pixel control's are its raw pixels):</p><ul>" + "".join(lines) + "</ul>")
+
+
+def _verdict(cmps: dict, controls: dict | None = None) -> str:
     if not cmps:
         return ""
     short = shortfalls(cmps)
@@ -401,7 +519,7 @@ def _verdict(cmps: dict) -> str:
         text = (f"<p><b>Where the trained model falls short:</b> it is behind a baseline on {len(short)} of "
                 f"{n_pairs} headline comparisons (CheXpert-14 and CheXpert-5 micro F1 against each baseline):</p>"
                 f"<ul>{''.join(items)}</ul>")
-    return _sec("verdict", "Verdict", text + tie_note, cls="verdict")
+    return _sec("verdict", "Verdict", text + tie_note + _controls_text(controls or {}), cls="verdict")
 
 
 def _section_probe(found, run: Path, assets: Path) -> str:
@@ -603,9 +721,10 @@ def build_page(run: str | os.PathLike, examples: int = 8, title: str | None = No
         old.unlink()
     found = find_outputs(run)
     metrics_html, systems = _section_metrics(found, run)
-    cmp_html, cmps = _section_comparisons(found, run)
+    cmp_html, cmps, control_cmps = _section_comparisons(found, run)
     # the examples right after the headline numbers: what a reader wants to look at first
-    sections = [_verdict(cmps), metrics_html, _section_examples(found, run, assets, examples), cmp_html,
+    sections = [_verdict(cmps, control_cmps), metrics_html, _section_per_finding(systems, run),
+                _section_examples(found, run, assets, examples), cmp_html,
                 _section_probe(found, run, assets), _section_curves(found, run, assets), _section_stages(found, run)]
     sections = [s for s in sections if s]
     if not sections:
@@ -617,7 +736,8 @@ def build_page(run: str | os.PathLike, examples: int = 8, title: str | None = No
     except md.PackageNotFoundError:
         version = "?"
     links = [f"<a href='#{a}'>{t}</a>" for a, t in (
-        ("verdict", "verdict"), ("metrics", "metrics"), ("examples", "examples"), ("comparisons", "comparisons"),
+        ("verdict", "verdict"), ("metrics", "metrics"), ("per_finding", "per finding"), ("examples", "examples"),
+        ("comparisons", "comparisons"),
         ("probe", "probes"), ("curves", "training curves"), ("stages", "stages"), ("limits", "limitations"))
         if f"id='{a}'" in "".join(sections) or a == "limits"]
     cfg_link = "".join(f" · <a href='{n}'>{n}</a>" for n in ("demo.yaml",) if (run / n).is_file())
@@ -651,6 +771,15 @@ def summary_markdown(found: dict, systems: dict, cmps: dict) -> str:
             out.append(f"| {s} | {d.get('n_pairs')} | " + " | ".join(
                 ci(d["scores"].get(k), (d.get("ci") or {}).get(k)) for k, _ in keys) + " |")
         out.append("")
+        pf_order, pf_rows = _per_finding_cells(systems)
+        if pf_order:
+            out += ["Per finding: precision / recall (films named by the system); false alarm = share of "
+                    "No-Finding reference films whose report names a finding.", "",
+                    "| finding | " + " | ".join(pf_order) + " |", "|---|" + "---|" * len(pf_order)]
+            for label, note, cells in pf_rows:
+                out.append(f"| {label}{f' ({note})' if note else ''} | "
+                           + " | ".join(v + (f" ({a})" if a else "") for v, a in cells) + " |")
+            out.append("")
     if cmps:
         keys = [(k, t) for k, t in SUMMARY_METRICS if any(k in c for c in cmps.values())]
         out += ["| generator − baseline | " + " | ".join(t for _, t in keys) + " |", "|---|" + "---|" * len(keys)]

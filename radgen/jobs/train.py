@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,10 +41,13 @@ from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
 from encoder.guards import NonFiniteGuard, train_config_errors
 from encoder.distributed import setup_distributed
 from encoder.io import atomic_write_text
-from encoder.processor import RadDinoProcessor
+from encoder.pixels import is_pixels_spec
 from encoder.train import cosine_schedule
 from radgen.config import ConfigError, save_config
+from radgen.data.batching import epoch_batches
 from radgen.data.reports import ReportRow, image_batches, read_report_rows
+from radgen.model.prompt import findings_list_text
+from radgen.model.oracle import OracleError, check_oracle_labels, is_oracle_spec
 from radgen.model.run import (ADAPTER_DIR, MODEL_JSON, BuiltModel, build_model, generate_reports,
                               save_trained)
 
@@ -78,7 +82,8 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
     spec = cfg.encoder.spec
     if not spec:
         errors.append("encoder.spec is not set (--encoder SPEC)")
-    elif check_files and not str(spec).startswith(("random:", "random-like:")) and not Path(str(spec)).exists():
+    elif (check_files and not str(spec).startswith(("random:", "random-like:")) and not is_pixels_spec(spec)
+          and not is_oracle_spec(spec) and not Path(str(spec)).exists()):
         errors.append(f"encoder.spec {spec}: no such checkpoint file or folder")
     llm = str(cfg.llm.path or "")
     if not llm:
@@ -154,6 +159,26 @@ def _trainable(built: BuiltModel, stage: str) -> list[tuple[str, torch.nn.Parame
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+@dataclass(frozen=True)
+class Example:
+    """One training example: a row (position in the loadable rows) and what it is asked."""
+    row: int
+    target: str
+    indication: str | None = None
+    instruction: str | None = None  # None: the configured findings instruction
+
+
+def training_examples(rows: list[ReportRow], tasks) -> list[Example]:
+    """The examples of one epoch: every row's findings, then (``tasks.findings_list``) every
+    labelled row asked for its list of positive findings (multi-task: the same image tokens,
+    another instruction, a short target that is all signal)."""
+    out = [Example(k, r.text, r.indication) for k, r in enumerate(rows)]
+    if tasks.findings_list:
+        out += [Example(k, t, r.indication, str(tasks.findings_list_instruction))
+                for k, r in enumerate(rows) if (t := findings_list_text(r.labels)) is not None]
+    return out
+
+
 def _stage_plan(cfg: DictConfig, stage: str, n_train: int, world: int) -> dict:
     st = cfg[stage]
     global_batch = int(st.batch_size) * int(st.accum_steps) * world
@@ -166,14 +191,16 @@ def _stage_plan(cfg: DictConfig, stage: str, n_train: int, world: int) -> dict:
 
 def _batch_indices(seed: int, stage_i: int, step: int, plan: dict, n: int, rank: int, world: int,
                    micro: int) -> list[list[int]]:
-    """This rank's micro-batches of step ``step``: a seeded permutation per epoch, cut in order."""
+    """This rank's micro-batches of step ``step``: the epoch's global batches
+    (:func:`radgen.data.batching.epoch_batches`, seeded by ``(seed, stage, epoch)``), this one
+    dealt out over ranks and cut into micro-batches."""
     epoch, within = divmod(step, plan["per_epoch"])
-    g = torch.Generator().manual_seed(_stage_seed(seed, stage_i, epoch, 7))
-    perm = torch.randperm(n, generator=g).tolist()
-    gb = plan["global_batch"]
-    idx = perm[within * gb:(within + 1) * gb]
-    if len(idx) < gb:  # last step of an epoch: top up from the start of the permutation
-        idx += perm[: gb - len(idx)]
+    cache = plan.setdefault("epochs", {})
+    if epoch not in cache:
+        cache.clear()  # one epoch's order at a time
+        cache[epoch] = epoch_batches(n, plan["global_batch"], _stage_seed(seed, stage_i, epoch, 7),
+                                     lengths=plan.get("lengths"), window=plan.get("window", 64))
+    idx = cache[epoch][within]
     mine = idx[rank::world]
     return [mine[s:s + micro] for s in range(0, len(mine), micro)]
 
@@ -184,7 +211,7 @@ class _VisionInputs:
     def __init__(self, built: BuiltModel, rows: list[ReportRow], cache: bool, device: torch.device,
                  workers: int, skipped: list[dict], progress: bool, desc: str):
         self.built, self.rows, self.device, self.workers = built, rows, device, workers
-        self.proc = RadDinoProcessor(shortest_edge=built.image_size, crop_size=built.image_size)
+        self.load_row = built.input_loader()
         self.tokens: torch.Tensor | None = None
         self.ok: list[int] = list(range(len(rows)))
         self.failed: set[str] = set()
@@ -197,7 +224,7 @@ class _VisionInputs:
         chunks, keep = [], []
         index = {id(r): i for i, r in enumerate(self.rows)}
         with tqdm(total=len(self.rows), desc=desc, unit="img", disable=not progress) as bar:
-            for b in image_batches(self.rows, self.proc.one, 32, self.workers):
+            for b in image_batches(self.rows, self.load_row, 32, self.workers):
                 for row, err in b.failures:
                     skipped.append({"id": row.id, **err})
                 if b.pixel_values is not None:
@@ -217,7 +244,7 @@ class _VisionInputs:
         rows = [self.rows[self.ok[i]] for i in idx]
         if self.tokens is not None:
             return {"vision_tokens": self.tokens[[self._pos[self.ok[i]] for i in idx]], "rows": rows}
-        b = next(image_batches(rows, self.proc.one, len(rows), 0))
+        b = next(image_batches(rows, self.load_row, len(rows), 0))
         for row, err in b.failures:
             if row.id not in self.failed:
                 self.failed.add(row.id)
@@ -286,6 +313,8 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
     if not rows_train:
         raise ConfigError(f"{cfg.data.path}: no {cfg.data.train_split!r} rows with a {cfg.data.text_field!r} text")
 
+    if is_oracle_spec(cfg.encoder.spec):
+        check_oracle_labels(rows_train, cfg.data.path)
     torch.manual_seed(int(cfg.seed))
     built = build_model(cfg)
     built.model.to(device)
@@ -308,13 +337,19 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
     # SIGTERM (pre-emption): finish the step, checkpoint, exit 143; torchrun signals every rank
     prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     n_train = len(train_in.ok)
+    examples = training_examples([train_in.rows[i] for i in train_in.ok], cfg.tasks)
+    lengths = None
+    if cfg.data.group_by_length:  # prompt + target tokens of each training example
+        tok = built.tokens
+        lengths = [len(tok.prompt_ids(e.indication, e.instruction)) + len(tok.target_ids(e.target)) for e in examples]
     status = "complete"
     t_start = time.perf_counter()
     try:
         for stage_i, stage in enumerate(STAGES):
             if stage in done_stages:
                 continue
-            plan = _stage_plan(cfg, stage, n_train, world)
+            plan = _stage_plan(cfg, stage, len(examples), world)
+            plan.update(lengths=lengths, window=int(cfg.data.length_window))
             params = _trainable(built, stage)
             opt = torch.optim.AdamW([p for _, p in params], lr=float(cfg[stage].lr),
                                     weight_decay=float(cfg[stage].weight_decay), betas=(0.9, 0.999))
@@ -327,7 +362,7 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
                 _truncate_samples(out / SAMPLES_FILE, stage_i, start)
             elif state:
                 _load_trainable(built, state)  # previous stage's final weights
-            status = _run_stage(cfg, built, stage, stage_i, plan, params, opt, start, tokens0, train_in, val_in,
+            status = _run_stage(cfg, built, stage, stage_i, plan, params, opt, start, tokens0, train_in, examples, val_in,
                                 device, rank, world, out, log_rows, done_stages, stop, show, _stop_at)
             state = None
             if status != "complete":
@@ -430,7 +465,8 @@ def _all_sum(x: float, device: torch.device, world: int) -> float:
 
 
 def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, params, opt, start: int,
-               tokens_seen: int, train_in: _VisionInputs, val_in: _VisionInputs | None, device, rank: int, world: int,
+               tokens_seen: int, train_in: _VisionInputs, examples: list, val_in: _VisionInputs | None, device,
+               rank: int, world: int,
                out: Path, log_rows: list[dict], done_stages: list[str], stop: dict, show: bool,
                stop_at) -> str:
     from tqdm import tqdm
@@ -440,7 +476,7 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
     model = built.model
     model.train()
     micro = int(st.batch_size)
-    n = len(train_in.ok)
+    n = len(examples)
     t_last, tok_last = time.perf_counter(), tokens_seen
     bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not show)
     nonfinite = NonFiniteGuard(str(tr.on_nonfinite), int(tr.max_nonfinite_skips))
@@ -453,10 +489,17 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
         torch.manual_seed(_stage_seed(int(cfg.seed), stage_i, step, rank))
         for g in opt.param_groups:
             g["lr"] = float(plan["lr"][step])
-        batches = [b for idx in _batch_indices(int(cfg.seed), stage_i, step, plan, n, rank, world, micro)
-                   if (b := train_in(idx)) is not None]
-        encoded = [built.tokens.train_batch([r.text for r in b["rows"]], [r.indication for r in b["rows"]])
-                   for b in batches]
+        batches, encoded = [], []
+        for idx in _batch_indices(int(cfg.seed), stage_i, step, plan, n, rank, world, micro):
+            ex = [examples[i] for i in idx]
+            b = train_in([e.row for e in ex])
+            if b is None:
+                continue
+            kept = {r.id for r in b["rows"]}  # uncached mode drops rows whose image fails to load
+            ex = [e for e in ex if train_in.rows[train_in.ok[e.row]].id in kept]
+            batches.append(b)
+            encoded.append(built.tokens.train_batch([e.target for e in ex], [e.indication for e in ex],
+                                                    [e.instruction for e in ex]))
         n_tok = sum(int((e["labels"][:, 1:] != -100).sum()) for e in encoded)
         n_tok_all = _all_sum(float(n_tok), device, world)
         loss_total = 0.0
@@ -588,7 +631,7 @@ def cmd_train(args) -> int:
     cfg = load_config("reportgen", args.config, flags + list(args.overrides))
     try:
         summary = run_train(cfg, progress=not args.quiet)
-    except (RunError, LLMError) as exc:
+    except (RunError, LLMError, OracleError) as exc:
         print(f"radgen train: error: {exc}", file=sys.stderr)
         return 2
     if summary["rank"] != 0:

@@ -51,7 +51,7 @@ from torch import nn
 from encoder.io import atomic_write_text
 from encoder.vit import ViTConfig
 from encoder.weights import HF_POS_INTERP, preprocessor_for, save_hf_dinov2
-from radgen.model.llm import _TEMPLATE_VARS, PLAIN_PROMPT
+from radgen.model.llm import _TEMPLATE_VARS, PLAIN_PROMPT, SYSTEM_DEFAULT, chat_prompt
 from radgen.model.projector import PROJECTORS
 from radgen.model.vision import VisionFeatures
 
@@ -215,7 +215,8 @@ def llava_projector_state(projector: nn.Module, name: str) -> dict[str, torch.Te
         "linear_2.weight": w2, "linear_2.bias": b2}.items()}
 
 
-def processor_chat_template(tokenizer_template: str | None, image_token: str = "<image>") -> str:
+def processor_chat_template(tokenizer_template: str | None, image_token: str = "<image>",
+                            around_user: tuple[str, str] | None = None) -> str:
     """A chat template for the processor (and tokenizer) that renders list content the radgen way.
 
     A message whose content is a list of parts becomes one string: ``image`` parts as
@@ -224,6 +225,12 @@ def processor_chat_template(tokenizer_template: str | None, image_token: str = "
     Then the LLM's own template runs unchanged (string content passes through), with
     ``date_string`` pinned as radgen pins it. Without an LLM template: radgen's plain
     ``"USER: {text}\\nASSISTANT:"`` prompt.
+
+    ``around_user=(before, after)``: instead of the LLM's template, write the user text between
+    these two literal strings (what radgen renders around it, generation prompt included). Used
+    for runs trained without a system turn (``prompt.system: null``, which a template that adds a
+    default system turn cannot express) or with their own system text; such a folder renders one
+    user turn.
     """
     date = _TEMPLATE_VARS["date_string"]
     head = (
@@ -247,6 +254,13 @@ def processor_chat_template(tokenizer_template: str | None, image_token: str = "
         "{%- endfor %}"
         "{%- set messages = ns.messages %}"
     )
+    if around_user is not None:
+        before, after = around_user
+        return head + (
+            "{%- for message in messages %}{%- if message['role'] == 'user' %}"
+            f"{{{{ {json.dumps(before)} + message['content'] + {json.dumps(after)} }}}}"
+            "{%- endif %}{%- endfor %}"
+        )
     if tokenizer_template:
         return head + tokenizer_template
     user, _, assistant = PLAIN_PROMPT.partition("{text}")  # "USER: " / "\nASSISTANT:"
@@ -428,7 +442,11 @@ def export_llava(built, out: str | os.PathLike, *, settings: Mapping | None = No
         llava.save_pretrained(str(tmp))
         del llava
 
-        chat_template = processor_chat_template(getattr(tokenizer, "chat_template", None), image_token)
+        around = None
+        if tokens.prompt.system != SYSTEM_DEFAULT and getattr(tokenizer, "chat_template", None):
+            before, _, after = chat_prompt(tokenizer, "\ue002", system=tokens.prompt.system).partition("\ue002")
+            around = (before, after)
+        chat_template = processor_chat_template(getattr(tokenizer, "chat_template", None), image_token, around)
         tokenizer.chat_template = chat_template
         bit = {k: v for k, v in preprocessor_for(size).items() if k != "image_processor_type"}
         processor = LlavaProcessor(image_processor=BitImageProcessor(**bit), tokenizer=tokenizer,

@@ -16,7 +16,19 @@ from torch import Tensor
 from radgen.model.llm import chat_prompt
 from radgen.model.splice import build_example, expand_image_placeholder, pad_batch
 
-__all__ = ["PromptConfig", "ReportTokenizer"]
+__all__ = ["PromptConfig", "ReportTokenizer", "findings_list_text"]
+
+
+def findings_list_text(labels: dict | None) -> str | None:
+    """The target of the findings-list task: ``"Positive: Cardiomegaly, Pleural Effusion."`` (the
+    observations labelled 1, CheXpert order, No Finding left out) or ``"No finding."``; ``None``
+    for a row without labels."""
+    from eval.chexpert import CHEXPERT_14, NO_FINDING
+
+    if not labels or all(v is None for v in labels.values()):
+        return None
+    pos = [o for o in CHEXPERT_14 if o != NO_FINDING and labels.get(o) == 1]
+    return ("Positive: " + ", ".join(pos) + ".") if pos else "No finding."
 
 
 @dataclass
@@ -24,9 +36,10 @@ class PromptConfig:
     instruction: str = "Write the findings section of the radiology report for this chest X-ray."
     indication: str = "Indication: {indication}"  # used only when a row has an indication
     image_token: str = "<image>"
+    system: str | None = None  # None: no system turn; "default": the chat template's own; else that text
 
-    def user_text(self, indication: str | None = None) -> str:
-        text = f"{self.image_token}\n{self.instruction}"
+    def user_text(self, indication: str | None = None, instruction: str | None = None) -> str:
+        text = f"{self.image_token}\n{instruction or self.instruction}"
         if indication and indication.strip():
             text += "\n" + self.indication.format(indication=indication.strip())
         return text
@@ -50,14 +63,15 @@ class ReportTokenizer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._prompt_cache: dict[str | None, list[int]] = {}
 
-    def prompt_text(self, indication: str | None = None) -> str:
-        return chat_prompt(self.tokenizer, self.prompt.user_text(indication))
+    def prompt_text(self, indication: str | None = None, instruction: str | None = None) -> str:
+        return chat_prompt(self.tokenizer, self.prompt.user_text(indication, instruction), system=self.prompt.system)
 
-    def prompt_ids(self, indication: str | None = None) -> list[int]:
-        """The prompt with its image placeholder expanded: ``n_image_tokens`` image ids in it."""
-        key = indication or None
+    def prompt_ids(self, indication: str | None = None, instruction: str | None = None) -> list[int]:
+        """The prompt with its image placeholder expanded: ``n_image_tokens`` image ids in it.
+        ``instruction`` replaces the configured one (another task on the same image)."""
+        key = (indication or None, instruction or None)
         if key not in self._prompt_cache:
-            ids = self.tokenizer(self.prompt_text(key), add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(self.prompt_text(*key), add_special_tokens=False)["input_ids"]
             self._prompt_cache[key] = expand_image_placeholder(ids, self.image_token_id, self.n_image_tokens)
         return list(self._prompt_cache[key])
 
@@ -69,10 +83,13 @@ class ReportTokenizer:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids[: self.max_target_tokens - 1] + [self.tokenizer.eos_token_id]
 
-    def train_batch(self, targets: list[str], indications: list[str | None] | None = None) -> dict[str, Tensor]:
+    def train_batch(self, targets: list[str], indications: list[str | None] | None = None,
+                    instructions: list[str | None] | None = None) -> dict[str, Tensor]:
         """Right-padded ``input_ids``, ``attention_mask``, ``position_ids``, ``labels`` (B, L)."""
         indications = indications or [None] * len(targets)
-        pairs = [build_example(self.prompt_ids(ind), self.target_ids(t)) for t, ind in zip(targets, indications)]
+        instructions = instructions or [None] * len(targets)
+        pairs = [build_example(self.prompt_ids(ind, ins), self.target_ids(t))
+                 for t, ind, ins in zip(targets, indications, instructions)]
         return pad_batch([p[0] for p in pairs], self.pad_id, side="right", labels=[p[1] for p in pairs])
 
     def generation_batch(self, indications: list[str | None]) -> dict[str, Tensor]:

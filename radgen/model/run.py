@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 
 from encoder.checkpoint import weights_sha256
 from encoder.io import atomic_write_bytes, atomic_write_text
-from radgen.model.llm import add_image_token, apply_lora, folder_sha256, load_llm, resolve_llm_path
+from radgen.model.llm import SYSTEM_DEFAULT, add_image_token, apply_lora, folder_sha256, load_llm, resolve_llm_path
 from radgen.model.model import ReportGenerator
+from radgen.model.oracle import OracleVision, is_oracle_spec, oracle_tokens
 from radgen.model.projector import build_projector
 from radgen.model.prompt import PromptConfig, ReportTokenizer
 from radgen.model.vision import FrozenVision, VisionFeatures
@@ -53,6 +54,29 @@ class BuiltModel:
     def image_size(self) -> int:
         return int(self.info["image_size"])
 
+    @property
+    def is_oracle(self) -> bool:
+        return bool(getattr(self.model.vision, "is_oracle", False))
+
+    def input_loader(self):
+        """``row -> model input``: the preprocessed image at the run's size, or for the oracle
+        control the row's label tokens (:mod:`radgen.model.oracle`)."""
+        from radgen.data.reports import image_loader
+
+        if self.is_oracle:
+            return _oracle_input
+        from encoder.processor import RadDinoProcessor
+
+        return image_loader(RadDinoProcessor(shortest_edge=self.image_size, crop_size=self.image_size).one)
+
+
+def _oracle_input(row) -> torch.Tensor:
+    from radgen.data.images import ImageLoadError
+
+    if not row.labels:
+        raise ImageLoadError(row.image or "<none>", "row has no CheXpert labels (oracle control)")
+    return oracle_tokens(row.labels)
+
 
 def _dtype(name: str) -> torch.dtype:
     try:
@@ -70,15 +94,22 @@ def build_model(cfg, encoder=None, with_lora: bool = True) -> BuiltModel:
     """
     from radgen.jobs.features import load_encoder_spec
 
-    if encoder is None:
-        if not cfg.encoder.spec:
-            raise RunError("encoder.spec is not set (--encoder SPEC)")
-        encoder = load_encoder_spec(str(cfg.encoder.spec), which=str(cfg.encoder.which))
+    if not cfg.encoder.spec and encoder is None:
+        raise RunError("encoder.spec is not set (--encoder SPEC)")
     features = VisionFeatures(layer=int(cfg.encoder.layer), select=str(cfg.encoder.select),
                               norm=bool(cfg.encoder.norm),
                               pool=None if cfg.encoder.pool is None else int(cfg.encoder.pool))
-    vision = FrozenVision(encoder, features)
-    image_size = int(cfg.data.image_size or encoder.cfg.img_size)
+    if is_oracle_spec(cfg.encoder.spec):  # the labels control: no encoder, no pixels
+        vision, image_size = OracleVision(), 0
+        encoder_info = {"spec": str(cfg.encoder.spec), "which": None, "sha256": None, "vit_config": None,
+                        "control": "oracle: image tokens are the film's own CheXpert labels"}
+    else:
+        if encoder is None:
+            encoder = load_encoder_spec(str(cfg.encoder.spec), which=str(cfg.encoder.which))
+        vision = FrozenVision(encoder, features)
+        image_size = int(cfg.data.image_size or encoder.cfg.img_size)
+        encoder_info = {"spec": str(cfg.encoder.spec), "which": str(cfg.encoder.which),
+                        "sha256": weights_sha256(encoder), "vit_config": asdict(encoder.cfg)}
     llm_path = resolve_llm_path(str(cfg.llm.path))
     llm, tokenizer = load_llm(str(llm_path), dtype=_dtype(cfg.llm.dtype),
                               trust_remote_code=bool(cfg.llm.get("trust_remote_code", False)))
@@ -96,14 +127,15 @@ def build_model(cfg, encoder=None, with_lora: bool = True) -> BuiltModel:
         llm = apply_lora(llm, r=int(lora.r), alpha=float(lora.alpha), dropout=float(lora.dropout),
                          target_modules=targets)
     model = ReportGenerator(vision, projector, llm, image_token_id)
+    # runs saved before prompt.system existed rendered the template's default system turn
+    system = cfg.prompt.get("system", SYSTEM_DEFAULT)
     prompt = PromptConfig(instruction=str(cfg.prompt.instruction), indication=str(cfg.prompt.indication),
-                          image_token=str(cfg.prompt.image_token))
+                          image_token=str(cfg.prompt.image_token), system=None if system is None else str(system))
     tokens = ReportTokenizer(tokenizer, prompt, image_token_id, vision.num_tokens(image_size),
                              max_target_tokens=int(cfg.prompt.max_target_tokens))
     info = {
         "format": FORMAT,
-        "encoder": {"spec": str(cfg.encoder.spec), "which": str(cfg.encoder.which),
-                    "sha256": weights_sha256(encoder), "vit_config": asdict(encoder.cfg)},
+        "encoder": encoder_info,
         "vision": features.to_dict(),
         "image_size": image_size,
         "n_image_tokens": tokens.n_image_tokens,
@@ -177,8 +209,10 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", che
         raise RunError(f"{run_dir} was trained with llm.trust_remote_code=true: its LLM runs its own Python "
                        "code; pass --trust-remote-code (radgen generate) if you trust it")
     spec = encoder_spec or info["encoder"]["spec"]
-    encoder = load_encoder_spec(spec, which=info["encoder"]["which"])
-    if check_hashes and weights_sha256(encoder) != info["encoder"]["sha256"]:
+    encoder = None if is_oracle_spec(spec) else load_encoder_spec(spec, which=info["encoder"]["which"])
+    if is_oracle_spec(spec) != is_oracle_spec(info["encoder"]["spec"]):
+        raise RunError(f"encoder {spec!r} cannot stand in for {info['encoder']['spec']!r} of {run_dir}")
+    if encoder is not None and check_hashes and weights_sha256(encoder) != info["encoder"]["sha256"]:
         raise RunError(f"encoder {spec!r} is not the one {run_dir} was trained with (weights SHA-256 differs)")
     cfg.encoder.spec = spec
     cfg.llm.path = llm_path or info["llm"]["path"]

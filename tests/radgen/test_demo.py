@@ -110,7 +110,8 @@ def test_every_stage_runs_and_the_page_has_every_section(demo_run):
     assert all(r["status"] == "ran" for r in summary["stages"])
     page = out / "index.html"
     parser = _check_page(page)
-    for section in ("verdict", "metrics", "comparisons", "probe", "curves", "examples", "stages", "limits"):
+    for section in ("verdict", "metrics", "per_finding", "comparisons", "probe", "curves", "examples", "stages",
+                    "limits"):
         assert section in parser.ids, f"section {section} missing"
     text = page.read_text(encoding="utf-8")
     imgs = [r for k, r in parser.refs if k == "img"]
@@ -206,6 +207,17 @@ def test_report_command_on_a_plain_evaluate_folder(tmp_path):
     assert {"metrics", "comparisons", "verdict"} <= parser.ids
     assert "examples" not in parser.ids  # nothing generated with images: the section is left out
     assert "falls short" in page.read_text()
+    # per finding, right after the metric table: the model writes "Heart size is normal." for all four
+    # films, so it names no finding (Cardiomegaly: reference r2 -> n=1, recall 0/1, precision undefined)
+    # and raises no false alarm on the two No-Finding films (r0, r3)
+    assert "per_finding" in parser.ids
+    text = page.read_text()
+    assert text.index("id='metrics'") < text.index("id='per_finding'") < text.index("id='comparisons'")
+    assert "Cardiomegaly <span class=ci>n=1</span></td><td>— / 0.000 <span class=ci>(0 named)</span>" in text
+    assert "false alarm: any finding <span class=ci>n=2 No-Finding films</span></td><td>0.000" in text
+    summary = (run / "summary.md").read_text()
+    assert "| Cardiomegaly (n=1) | — / 0.000 (0 named) |" in summary
+    assert "| false alarm: any finding (n=2 No-Finding films) | 0.000 (0 of 2) |" in summary
 
 
 def test_word_diff_marks_missed_and_added_words():

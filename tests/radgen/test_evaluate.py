@@ -266,6 +266,88 @@ def test_compare_with_only_omitted_metrics_does_not_crash(tmp_path: Path):
                      "--resamples", "10") in (0, 2)
 
 
+# ------------------------------------------------------------------------------ per finding
+# Three normal films (n1-n3) and two with findings; CheXpert labels from the rules labeler.
+PF_REF = {
+    "n1": "The lungs are clear. No acute cardiopulmonary process.",   # No Finding
+    "n2": "Heart size is normal. No pleural effusion or pneumothorax.",  # No Finding
+    "n3": "No acute cardiopulmonary abnormality.",                     # No Finding
+    "f1": "Mild cardiomegaly. Small right pleural effusion.",          # Cardiomegaly, Pleural Effusion
+    "f2": "Bibasilar atelectasis.",                                    # Atelectasis
+}
+PF_PRED = {
+    "n1": "The lungs are clear. Possible atelectasis.",  # uncertain (-1): not named, not a false alarm
+    "n2": "The heart is enlarged.",                      # false alarm: Cardiomegaly
+    "n3": "Small left pleural effusion. Cardiomegaly.",  # false alarm: Pleural Effusion and Cardiomegaly
+    "f1": "Mild cardiomegaly.",                          # Cardiomegaly TP, Pleural Effusion FN
+    "f2": "Bibasilar atelectasis. Pleural effusion.",    # Atelectasis TP, Pleural Effusion FP
+}
+
+
+def test_per_finding_and_false_alarm_outputs(tmp_path: Path, capsys):
+    refs = _jsonl(tmp_path / "refs.jsonl", _rows(PF_REF))
+    preds = _jsonl(tmp_path / "preds.jsonl", _rows(PF_PRED))
+    out = tmp_path / "out"
+    assert _evaluate(refs, preds, out, "--metrics", "chexpert", "--resamples", "0") == 0
+    printed = capsys.readouterr().out
+
+    pf = json.loads((out / "metrics.json").read_text())["per_finding"]
+    assert pf["variant"] == "chexpert_f1" and pf["labeler"] == "rules-v1" and pf["n_films"] == 5
+    rows = {r["finding"]: r for r in pf["findings"]}
+    assert list(rows) == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion",
+                          "Support Devices"]
+    # Cardiomegaly: reference f1 -> support 1; named on n2, n3, f1 -> 3; TP 1, FP 2: precision 1/3,
+    # recall 1/1, F1 = 2·1/(2·1+2+0) = 0.5 (printed below)
+    assert (rows["Cardiomegaly"]["support"], rows["Cardiomegaly"]["predicted"]) == (1, 3)
+    assert rows["Cardiomegaly"]["precision"] == pytest.approx(1 / 3) and rows["Cardiomegaly"]["recall"] == 1.0
+    # Pleural Effusion: reference f1; named on n3, f2; TP 0: precision 0/2, recall 0/1
+    assert (rows["Pleural Effusion"]["support"], rows["Pleural Effusion"]["predicted"]) == (1, 2)
+    assert rows["Pleural Effusion"]["precision"] == 0.0 and rows["Pleural Effusion"]["recall"] == 0.0
+    # Atelectasis: reference f2, named on f2 only (n1's "possible" is -1): 1/1, 1/1
+    assert (rows["Atelectasis"]["precision"], rows["Atelectasis"]["recall"]) == (1.0, 1.0)
+    # Edema, Consolidation: nowhere -> both undefined
+    assert rows["Edema"]["precision"] is None and rows["Edema"]["recall"] is None
+    # false alarms: 3 No-Finding films; a finding named on n2 and n3 -> 2/3; Cardiomegaly on both -> 2/3
+    fa = pf["false_alarm"]
+    assert (fa["n_no_finding"], fa["n_any"]) == (3, 2) and fa["any"] == pytest.approx(2 / 3)
+    assert fa["max_finding"] == "Cardiomegaly" and fa["max"] == pytest.approx(2 / 3)
+    assert fa["rate"]["Pleural Effusion"] == pytest.approx(1 / 3) and fa["rate"]["Atelectasis"] == 0.0
+
+    with (out / "per_finding.csv").open() as f:
+        csv_rows = {r["finding"]: r for r in csv.DictReader(f)}
+    assert list(csv_rows) == list(rows) + ["any finding"]
+    assert float(csv_rows["Cardiomegaly"]["precision"]) == pytest.approx(1 / 3)
+    assert csv_rows["Edema"]["precision"] == ""  # undefined: blank
+    assert float(csv_rows["Cardiomegaly"]["false_alarm_rate"]) == pytest.approx(2 / 3)
+    assert csv_rows["Support Devices"]["false_alarm_rate"] == ""  # a device is not a false alarm
+    assert (csv_rows["any finding"]["no_finding_films"], csv_rows["any finding"]["named_on_no_finding"]) == ("3", "2")
+    assert {r["system"] for r in csv_rows.values()} == {"A"}
+
+    # printed after the main table, and in metrics.md
+    assert printed.index("| chexpert_f1_5_micro |") < printed.index("### Per finding")
+    assert "| Cardiomegaly | 1 | 3 | 0.333 | 1.000 | 0.500 |" in printed
+    assert "| Edema | 0 | 0 | — | — | — |" in printed
+    assert "names a finding on 2 of 3 No-Finding films (66.7%); most named: Cardiomegaly on 2 (66.7%)" in printed
+    assert "| Cardiomegaly | 1 | 3 | 0.333 | 1.000 | 0.500 |" in (out / "metrics.md").read_text()
+    assert "per_finding.csv" in printed
+
+    # --compare: both systems side by side; B repeats the references (no false alarm)
+    out_c = tmp_path / "cmp"
+    assert _evaluate(refs, preds, out_c, "--compare", str(refs), "--metrics", "chexpert", "--resamples", "10") == 0
+    printed = capsys.readouterr().out
+    cmp = json.loads((out_c / "comparison.json").read_text())["per_finding"]
+    assert cmp["a"] == pf
+    assert cmp["b"]["false_alarm"]["any"] == 0.0 and cmp["b"]["false_alarm"]["max_finding"] is None
+    assert ("| finding | support | A predicted | A precision | A recall | B predicted | B precision | B recall |"
+            in printed)
+    assert "| Cardiomegaly | 1 | 3 | 0.333 | 1.000 | 1 | 1.000 | 1.000 |" in printed
+    assert "- false alarms, B: names a finding on 0 of 3 No-Finding films (0.0%); none named" in printed
+    assert "B predicted" in (out_c / "comparison.md").read_text()
+    with (out_c / "per_finding.csv").open() as f:
+        systems = [r["system"] for r in csv.DictReader(f)]
+    assert systems == ["A"] * 7 + ["B"] * 7
+
+
 # ------------------------------------------------------------------------------ labeler-check
 def test_labeler_check_prints_micro_f1_last(capsys):
     if not IU_CSV.is_file():
