@@ -1,37 +1,50 @@
-"""Training throughput of the report generator's stage-2 step (projector + LoRA), against the matmul peak.
+"""Training throughput of the report generator's stage-2 step, before and after this week's changes.
 
-1. Matmul peak: best-of-N time of a 2048 x 2048 x 2048 ``torch.mm`` in fp32 and bf16 (2 n^3 FLOPs),
-   measured before the steps and again after them (if it moved, the machine's load changed).
-2. The step ``radgen train`` runs in stage 2 (``radgen/jobs/train.py``), on a fresh model from
-   ``configs/reportgen`` + ``cpu_smollm2``: SmolLM2-135M-Instruct with LoRA r=16 on every linear
-   layer, mlp2x_gelu projector, random ``vit_tiny`` at 112 px (64 image tokens). Encoder tokens are
-   computed once beforehand, as training does with ``data.cache_vision: true``, so the step is:
-   forward (splice + LLM + summed token cross-entropy), ``backward``, gradient clipping at 1.0,
-   AdamW step. Batch: ``--batch`` synthetic findings (``radgen.data.synth``, what the CPU default
-   trains on) with the default prompt, right-padded. fp32, then bf16 autocast (``train.precision``).
-3. Throughput in three token counts: *target* tokens (the labels the loss predicts), *real* tokens
-   (image + prompt + target positions, padding excluded) and *positions* (B x padded length: what
-   every GEMM actually processes).
-4. FLOPs per step, counted two ways, both printed:
-   * ``torch.utils.flop_counter.FlopCounterMode`` on the warm-up step (CPU SDPA ops mapped to
-     torch's SDPA formulas, as in ``bench/pretrain_step.py``);
-   * analytically (:func:`analytic_flops`), per position: ``4 N_frozen + 6 N_lora`` for the linear
-     layers plus attention, and ``6 N_proj`` per image token. The frozen LLM weights (decoder
-     linears + the tied ``lm_head``, ``N_frozen``) cost 2N forward and 2N backward: the gradient
-     w.r.t. their *inputs* must flow down to the projector, but no weight gradient is formed, so
-     the 6N of full fine-tuning overcounts them by a third. The "6N" figure is printed too, for
-     comparison with papers that use it.
-   Achieved FLOP/s = counted FLOPs / median step time.
+Two variants of the step ``radgen train`` runs in stage 2 (``radgen/jobs/train.py``), each on a
+fresh model from ``configs/reportgen`` + ``cpu_smollm2`` (SmolLM2-135M-Instruct with LoRA r=16 on
+every linear layer, mlp2x_gelu projector, random ``vit_tiny`` at 112 px: 64 image tokens):
 
-``--what-if`` also times a variant that computes ``lm_head`` logits only at target positions
-(what ``token_loss_sum`` reads), to size that change; it is not what ``radgen train`` runs. Its
-steps alternate with the normal ones, so the paired ratio is measured under the same load.
+* **before**: ``prompt.system=default`` (SmolLM2's chat template adds its default system turn,
+  ~20 tokens, to every row), shuffled batches (``data.group_by_length=false``), fp32;
+* **after**: the current defaults: no system turn (``prompt.system: null``), batches of rows of
+  similar length (``data.group_by_length: true``), ``train.precision: auto`` resolved on this
+  machine (bf16 autocast where ``encoder.inference.bf16_supported("cpu")``, else fp32).
+
+1. One pool of ``--pool`` synthetic findings (``radgen.data.synth``, what the CPU default trains
+   on), the same for both. Each row's length is its prompt ids (image positions included) plus its
+   target ids (EOS included); each variant cuts one epoch into global batches of ``--batch`` with
+   ``radgen.data.batching.epoch_batches``, shuffled or grouped by length (window
+   ``data.length_window``), as ``radgen train`` does (one micro-batch per step, right-padded).
+2. Steps: a warm-up on each variant's batch 0, then ``--steps`` timed steps on its batches 1, 2,
+   ...; the variants alternate step by step (the one going first alternates too), so load drift
+   on a shared machine hits both. Encoder tokens are computed once beforehand, as training does
+   with ``data.cache_vision: true``, so a step is: forward (splice + LLM + summed token
+   cross-entropy), ``backward``, gradient clipping at 1.0, AdamW step.
+3. Token accounting per row, over the timed batches and over the whole epoch: prompt tokens
+   (image tokens excluded), image tokens, target tokens, padding, and padding as % of positions.
+   Throughput in three counts, summed over the timed steps and divided by their summed time:
+   *target* tokens (the labels the loss predicts; the headline), *real* tokens (image + prompt +
+   target, no padding) and *positions* (rows x padded length: what every GEMM processes). The
+   headline ratio is after / before target tokens/s. The variants train on different batches, so
+   an epoch projection is printed too: each variant's measured seconds per position times its
+   epoch's positions (both epochs hold the same target tokens).
+4. Matmul peak: best-of-N 2048^3 ``torch.mm`` in each precision used (2 n^3 FLOPs), measured
+   before the steps and again after them (if it moved, the machine's load changed).
+5. FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` runs on each variant's warm-up step (CPU
+   SDPA mapped to torch's SDPA formulas, as in ``bench/pretrain_step.py``); a timed batch's FLOPs
+   are its analytic count (:func:`analytic_flops`) times the counted / analytic ratio of the
+   warm-up step (counting every step would slow it down). Analytic: per position ``4 N_frozen +
+   6 N_lora`` for the decoder's linear layers plus attention over the padded length; ``4 N_head``
+   per *target* position (the model applies the tied ``lm_head`` only where a label is predicted);
+   ``6 N_proj`` per image token. Frozen weights cost 2N forward and 2N backward: the input
+   gradient must reach the projector, but no weight gradient is formed.
+   Achieved FLOP/s = FLOPs of the timed steps / their time; % of peak uses the variant's precision.
 
 This is a benchmark script, not a test: it prints what this run measured and never fails.
 
-    .venv/bin/python bench/train_speed.py                # batch 8, fp32 and bf16, 3 timed steps each
-    .venv/bin/python bench/train_speed.py --quick        # 2 timed steps each; bf16 only if native (~1-2 min)
-    .venv/bin/python bench/train_speed.py --what-if --no-bf16 --threads 1
+    .venv/bin/python bench/train_speed.py                 # batch 8, 6 timed steps per variant
+    .venv/bin/python bench/train_speed.py --quick         # 3 timed steps per variant (a few minutes)
+    .venv/bin/python bench/train_speed.py --quick --threads 1 --json /tmp/train_speed.json
 """
 
 from __future__ import annotations
@@ -42,30 +55,35 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
-from _common import RATIO_PEAK, RATIO_WHAT_IF, add_json_arg, peak_row, row, write_json  # noqa: E402
+from _common import RATIO_PEAK, add_json_arg, peak_row, row, write_json  # noqa: E402
 from _peak import CPU_SDPA_FLOPS, matmul_rate  # noqa: E402  (bench/ is sys.path[0])
 
 from radgen.model.run import BuiltModel  # noqa: E402
 from radgen.model.splice import IGNORE_INDEX  # noqa: E402
 
+RATIO_AFTER_BEFORE = "after vs before (target tokens/s ratio, >1 = after faster)"
+# config overrides of each variant on top of configs/reportgen + cpu_smollm2
+VARIANTS = {"before": ("prompt.system=default", "data.group_by_length=false", "train.precision=fp32"),
+            "after": ()}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build(image_size: int, seed: int) -> BuiltModel:
+def build(image_size: int, seed: int, overrides=()):
     from radgen.config import load_config
     from radgen.model.run import build_model
 
     cfg = load_config("reportgen", ["cpu_smollm2"], [f"encoder.spec=random:vit_tiny:{image_size}:{seed}",
-                                                     f"data.image_size={image_size}", f"seed={seed}"])
-    return build_model(cfg)
+                                                     f"data.image_size={image_size}", f"seed={seed}", *overrides])
+    return cfg, build_model(cfg)
 
 
 def stage2_params(built: BuiltModel) -> list[nn.Parameter]:
@@ -104,213 +122,262 @@ def linear_params(llm: nn.Module) -> tuple[int, int]:
     return frozen, lora
 
 
-def analytic_flops(built: BuiltModel, B: int, L: int, n_img: int) -> dict[str, float]:
-    """Matmul FLOPs of one stage-2 step on ``B`` rows padded to ``L`` positions (see the module doc)."""
-    tc = built.model.llm.get_base_model().config.get_text_config()
+def analytic_flops(built: BuiltModel, B: int, L: int, n_img: int, n_target: int) -> dict[str, float]:
+    """Matmul FLOPs of one stage-2 step on ``B`` rows padded to ``L`` positions, ``n_target`` of
+    them predicted (see the module doc)."""
+    base = built.model.llm.get_base_model()
+    tc = base.config.get_text_config()
     d_attn = tc.num_attention_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
     n_frozen, n_lora = linear_params(built.model.llm)
+    n_head = base.get_output_embeddings().weight.numel()
     n_proj = sum(p.numel() for n, p in built.model.projector.named_parameters() if n.endswith("weight"))
     pos = B * L
     # per query position per layer: scores q.k^T over L keys (2 L d) + weighted sum of values (2 L d);
     # SDPA computes the full L x L (padding and the causal half are masked, not skipped)
     attn_fwd = 4.0 * L * d_attn * tc.num_hidden_layers * pos
-    fwd = 2.0 * n_frozen * pos + 2.0 * n_lora * pos + attn_fwd + 2.0 * n_proj * B * n_img
-    bwd = (2.0 * n_frozen * pos  # input gradients only: frozen weights get no weight gradient
-           + 4.0 * n_lora * pos  # LoRA: input and weight gradients
-           + 2.0 * attn_fwd  # gradients w.r.t. q, k and v
-           + 4.0 * n_proj * B * n_img)
-    six_n = 6.0 * (n_frozen + n_lora) * pos + 3.0 * attn_fwd + 6.0 * n_proj * B * n_img
-    return {"fwd": fwd, "bwd": bwd, "total": fwd + bwd, "six_n": six_n, "n_frozen": n_frozen,
-            "n_lora": n_lora, "n_proj": n_proj}
+    # frozen weights: 2N forward + 2N backward (input gradients only: no weight gradient is formed);
+    # the decoder's at every position, lm_head only at the predicted ones (ReportGenerator.forward)
+    frozen = 4.0 * ((n_frozen - n_head) * pos + n_head * n_target)
+    total = frozen + 6.0 * n_lora * pos + 3.0 * attn_fwd + 6.0 * n_proj * B * n_img
+    return {"total": total, "n_frozen": n_frozen, "n_head": n_head, "n_lora": n_lora, "n_proj": n_proj}
 
 
-def target_only_forward(built: BuiltModel, batch: dict, vision_tokens: torch.Tensor) -> dict:
-    """What-if: the LLM body on every position, ``lm_head`` only where a label is predicted."""
-    model = built.model
-    base = model.llm.get_base_model()  # LoRA layers are injected in place: base.model runs them
-    embeds = model.embed(batch["input_ids"], vision_tokens=vision_tokens)
-    hidden = base.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    logits = base.lm_head(hidden[:, :-1][keep]).float()
-    return {"loss_sum": F.cross_entropy(logits, labels[keep], reduction="sum"), "n_tokens": int(keep.sum())}
+@dataclass
+class Variant:
+    name: str
+    cfg: object
+    built: BuiltModel
+    params: list
+    opt: torch.optim.Optimizer
+    precision: str
+    why: str
+    batches: list[list[int]]
+    lengths: list[int]
+    steps: list[dict] = field(default_factory=list)
+    flop_scale: float = 1.0  # counted / analytic FLOPs of the warm-up step
 
 
-def run_step(built: BuiltModel, params, opt, batch: dict, vision_tokens: torch.Tensor, bf16: bool,
-             n_tok: int, seed: int, what_if: bool = False) -> dict[str, float]:
-    model = built.model
+def resolve(cfg) -> tuple[str, str]:
+    """The precision ``train.precision`` gives on this CPU, and why."""
+    from encoder.inference import bf16_supported, cpu_bf16_flags, resolve_precision
+
+    asked = str(cfg.train.precision)
+    prec = resolve_precision(asked, "cpu")
+    if asked != "auto":
+        return prec, f"train.precision={asked}"
+    flags = ", ".join(cpu_bf16_flags()) or "none"
+    return prec, (f"train.precision=auto -> {prec}: bf16_supported('cpu') is {bf16_supported('cpu')} "
+                  f"(bf16 flags in /proc/cpuinfo: {flags})")
+
+
+def accounting(v: Variant, batches: list[list[int]], n_img: int, n_prompt: int) -> dict[str, float]:
+    """Per-row token counts of ``batches`` (each right-padded to its longest row)."""
+    from radgen.data.batching import padding_fraction
+
+    lens = [[v.lengths[i] for i in b] for b in batches]
+    rows = sum(len(b) for b in batches)
+    pos = sum(max(ls) * len(ls) for ls in lens)
+    real = sum(sum(ls) for ls in lens)
+    target = real - rows * n_prompt
+    return {"rows": rows, "prompt": n_prompt - n_img, "image": n_img, "target": target / rows,
+            "padding": (pos - real) / rows, "positions": pos / rows, "padding_pct": 100 * padding_fraction(lens),
+            "n_target": target, "n_real": real, "n_positions": pos}
+
+
+def run_step(v: Variant, texts: list[str], idx: list[int], vision_tokens: torch.Tensor, seed: int) -> dict:
+    model, tok = v.built.model, v.built.tokens
+    batch = tok.train_batch([texts[i] for i in idx])
+    n_tok = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     torch.manual_seed(seed)  # LoRA dropout draws, as train.py reseeds every step
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        if what_if:
-            res = target_only_forward(built, batch, vision_tokens)
-        else:
-            res = model(**batch, vision_tokens=vision_tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=v.precision == "bf16"):
+        res = model(**batch, vision_tokens=vision_tokens[:len(idx)])
     loss = res["loss_sum"] / n_tok
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    torch.nn.utils.clip_grad_norm_(v.params, 1.0)
+    v.opt.step()
+    v.opt.zero_grad(set_to_none=True)
     t3 = time.perf_counter()
-    return {"forward (LLM + loss)": t1 - t0, "backward": t2 - t1, "clip + AdamW": t3 - t2, "total": t3 - t0,
-            "loss": float(loss.detach())}
+    B, L = batch["input_ids"].shape
+    return {"forward": t1 - t0, "backward": t2 - t1, "clip + AdamW": t3 - t2, "total": t3 - t0,
+            "loss": float(loss.detach()), "rows": B, "L": L, "n_target": n_tok,
+            "n_real": int(batch["attention_mask"].sum()), "n_positions": B * L}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="global batch (one micro-batch per step)")
     ap.add_argument("--image-size", type=int, default=112, help="encoder and image size (default 112: 64 tokens)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per precision (after 1 warm-up)")
-    ap.add_argument("--quick", action="store_true",
-                    help="2 timed steps per precision; bf16 only where the CPU has it natively")
-    ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 run")
-    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast run")
-    ap.add_argument("--what-if", action="store_true", help="also time lm_head on target positions only")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 1 warm-up each)")
+    ap.add_argument("--quick", action="store_true", help="3 timed steps per variant")
+    ap.add_argument("--pool", type=int, default=256, help="synthetic findings in the epoch (default 256)")
     ap.add_argument("--peak-tries", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     add_json_arg(ap)
     args = ap.parse_args()
     if args.quick:
-        args.steps = 2
+        args.steps = 3
     if args.threads:
         torch.set_num_threads(args.threads)
-    precisions = ([] if args.no_fp32 else ["fp32"]) + ([] if args.no_bf16 else ["bf16"])
-    if not precisions:
-        ap.error("nothing to run: --no-fp32 and --no-bf16")
-    if args.quick and "bf16" in precisions and len(precisions) > 1:
-        from encoder.inference import bf16_supported
-
-        if not bf16_supported("cpu"):  # emulated bf16: ~3x slower than fp32, most of a quick run's time
-            precisions.remove("bf16")
-            print("--quick: bf16 autocast skipped (emulated on this CPU); --steps 2 without --quick times it")
     print(f"torch {torch.__version__}, python {platform.python_version()}, {torch.get_num_threads()} threads, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}, loadavg {os.getloadavg()[0]:.2f}")
 
-    peak = {}
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        try:
-            peak[name] = matmul_rate(2048, 2048, 2048, dt, args.peak_tries)
-        except RuntimeError as e:
-            print(f"{name} matmul failed ({e}); skipping {name}")
-            precisions = [p for p in precisions if p != name]
-            continue
-        print(f"matmul peak {name}: {peak[name] / 1e9:.1f} GFLOP/s (2048^3, best of {args.peak_tries})")
-
     t0 = time.perf_counter()
-    built = build(args.image_size, args.seed)
-    model, tok = built.model, built.tokens
-    model.train()
-    params = stage2_params(built)
-    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, betas=(0.9, 0.999))
-    B = args.batch
-    texts = synthetic_findings(B, args.seed)
-    batch = tok.train_batch(texts)
-    g = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():  # cached encoder tokens, as training with data.cache_vision
-        vision_tokens = model.vision(torch.rand(B, 3, built.image_size, built.image_size, generator=g))
-    n_target = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    n_real = int(batch["attention_mask"].sum())
-    L = batch["input_ids"].shape[1]
-    n_img = tok.n_image_tokens
-    ana = analytic_flops(built, B, L, n_img)
-    n_train = sum(p.numel() for p in params)
-    print(f"model: SmolLM2-135M-Instruct + LoRA r={built.info['lora']['r']} ({ana['n_lora'] / 1e6:.2f} M) + "
-          f"{built.info['projector']['name']} ({ana['n_proj'] / 1e6:.2f} M), {n_train / 1e6:.2f} M trainable, "
-          f"{ana['n_frozen'] / 1e6:.1f} M frozen linear weights (lm_head included); built in "
-          f"{time.perf_counter() - t0:.1f} s")
-    print(f"batch {B}: {n_img} image tokens + {len(tok.prompt_ids(None)) - n_img} prompt tokens per row, "
-          f"targets {min(len(tok.target_ids(t)) for t in texts)}-{max(len(tok.target_ids(t)) for t in texts)} "
-          f"tokens; {n_target} target / {n_real} real tokens / {B * L} positions (padded length {L})")
+    texts = synthetic_findings(args.pool, args.seed)
+    from radgen.data.batching import epoch_batches
+
+    variants: dict[str, Variant] = {}
+    for name, overrides in VARIANTS.items():
+        cfg, built = build(args.image_size, args.seed, overrides)
+        built.model.train()
+        params = stage2_params(built)
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, betas=(0.9, 0.999))
+        tok = built.tokens
+        n_prompt = len(tok.prompt_ids(None))
+        lengths = [n_prompt + len(tok.target_ids(t)) for t in texts]
+        grouped = bool(cfg.data.group_by_length)
+        batches = epoch_batches(len(texts), args.batch, args.seed, lengths=lengths if grouped else None,
+                                window=int(cfg.data.length_window))
+        prec, why = resolve(cfg)
+        variants[name] = Variant(name, cfg, built, params, opt, prec, why, batches, lengths)
+        print(f"{name}: prompt.system={cfg.prompt.system!r} ({n_prompt - tok.n_image_tokens} prompt + "
+              f"{tok.n_image_tokens} image tokens per row), "
+              + (f"batches grouped by length (window {int(cfg.data.length_window)} batches)" if grouped
+                 else "shuffled batches") + f", {len(batches)} batches of {args.batch}; precision {prec} ({why})")
+    before = variants["before"]
+    n_img = before.built.tokens.n_image_tokens
+    ana0 = analytic_flops(before.built, 1, 1, n_img, 1)
+    n_train = sum(p.numel() for p in before.params)
+    print(f"model: SmolLM2-135M-Instruct + LoRA r={before.built.info['lora']['r']} ({ana0['n_lora'] / 1e6:.2f} M) + "
+          f"{before.built.info['projector']['name']} ({ana0['n_proj'] / 1e6:.2f} M), {n_train / 1e6:.2f} M trainable, "
+          f"{ana0['n_frozen'] / 1e6:.1f} M frozen linear weights (lm_head included); {args.pool} findings, "
+          f"2 models built in {time.perf_counter() - t0:.1f} s")
     print("timing excludes image loading and the encoder (its tokens are cached, as in training)")
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():  # cached encoder tokens (same random encoder in both variants), reused for every batch
+        vision_tokens = before.built.model.vision(
+            torch.rand(args.batch, 3, before.built.image_size, before.built.image_size, generator=g))
+
+    peak = {}
+    for prec in sorted({v.precision for v in variants.values()}):
+        try:
+            peak[prec] = matmul_rate(2048, 2048, 2048, DTYPES[prec], args.peak_tries)
+            print(f"matmul peak {prec}: {peak[prec] / 1e9:.1f} GFLOP/s (2048^3, best of {args.peak_tries})")
+        except RuntimeError as e:
+            print(f"{prec} matmul failed ({e}); no % of peak for {prec}")
+            peak[prec] = float("nan")
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    results = []
-    what_if_ratios = {}
     step_no = 0
-    for prec in precisions:
-        bf16 = prec == "bf16"
-        # with --what-if the two variants alternate step by step (the one going first alternates
-        # too), so load drift on a shared machine hits both alike
-        kinds = [False, True] if args.what_if else [False]
-        counted, warm = {}, {}
-        for what_if in kinds:
-            try:
-                with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as fc:
-                    warm[what_if] = run_step(built, params, opt, batch, vision_tokens, bf16, n_target, step_no, what_if)
-                counted[what_if] = float(fc.get_total_flops())
-            except Exception as e:  # noqa: BLE001 - fall back to the analytic count
-                print(f"FlopCounterMode failed ({type(e).__name__}: {e}); using the analytic count")
-                warm[what_if] = run_step(built, params, opt, batch, vision_tokens, bf16, n_target, step_no, what_if)
-                counted[what_if] = float("nan")
+    for v in variants.values():  # warm-up on batch 0, under the FLOP counter
+        idx = v.batches[0]
+        L = max(v.lengths[i] for i in idx)
+        n_tgt = sum(v.lengths[i] for i in idx) - len(idx) * len(v.built.tokens.prompt_ids(None))
+        ana = analytic_flops(v.built, len(idx), L, n_img, n_tgt)["total"]
+        try:
+            with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as fc:
+                warm = run_step(v, texts, idx, vision_tokens, step_no)
+            v.flop_scale = float(fc.get_total_flops()) / ana
+        except Exception as e:  # noqa: BLE001 - fall back to the analytic count
+            print(f"FlopCounterMode failed ({type(e).__name__}: {e}); using the analytic count")
+            warm = run_step(v, texts, idx, vision_tokens, step_no)
+        if warm["L"] != L:
+            print(f"note: {v.name} batch padded to {warm['L']}, the lengths say {L}")
+        print(f"{v.name} warm-up: {warm['total']:.1f} s under the counter, {ana * v.flop_scale / 1e12:.3f} TFLOP "
+              f"counted, analytic {ana / 1e12:.3f} (counted / analytic {v.flop_scale:.3f}), padded length {L}")
+        step_no += 1
+    order = list(variants.values())
+    for i in range(args.steps):
+        for v in (order if i % 2 == 0 else order[::-1]):
+            idx = v.batches[(1 + i) % len(v.batches)]
+            s = run_step(v, texts, idx, vision_tokens, step_no)
+            s["flops"] = analytic_flops(v.built, s["rows"], s["L"], n_img, s["n_target"])["total"] * v.flop_scale
+            v.steps.append(s)
             step_no += 1
-        steps: dict[bool, list[dict]] = {k: [] for k in kinds}
-        for i in range(args.steps):
-            for what_if in (kinds if i % 2 == 0 else kinds[::-1]):
-                steps[what_if].append(run_step(built, params, opt, batch, vision_tokens, bf16, n_target, step_no,
-                                               what_if))
-                step_no += 1
-        for what_if in kinds:
-            label = prec + (" autocast" if bf16 else "") + (", lm_head on targets only (what-if)" if what_if else "")
-            st = steps[what_if]
-            med = {k: statistics.median(s[k] for s in st) for k in st[0]}
-            flops = counted[what_if] if counted[what_if] == counted[what_if] else ana["total"]
-            rate = flops / med["total"]
-            times = ", ".join(f"{s['total']:.2f}" for s in st)
-            results.append((label, prec, med, min(s["total"] for s in st), rate, flops))
-            print(f"\n== {label}: warm-up {warm[what_if]['total']:.1f} s (under the counter), timed steps "
-                  f"{times} s, loss {st[-1]['loss']:.3f}; loadavg {os.getloadavg()[0]:.2f}")
-            if not what_if:
-                print(f"FLOPs/step: FlopCounterMode {counted[what_if] / 1e12:.3f} TFLOP, analytic "
-                      f"{ana['total'] / 1e12:.3f} TFLOP (ratio {counted[what_if] / ana['total']:.3f}; fwd "
-                      f"{ana['fwd'] / 1e12:.3f}, bwd {ana['bwd'] / 1e12:.3f}); the 6N convention would say "
-                      f"{ana['six_n'] / 1e12:.3f} TFLOP")
-            else:
-                print(f"FLOPs/step: FlopCounterMode {counted[what_if] / 1e12:.3f} TFLOP")
-            print(f"median step {med['total']:.2f} s: {n_target / med['total']:.0f} target tokens/s, "
-                  f"{n_real / med['total']:.0f} real tokens/s, {B * L / med['total']:.0f} positions/s; "
-                  f"{rate / 1e9:.1f} GFLOP/s = {100 * rate / peak[prec]:.1f}% of the {prec} 2048^3 peak")
-            print("breakdown (median s, % of step): " + ", ".join(
-                f"{k} {v:.2f} ({100 * v / med['total']:.0f}%)" for k, v in med.items() if k not in ("total", "loss")))
-        if args.what_if:
-            ratios = [a["total"] / b["total"] for a, b in zip(steps[False], steps[True])]
-            what_if_ratios[prec] = ratios
-            print(f"what-if speed-up ({prec}): x{statistics.median(ratios):.2f} (median of paired step ratios "
-                  f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"loadavg after the steps {os.getloadavg()[0]:.2f}")
 
-    print("\n| step | batch | median s | best s | target tok/s | real tok/s | TFLOP/step (counted) | "
-          "GFLOP/s | 2048^3 peak GFLOP/s | % of peak |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for label, prec, med, best, rate, flops in results:
-        print(f"| {label} | {B} | {med['total']:.2f} | {best:.2f} | {n_target / med['total']:.0f} | "
-              f"{n_real / med['total']:.0f} | {flops / 1e12:.3f} | {rate / 1e9:.1f} | {peak[prec] / 1e9:.1f} | "
-              f"{100 * rate / peak[prec]:.1f}% |")
-    after = {name: matmul_rate(2048, 2048, 2048, dt, args.peak_tries)
-             for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)) if name in peak}
+    res = {}
+    for v in variants.values():
+        st = v.steps
+        T = sum(s["total"] for s in st)
+        timed = [v.batches[(1 + i) % len(v.batches)] for i in range(args.steps)]
+        n_prompt = len(v.built.tokens.prompt_ids(None))
+        r = {"time_s": T, "median_s": statistics.median(s["total"] for s in st), "best_s": min(s["total"] for s in st),
+             "flops": sum(s["flops"] for s in st), "timed": accounting(v, timed, n_img, n_prompt),
+             "epoch": accounting(v, v.batches, n_img, n_prompt)}
+        for k in ("n_target", "n_real", "n_positions"):
+            r[k.removeprefix("n_") + "_per_s"] = sum(s[k] for s in st) / T
+        r["gflops"] = r["flops"] / T / 1e9
+        r["pct_peak"] = 100 * r["flops"] / T / peak[v.precision]
+        r["s_per_position"] = T / sum(s["n_positions"] for s in st)
+        r["epoch_s"] = r["s_per_position"] * r["epoch"]["n_positions"]
+        res[v.name] = r
+        br = {k: sum(s[k] for s in st) / T for k in ("forward", "backward", "clip + AdamW")}
+        print(f"\n== {v.name} ({v.precision}): timed steps "
+              + ", ".join(f"{s['total']:.2f} s (L {s['L']})" for s in st)
+              + f"; loss {st[-1]['loss']:.3f}; time split " + ", ".join(f"{k} {100 * x:.0f}%" for k, x in br.items()))
+
+    print("\nToken accounting, per row (prompt excludes the image tokens; target includes EOS):\n")
+    print("| variant | over | rows | prompt | image | target | padding | positions | padding % of positions |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in res.items():
+        for over, a in (("timed batches", r["timed"]), ("whole epoch", r["epoch"])):
+            print(f"| {name} | {over} | {a['rows']} | {a['prompt']} | {a['image']} | {a['target']:.1f} | "
+                  f"{a['padding']:.1f} | {a['positions']:.1f} | {a['padding_pct']:.1f}% |")
+
+    b, a = res["before"], res["after"]
+    print(f"\n| variant | precision | timed steps | median s | target tok/s | real tok/s | positions/s | "
+          f"TFLOP/step (mean) | GFLOP/s | 2048^3 peak GFLOP/s | % of peak |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in res.items():
+        v = variants[name]
+        print(f"| {name} | {v.precision} | {args.steps} | {r['median_s']:.2f} | {r['target_per_s']:.1f} | "
+              f"{r['real_per_s']:.0f} | {r['positions_per_s']:.0f} | {r['flops'] / len(v.steps) / 1e12:.3f} | "
+              f"{r['gflops']:.1f} | {peak[v.precision] / 1e9:.1f} | {r['pct_peak']:.1f}% |")
+    ratio = a["target_per_s"] / b["target_per_s"]
+    print(f"| **after / before** | | | | **x{ratio:.2f}** | "
+          f"x{a['real_per_s'] / b['real_per_s']:.2f} | x{a['positions_per_s'] / b['positions_per_s']:.2f} | "
+          f"x{a['flops'] / b['flops']:.2f} | x{a['gflops'] / b['gflops']:.2f} | | |")
+    proj = b["epoch_s"] / a["epoch_s"]
+    print(f"\nepoch projection (measured s/position x the epoch's positions, {b['epoch']['n_target']} target tokens "
+          f"in each): before {b['epoch_s']:.0f} s, after {a['epoch_s']:.0f} s: x{proj:.2f} target tokens/s "
+          f"(positions per epoch x{b['epoch']['n_positions'] / a['epoch']['n_positions']:.2f} fewer, "
+          f"s/position x{b['s_per_position'] / a['s_per_position']:.2f} faster)")
+    after_peak = {k: matmul_rate(2048, 2048, 2048, DTYPES[k], args.peak_tries) for k in peak}
     print("matmul peak re-measured after the steps: "
-          + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s ({100 * v / peak[k]:.0f}% of before)" for k, v in after.items())
+          + ", ".join(f"{k} {x / 1e9:.1f} GFLOP/s ({100 * x / peak[k]:.0f}% of before)" for k, x in after_peak.items())
           + f"; loadavg at end {os.getloadavg()[0]:.2f}")
-    out = [peak_row("train_speed", k, v / 1e9, "start") for k, v in peak.items()]
-    out += [peak_row("train_speed", k, v / 1e9, "end") for k, v in after.items()]
-    for label, prec, med, best, rate, flops in results:
-        out.append(row("train_speed", f"stage 2 b{B} {label}", RATIO_PEAK, rate / peak[prec], rate / 1e9,
-                       "GFLOP/s achieved",
-                       f"median step {med['total']:.2f} s ({args.steps} timed); {flops / 1e12:.3f} TFLOP/step; "
-                       f"{prec} peak {peak[prec] / 1e9:.0f} GFLOP/s before, {after[prec] / 1e9:.0f} after",
-                       precision=prec, batch=B, median_step_s=med["total"], best_step_s=best,
-                       target_tokens_per_s=n_target / med["total"], real_tokens_per_s=n_real / med["total"],
-                       tflop_per_step=flops / 1e12, peak_gflops=peak[prec] / 1e9,
-                       peak_after_gflops=after[prec] / 1e9,
-                       breakdown_s={k: v for k, v in med.items() if k not in ("total", "loss")}))
-    for prec, ratios in what_if_ratios.items():
-        out.append(row("train_speed", f"stage 2 b{B} {prec}: lm_head on targets only", RATIO_WHAT_IF,
-                       statistics.median(ratios), None, None,
-                       "median of paired step ratios " + ", ".join(f"{r:.2f}" for r in ratios),
-                       precision=prec, paired_ratios=ratios))
+
+    out = [peak_row("train_speed", k, x / 1e9, "start") for k, x in peak.items()]
+    out += [peak_row("train_speed", k, x / 1e9, "end") for k, x in after_peak.items()]
+    B = args.batch
+    for name, r in res.items():
+        v = variants[name]
+        out.append(row("train_speed", f"stage 2 b{B} {name} ({v.precision})", RATIO_PEAK, r["pct_peak"] / 100,
+                       r["gflops"], "GFLOP/s achieved",
+                       f"{r['target_per_s']:.1f} target tok/s over {args.steps} timed steps ({r['time_s']:.1f} s); "
+                       f"padding {r['timed']['padding_pct']:.1f}% (epoch {r['epoch']['padding_pct']:.1f}%); "
+                       f"{v.precision} peak {peak[v.precision] / 1e9:.0f} GFLOP/s before, "
+                       f"{after_peak[v.precision] / 1e9:.0f} after",
+                       variant=name, precision=v.precision, precision_why=v.why, system=v.cfg.prompt.system,
+                       group_by_length=bool(v.cfg.data.group_by_length), batch=B, steps=args.steps,
+                       step_s=[s["total"] for s in v.steps], padded_lengths=[s["L"] for s in v.steps],
+                       median_step_s=r["median_s"], best_step_s=r["best_s"],
+                       target_tokens_per_s=r["target_per_s"], real_tokens_per_s=r["real_per_s"],
+                       positions_per_s=r["positions_per_s"], tflop_timed=r["flops"] / 1e12,
+                       flop_scale=v.flop_scale, peak_gflops=peak[v.precision] / 1e9,
+                       peak_after_gflops=after_peak[v.precision] / 1e9, tokens_per_row_timed=r["timed"],
+                       tokens_per_row_epoch=r["epoch"], epoch_projection_s=r["epoch_s"]))
+    out.append(row("train_speed", f"stage 2 b{B} after vs before", RATIO_AFTER_BEFORE, ratio, a["target_per_s"],
+                   "target tokens/s (after)",
+                   f"before {b['target_per_s']:.1f} target tok/s; real tok/s x{a['real_per_s'] / b['real_per_s']:.2f}, "
+                   f"positions/s x{a['positions_per_s'] / b['positions_per_s']:.2f}; epoch projection x{proj:.2f}",
+                   before_target_tokens_per_s=b["target_per_s"], epoch_projection_ratio=proj,
+                   after_precision=variants["after"].precision))
     write_json(args.json, out)
 
 

@@ -66,7 +66,8 @@ def tiny_llm_dir(tmp_path_factory) -> Path:
 
 def _tiny_demo_overrides(out: Path, llm: Path) -> list[str]:
     """``radgen demo --quick`` shrunk to seconds: 40 phantoms, a 1-epoch tiny encoder, a few
-    generator steps on the tiny LLM at ``llm``, 3 examples on the page."""
+    generator steps on the tiny LLM at ``llm`` (and the same for the oracle and pixel controls), 3
+    examples on the page."""
     return [
         f"out={out}",
         "synth.overrides=[n=40,size=64,seed=3]",
@@ -76,6 +77,7 @@ def _tiny_demo_overrides(out: Path, llm: Path) -> list[str]:
         f"generator.overrides=[llm.path={llm},stage1.max_steps=2,stage2.max_steps=2,stage1.batch_size=4,"
         "stage2.batch_size=4,train.eval_every=0,train.checkpoint_every=1,data.max_val_samples=2,"
         "train.sample_generations=1,train.precision=fp32,data.workers=0]",
+        "controls=[oracle,pixels:16:64]",
         "generate.max_new_tokens=12", "generate.batch_size=4",
         "evaluate.metrics=[bleu,rouge_l,chexpert]", "evaluate.resamples=50",
         "report.examples=3",

@@ -435,19 +435,21 @@ def _section_per_finding(systems: dict, run: Path) -> str:
 
 def _section_comparisons(found, run: Path) -> tuple[str, dict, dict]:
     """The comparisons section; ``(html, generator's comparisons by baseline, controls' comparisons
-    by (control, other))``. A folder ``A_vs_B`` compares A with B; a bare folder name is the
-    trained generator against it."""
+    by (control, other))``. A folder ``A_vs_B`` compares A with B (A a control of
+    :data:`CONTROL_NAMES`, or else the trained generator); a bare folder name is the trained
+    generator against it."""
     cmps, controls, every = {}, {}, []
     for p in found["comparison"]:
         d = _json(p.with_name("comparison.json"))
         if d and "comparison" in d:
             a, sep, b = p.parent.name.partition("_vs_")
             a, b = (a, b) if sep else ("generator", a)
-            every.append((a, b, d["comparison"]))
-            if a == "generator":
+            if a not in CONTROL_NAMES:  # any other A is the trained generator under its folder's name
+                a = "generator"
                 cmps[b] = d["comparison"]
             else:
                 controls[(a, b)] = d["comparison"]
+            every.append((a, b, d["comparison"]))
     if not every:
         return "", {}, {}
     parts = []

@@ -168,11 +168,13 @@ class Example:
     instruction: str | None = None  # None: the configured findings instruction
 
 
-def training_examples(rows: list[ReportRow], tasks) -> list[Example]:
-    """The examples of one epoch: every row's findings, then (``tasks.findings_list``) every
-    labelled row asked for its list of positive findings (multi-task: the same image tokens,
-    another instruction, a short target that is all signal)."""
-    out = [Example(k, r.text, r.indication) for k, r in enumerate(rows)]
+def training_examples(rows: list[ReportRow], tasks, tokens) -> list[Example]:
+    """The examples of one epoch: every row's report (its findings, or with
+    ``tasks.findings_first`` its stated findings line and then the findings:
+    :meth:`~radgen.model.prompt.ReportTokenizer.report_target`), then (``tasks.findings_list``)
+    every labelled row asked for its list of positive findings (multi-task: the same image
+    tokens, another instruction, a short target that is all signal)."""
+    out = [Example(k, tokens.report_target(r.text, r.labels), r.indication) for k, r in enumerate(rows)]
     if tasks.findings_list:
         out += [Example(k, t, r.indication, str(tasks.findings_list_instruction))
                 for k, r in enumerate(rows) if (t := findings_list_text(r.labels)) is not None]
@@ -337,7 +339,7 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
     # SIGTERM (pre-emption): finish the step, checkpoint, exit 143; torchrun signals every rank
     prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     n_train = len(train_in.ok)
-    examples = training_examples([train_in.rows[i] for i in train_in.ok], cfg.tasks)
+    examples = training_examples([train_in.rows[i] for i in train_in.ok], cfg.tasks, built.tokens)
     lengths = None
     if cfg.data.group_by_length:  # prompt + target tokens of each training example
         tok = built.tokens
@@ -577,7 +579,8 @@ def _validate(cfg, built: BuiltModel, val_in: _VisionInputs, device, stage: str,
     idx = list(range(len(val_in.ok)))
     for s in range(0, len(idx), bs):
         b = val_in(idx[s:s + bs])
-        e = built.tokens.train_batch([r.text for r in b["rows"]], [r.indication for r in b["rows"]])
+        e = built.tokens.train_batch([built.tokens.report_target(r.text, r.labels) for r in b["rows"]],
+                                     [r.indication for r in b["rows"]])
         ctx, _ = _autocast(device, str(cfg.train.precision))
         with ctx:
             res = model(**{k: v.to(device) for k, v in e.items()},

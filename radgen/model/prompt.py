@@ -16,7 +16,9 @@ from torch import Tensor
 from radgen.model.llm import chat_prompt
 from radgen.model.splice import build_example, expand_image_placeholder, pad_batch
 
-__all__ = ["PromptConfig", "ReportTokenizer", "findings_list_text"]
+__all__ = ["PromptConfig", "ReportTokenizer", "findings_list_text", "FIRST_LINE_END"]
+
+FIRST_LINE_END = "\n"  # ends the stated findings line of a findings-first target
 
 
 def findings_list_text(labels: dict | None) -> str | None:
@@ -52,7 +54,7 @@ class ReportTokenizer:
     """Turns (indication, findings) pairs into model inputs for one tokenizer and image length."""
 
     def __init__(self, tokenizer, prompt: PromptConfig, image_token_id: int, n_image_tokens: int,
-                 max_target_tokens: int = 256):
+                 max_target_tokens: int = 256, findings_first: bool = False):
         if tokenizer.eos_token_id is None:
             raise ValueError("the LLM's tokenizer has no end-of-sequence token")
         self.tokenizer = tokenizer
@@ -60,6 +62,7 @@ class ReportTokenizer:
         self.image_token_id = int(image_token_id)
         self.n_image_tokens = int(n_image_tokens)
         self.max_target_tokens = int(max_target_tokens)
+        self.findings_first = bool(findings_first)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._prompt_cache: dict[str | None, list[int]] = {}
 
@@ -96,5 +99,25 @@ class ReportTokenizer:
         """Left-padded prompts (B, L) for batched generation."""
         return pad_batch([self.prompt_ids(ind) for ind in indications], self.pad_id, side="left")
 
+    def report_target(self, text: str, labels: dict | None = None) -> str:
+        """The target the model learns for a report: the findings text, or with ``findings_first``
+        the line :func:`findings_list_text` of the row's labels, a newline, then the findings
+        (rows without labels: the findings alone)."""
+        if not self.findings_first:
+            return text
+        head = findings_list_text(labels)
+        return text if head is None else f"{head}{FIRST_LINE_END}{text.strip()}"
+
     def decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        """The generated findings text (with ``findings_first``, the stated list line removed:
+        see :meth:`split_output`)."""
+        return self.split_output(self.tokenizer.decode(ids, skip_special_tokens=True))[1]
+
+    def split_output(self, text: str) -> tuple[str | None, str]:
+        """``(stated findings line or None, findings)`` of a generated text."""
+        text = text.strip()
+        if self.findings_first and FIRST_LINE_END in text:
+            head, body = text.split(FIRST_LINE_END, 1)
+            if head.startswith(("Positive:", "No finding")):
+                return head.strip(), body.strip()
+        return None, text

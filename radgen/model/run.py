@@ -131,8 +131,10 @@ def build_model(cfg, encoder=None, with_lora: bool = True) -> BuiltModel:
     system = cfg.prompt.get("system", SYSTEM_DEFAULT)
     prompt = PromptConfig(instruction=str(cfg.prompt.instruction), indication=str(cfg.prompt.indication),
                           image_token=str(cfg.prompt.image_token), system=None if system is None else str(system))
+    tasks = cfg.get("tasks") or {}  # runs saved before tasks existed: plain findings targets
     tokens = ReportTokenizer(tokenizer, prompt, image_token_id, vision.num_tokens(image_size),
-                             max_target_tokens=int(cfg.prompt.max_target_tokens))
+                             max_target_tokens=int(cfg.prompt.max_target_tokens),
+                             findings_first=bool(tasks.get("findings_first", False)))
     info = {
         "format": FORMAT,
         "encoder": encoder_info,
@@ -146,7 +148,8 @@ def build_model(cfg, encoder=None, with_lora: bool = True) -> BuiltModel:
         "projector": {"name": str(cfg.projector.name), "in_dim": vision.embed_dim, "out_dim": hidden},
         "lora": {"r": int(lora.r), "alpha": float(lora.alpha), "dropout": float(lora.dropout),
                  "target_modules": targets} if with_lora else None,
-        "prompt": {**prompt.to_dict(), "max_target_tokens": tokens.max_target_tokens},
+        "prompt": {**prompt.to_dict(), "max_target_tokens": tokens.max_target_tokens,
+                   "findings_first": tokens.findings_first},
         # manifest columns the model reads at generation time (the indication goes in the prompt)
         "data": {"text_field": str(cfg.data.text_field), "indication_field": cfg.data.indication_field},
         "generate": dict(cfg.generate) if "generate" in cfg else {},

@@ -120,6 +120,10 @@ def test_every_stage_runs_and_the_page_has_every_section(demo_run):
     # every baseline is compared on both headline metrics, and the probe table has all three kinds
     for b in ("normal_template", "most_common", "nearest_neighbour"):
         assert f"vs {b} (B)" in text
+    # the controls are systems of their own, named as controls, compared with every baseline
+    for control in ("generator (oracle tokens)", "generator (pixel tokens)"):
+        assert f"{control} (A) vs nearest_neighbour (B)" in text and f"<b>{control}</b>" in text
+    assert summary_json_controls(out) == {"generator_oracle", "generator_pixels"}
     assert "chexpert_f1_14_micro" in text and "chexpert_f1_5_micro" in text
     for model in ("pretrained", "random-0", "pixels-16"):
         assert f"<td>{model}</td>" in text
@@ -131,6 +135,12 @@ def test_every_stage_runs_and_the_page_has_every_section(demo_run):
     summary_md = (out / "summary.md").read_text()
     assert f"| generator | {summary_json['systems']['generator']['n_pairs']} | {v:.3f}" in summary_md
     assert summary_md.index("| data |") < summary_md.index("| encoder |") < summary_md.index("| evaluate |")
+
+
+def summary_json_controls(out: Path) -> set[str]:
+    summary = json.loads((out / "evaluate" / "summary.json").read_text())
+    assert set(summary["control_comparisons"]) <= set(summary["systems"])
+    return set(summary["control_comparisons"])
 
 
 def test_rerun_skips_every_stage(demo_run):
@@ -149,7 +159,8 @@ def test_deleting_a_stage_redoes_it_and_only_what_reads_it(demo_run):
     summary = run_demo(cfg, progress=False, log=lambda m: None)
     status = {r["stage"]: r["status"] for r in summary["stages"]}
     assert status == {"data": "skipped", "encoder": "skipped", "probe": "skipped", "generator": "skipped",
-                      "generate": "ran", "baselines": "skipped", "evaluate": "ran", "page": "ran"}
+                      "generate": "ran", "controls": "skipped", "baselines": "skipped", "evaluate": "ran",
+                      "page": "ran"}
     assert (out / "encoder" / "checkpoint.pt").stat().st_mtime_ns == ckpt
     assert (out / "generator" / "model.json").stat().st_mtime_ns == model
     records = [json.loads(line) for line in (out / "generate" / "generated.jsonl").read_text().splitlines()]
