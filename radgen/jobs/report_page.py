@@ -709,6 +709,10 @@ nothing about real radiographs.</li>
 <li>Offline, CheXpert F1 uses radgen's rules labeler unless CheXbert weights are given; RadGraph F1 and
 RadCliQ need local model weights and are left out without them. <code>radgraph_proxy_f1</code> is an
 approximation and is named as one.</li>
+<li>The demo's generator reads its encoder's patch grid average-pooled to 4 x 4 tokens
+(<code>encoder.pool=4</code>, so it trains in minutes on a CPU). transformers' LLaVA has no pooling step, so
+<code>radgen export</code> refuses this run; a generator trained with <code>--config cpu_smollm2</code> and no
+<code>encoder.pool</code> (every patch token) exports to a plain LLaVA folder.</li>
 </ul>"""
 
 

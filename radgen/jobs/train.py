@@ -54,6 +54,7 @@ from radgen.model.run import (ADAPTER_DIR, MODEL_JSON, BuiltModel, build_model, 
 __all__ = ["run_train", "validate_config", "add_train_parser", "cmd_train", "STAGES", "STATE_FORMAT"]
 
 STAGES = ("stage1", "stage2")
+STAGE_TASKS = ("report", "findings_list")  # what a stage trains on (training_examples)
 STATE_FORMAT = "radgen-reportgen-state/1"
 STATE_FILE, LOG_FILE, SAMPLES_FILE, SKIPPED_FILE, SUMMARY_FILE = (
     "checkpoint.pt", "log.csv", "samples.jsonl", "skipped.jsonl", "summary.json")
@@ -111,6 +112,10 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
             errors.append(f"{name}.max_steps must be >= 0")
         if float(st.lr) <= 0:
             errors.append(f"{name}.lr must be > 0")
+        if str(st.task) not in STAGE_TASKS:
+            errors.append(f"{name}.task {st.task!r}: choose one of {list(STAGE_TASKS)}")
+    if int(cfg.tasks.repeat_abnormal) < 1:
+        errors.append("tasks.repeat_abnormal must be >= 1")
     errors += train_config_errors(cfg.train)
     if int(cfg.prompt.max_target_tokens) < 2:
         errors.append("prompt.max_target_tokens must be >= 2")
@@ -168,16 +173,33 @@ class Example:
     instruction: str | None = None  # None: the configured findings instruction
 
 
-def training_examples(rows: list[ReportRow], tasks, tokens) -> list[Example]:
-    """The examples of one epoch: every row's report (its findings, or with
-    ``tasks.findings_first`` its stated findings line and then the findings:
-    :meth:`~radgen.model.prompt.ReportTokenizer.report_target`), then (``tasks.findings_list``)
-    every labelled row asked for its list of positive findings (multi-task: the same image
-    tokens, another instruction, a short target that is all signal)."""
-    out = [Example(k, tokens.report_target(r.text, r.labels), r.indication) for k, r in enumerate(rows)]
-    if tasks.findings_list:
-        out += [Example(k, t, r.indication, str(tasks.findings_list_instruction))
-                for k, r in enumerate(rows) if (t := findings_list_text(r.labels)) is not None]
+def _abnormal(row: ReportRow) -> bool:
+    return (findings_list_text(row.labels) or "").startswith("Positive")
+
+
+def training_examples(rows: list[ReportRow], tasks, tokens, task: str = "report") -> list[Example]:
+    """The examples of one epoch of a stage whose ``task`` is:
+
+    * ``report``: every row's report (its findings, or with ``tasks.findings_first`` its stated
+      findings line and then the findings: :meth:`~radgen.model.prompt.ReportTokenizer.report_target`),
+      then (``tasks.findings_list``) every labelled row asked for its list of positive findings
+      (multi-task: the same image tokens, another instruction, a short target that is all signal);
+    * ``findings_list``: only those list questions (a stage that aligns the projector on the
+      short, image-dependent target before the reports).
+
+    With ``tasks.repeat_abnormal: k`` every row whose labels name a finding appears ``k`` times
+    per epoch (so normal films, over half of most sets, do not drown the findings)."""
+    def copies(r: ReportRow) -> int:
+        return int(tasks.repeat_abnormal) if _abnormal(r) else 1
+
+    out = []
+    if task == "report":
+        for k, r in enumerate(rows):
+            out += [Example(k, tokens.report_target(r.text, r.labels), r.indication)] * copies(r)
+    if task == "findings_list" or tasks.findings_list:
+        for k, r in enumerate(rows):
+            if (t := findings_list_text(r.labels)) is not None:
+                out += [Example(k, t, r.indication, str(tasks.findings_list_instruction))] * copies(r)
     return out
 
 
@@ -339,17 +361,21 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
     # SIGTERM (pre-emption): finish the step, checkpoint, exit 143; torchrun signals every rank
     prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     n_train = len(train_in.ok)
-    examples = training_examples([train_in.rows[i] for i in train_in.ok], cfg.tasks, built.tokens)
-    lengths = None
-    if cfg.data.group_by_length:  # prompt + target tokens of each training example
-        tok = built.tokens
-        lengths = [len(tok.prompt_ids(e.indication, e.instruction)) + len(tok.target_ids(e.target)) for e in examples]
     status = "complete"
     t_start = time.perf_counter()
     try:
         for stage_i, stage in enumerate(STAGES):
             if stage in done_stages:
                 continue
+            examples = training_examples([train_in.rows[i] for i in train_in.ok], cfg.tasks, built.tokens,
+                                         str(cfg[stage].task))
+            if not examples:
+                raise ConfigError(f"{stage}.task={cfg[stage].task}: no training row has CheXpert labels")
+            lengths = None
+            if cfg.data.group_by_length:  # prompt + target tokens of each training example
+                tok = built.tokens
+                lengths = [len(tok.prompt_ids(e.indication, e.instruction)) + len(tok.target_ids(e.target))
+                           for e in examples]
             plan = _stage_plan(cfg, stage, len(examples), world)
             plan.update(lengths=lengths, window=int(cfg.data.length_window))
             params = _trainable(built, stage)
@@ -581,6 +607,7 @@ def _validate(cfg, built: BuiltModel, val_in: _VisionInputs, device, stage: str,
         b = val_in(idx[s:s + bs])
         e = built.tokens.train_batch([built.tokens.report_target(r.text, r.labels) for r in b["rows"]],
                                      [r.indication for r in b["rows"]])
+        e.pop("label_weights", None)  # the validation loss is the plain token average
         ctx, _ = _autocast(device, str(cfg.train.precision))
         with ctx:
             res = model(**{k: v.to(device) for k, v in e.items()},

@@ -312,6 +312,14 @@ def _split_llm(merged: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, head
 
 
+def _findings_first_note(manifest: dict) -> str:
+    if not manifest["prompt"].get("findings_first"):
+        return ""
+    return ("\nThis model was trained findings-first: its output starts with one line stating the positive "
+            "findings (`Positive: Cardiomegaly.` or `No finding.`), then the findings text. radgen removes "
+            "that line; do the same with `report.split(\"\\n\", 1)[-1].strip()`.\n")
+
+
 def _readme(manifest: dict) -> str:
     ins = manifest["prompt"]["instruction"]
     return f"""# radgen report generator (plain transformers LLaVA)
@@ -340,7 +348,7 @@ with torch.no_grad():
     out = model.generate(**inputs)  # greedy, {manifest['generation'].get('max_new_tokens')} new tokens at most
 report = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 ```
-
+{_findings_first_note(manifest)}
 For a batch, pass lists of images and prompts with `padding=True` (the tokenizer pads on the
 left, as batched generation needs).
 
@@ -467,7 +475,10 @@ def export_llava(built, out: str | os.PathLike, *, settings: Mapping | None = No
             "prompt": {"text": tokens.prompt_text(None), "instruction": tokens.prompt.instruction,
                        "indication_line": tokens.prompt.indication,
                        "user_text": tokens.prompt.user_text(None),
-                       "user_text_with_indication": tokens.prompt.user_text("{indication}")},
+                       "user_text_with_indication": tokens.prompt.user_text("{indication}"),
+                       "system": tokens.prompt.system,
+                       # the model first states its findings on one line, then writes them (radgen strips the line)
+                       "findings_first": tokens.findings_first},
             "image_size": size, "patch_size": patch, "n_image_tokens": tokens.n_image_tokens,
             "image_token": image_token, "image_token_id": image_token_id,
             "vision": {**model.vision.features.to_dict(), "llava_feature_layer": config.vision_feature_layer,

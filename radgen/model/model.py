@@ -18,18 +18,21 @@ from radgen.model.vision import FrozenVision
 __all__ = ["ReportGenerator", "token_loss_sum"]
 
 
-def token_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+def token_loss_sum(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> tuple[Tensor, int]:
     """Summed next-token cross-entropy and the number of predicted tokens.
 
     ``logits`` (B, L, V) at positions 0..L-1 predict ``labels`` (B, L) at 1..L; ``IGNORE_INDEX``
     labels are skipped. Summing (rather than averaging per micro-batch) lets gradient
-    accumulation and data parallelism weight every target token equally.
+    accumulation and data parallelism weight every target token equally. ``weights`` (B, L), if
+    given, multiply each label's loss (the count stays the number of labels).
     """
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
-    n = int((shift_labels != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, n
+    keep = shift_labels != IGNORE_INDEX
+    ce = F.cross_entropy(shift_logits[keep], shift_labels[keep], reduction="none")
+    if weights is not None:
+        ce = ce * weights[:, 1:].reshape(-1)[keep].to(ce.dtype)
+    return ce.sum(), int(keep.sum())
 
 
 def _plain_lm_head(model: nn.Module) -> bool:
@@ -66,9 +69,10 @@ class ReportGenerator(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
                 vision_tokens: Tensor | None = None, position_ids: Tensor | None = None,
-                labels: Tensor | None = None) -> dict[str, Tensor]:
+                labels: Tensor | None = None, label_weights: Tensor | None = None) -> dict[str, Tensor]:
         """Without ``labels``: ``logits`` (B, L, V). With ``labels``: ``loss_sum`` and ``n_tokens``
-        (see :func:`token_loss_sum`), the vocabulary projection computed only at the predicted
+        (see :func:`token_loss_sum`; ``label_weights`` (B, L) scale each label's loss), the
+        vocabulary projection computed only at the predicted
         positions (a third of them in a typical batch; measured 1.16x faster per training step)."""
         embeds = self.embed(input_ids, pixel_values, vision_tokens)
         base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
@@ -77,15 +81,17 @@ class ReportGenerator(nn.Module):
                            use_cache=False)
             result = {"logits": out.logits}
             if labels is not None:
-                result["loss_sum"], result["n_tokens"] = token_loss_sum(out.logits, labels)
+                result["loss_sum"], result["n_tokens"] = token_loss_sum(out.logits, labels, label_weights)
             return result
         hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                     position_ids=position_ids, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX  # (B, L-1): positions whose next token is predicted
         logits = base.get_output_embeddings()(hidden[:, :-1][keep])  # (n, V)
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return {"loss_sum": loss, "n_tokens": int(keep.sum())}
+        ce = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        if label_weights is not None:
+            ce = ce * label_weights[:, 1:][keep].to(ce.dtype)
+        return {"loss_sum": ce.sum(), "n_tokens": int(keep.sum())}
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,

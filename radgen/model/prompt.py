@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import Tensor
 
 from radgen.model.llm import chat_prompt
@@ -54,7 +55,7 @@ class ReportTokenizer:
     """Turns (indication, findings) pairs into model inputs for one tokenizer and image length."""
 
     def __init__(self, tokenizer, prompt: PromptConfig, image_token_id: int, n_image_tokens: int,
-                 max_target_tokens: int = 256, findings_first: bool = False):
+                 max_target_tokens: int = 256, findings_first: bool = False, first_line_weight: float = 1.0):
         if tokenizer.eos_token_id is None:
             raise ValueError("the LLM's tokenizer has no end-of-sequence token")
         self.tokenizer = tokenizer
@@ -63,6 +64,7 @@ class ReportTokenizer:
         self.n_image_tokens = int(n_image_tokens)
         self.max_target_tokens = int(max_target_tokens)
         self.findings_first = bool(findings_first)
+        self.first_line_weight = float(first_line_weight)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._prompt_cache: dict[str | None, list[int]] = {}
 
@@ -91,9 +93,26 @@ class ReportTokenizer:
         """Right-padded ``input_ids``, ``attention_mask``, ``position_ids``, ``labels`` (B, L)."""
         indications = indications or [None] * len(targets)
         instructions = instructions or [None] * len(targets)
-        pairs = [build_example(self.prompt_ids(ind, ins), self.target_ids(t))
-                 for t, ind, ins in zip(targets, indications, instructions)]
-        return pad_batch([p[0] for p in pairs], self.pad_id, side="right", labels=[p[1] for p in pairs])
+        prompts = [self.prompt_ids(ind, ins) for ind, ins in zip(indications, instructions)]
+        tgts = [self.target_ids(t) for t in targets]
+        pairs = [build_example(p, t) for p, t in zip(prompts, tgts)]
+        batch = pad_batch([p[0] for p in pairs], self.pad_id, side="right", labels=[p[1] for p in pairs])
+        if self.findings_first and self.first_line_weight != 1.0:
+            # the stated findings line of report targets weighs more in the loss (see first_line_tokens)
+            w = torch.ones(batch["labels"].shape)
+            for b, (p, t, ins) in enumerate(zip(prompts, tgts, instructions)):
+                if ins is None:
+                    w[b, len(p):len(p) + self.first_line_tokens(t)] = self.first_line_weight
+            batch["label_weights"] = w
+        return batch
+
+    def first_line_tokens(self, target_ids: list[int]) -> int:
+        """How many leading target tokens make up the stated findings line (up to and including the
+        first token that holds its newline; 0 when there is none)."""
+        for i, t in enumerate(target_ids):
+            if FIRST_LINE_END in self.tokenizer.decode([t]):
+                return i + 1
+        return 0
 
     def generation_batch(self, indications: list[str | None]) -> dict[str, Tensor]:
         """Left-padded prompts (B, L) for batched generation."""
