@@ -184,6 +184,9 @@ def load_encoder_spec(spec: str, which: str = "teacher") -> ViTEncoder:
         return random_encoder(cfg, seed)
     if is_pixels_spec(spec):
         return pixel_encoder(*_parse_pixels(spec))
+    if spec == "oracle":
+        raise FeatureJobError("encoder 'oracle' is the report generator's labels control (radgen train, "
+                              "radgen demo controls): it has no image features to extract, probe or retrieve by")
     if not Path(spec).exists():
         raise FeatureJobError(f"encoder {spec!r}: no such checkpoint file or folder "
                               "(or use random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed> / pixels[:<patch>])")

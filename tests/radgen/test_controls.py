@@ -64,6 +64,13 @@ def test_oracle_tokens_spell_the_labels():
         oracle_tokens({"Edema": 2})
 
 
+def test_oracle_is_refused_where_image_features_are_needed():
+    from radgen.jobs.features import FeatureJobError
+
+    with pytest.raises(FeatureJobError, match="labels control"):
+        load_encoder_spec("oracle")
+
+
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "s"

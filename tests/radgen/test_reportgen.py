@@ -137,12 +137,12 @@ def test_batched_greedy_equals_one_at_a_time_token_for_token(overfit, eight):
     out, summary = overfit
     built = summary["model"]
     from encoder.processor import RadDinoProcessor
-    from radgen.data.reports import image_batches, read_report_rows
+    from radgen.data.reports import image_batches, image_loader, read_report_rows
     from radgen.model.run import generation_kwargs
 
     rows = read_report_rows(eight, indication_field="indication")
     proc = RadDinoProcessor(shortest_edge=56, crop_size=56)
-    pix = next(image_batches(rows, proc.one, 8, 0)).pixel_values
+    pix = next(image_batches(rows, image_loader(proc.one), 8, 0)).pixel_values
     kw = generation_kwargs({"max_new_tokens": 40}, built.tokens)
     batch = built.tokens.generation_batch([r.indication for r in rows])
     assert len(set(int(m.sum()) for m in batch["attention_mask"])) > 3  # really mixed lengths
@@ -159,10 +159,10 @@ def test_batched_greedy_equals_one_at_a_time_token_for_token(overfit, eight):
 def test_save_then_load_regenerates_identical_text(overfit, eight):
     out, summary = overfit
     from encoder.processor import RadDinoProcessor
-    from radgen.data.reports import image_batches, read_report_rows
+    from radgen.data.reports import image_batches, image_loader, read_report_rows
 
     rows = read_report_rows(eight, indication_field="indication")
-    pix = next(image_batches(rows, RadDinoProcessor(56, 56).one, 8, 0)).pixel_values
+    pix = next(image_batches(rows, image_loader(RadDinoProcessor(56, 56).one), 8, 0)).pixel_values
     settings = {"max_new_tokens": 60}
     before = generate_reports(summary["model"], [r.indication for r in rows], settings, pixel_values=pix)
     loaded = load_run(out)
