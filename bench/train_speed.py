@@ -5,7 +5,8 @@ fresh model from ``configs/reportgen`` + ``cpu_smollm2`` (SmolLM2-135M-Instruct 
 every linear layer, mlp2x_gelu projector, random ``vit_tiny`` at 112 px: 64 image tokens):
 
 * **before**: ``prompt.system=default`` (SmolLM2's chat template adds its default system turn,
-  ~20 tokens, to every row), shuffled batches (``data.group_by_length=false``), fp32;
+  ~20 tokens, to every row), the 16-token instruction of ``configs/reportgen/default.yaml``,
+  shuffled batches (``data.group_by_length=false``), fp32;
 * **after**: the current defaults: no system turn (``prompt.system: null``), batches of rows of
   similar length (``data.group_by_length: true``), ``train.precision: auto`` resolved on this
   machine (bf16 autocast where ``encoder.inference.bf16_supported("cpu")``, else fp32).
@@ -72,7 +73,11 @@ from radgen.model.splice import IGNORE_INDEX  # noqa: E402
 
 RATIO_AFTER_BEFORE = "after vs before (target tokens/s ratio, >1 = after faster)"
 # config overrides of each variant on top of configs/reportgen + cpu_smollm2
-VARIANTS = {"before": ("prompt.system=default", "data.group_by_length=false", "train.precision=fp32"),
+# "before" is main's step before issue 19: the template's system turn, shuffled rows, fp32, and the
+# default config's 16-token instruction (cpu_smollm2 now has a 4-token one)
+_LONG_INSTRUCTION = "Write the findings section of the radiology report for this chest X-ray."
+VARIANTS = {"before": ("prompt.system=default", "data.group_by_length=false", "train.precision=fp32",
+                       f"prompt.instruction={_LONG_INSTRUCTION}"),
             "after": ()}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
