@@ -24,11 +24,13 @@ __all__ = ["epoch_batches", "padding_fraction"]
 
 
 def epoch_batches(n: int, global_batch: int, seed: int, lengths: Sequence[int] | None = None,
-                  window: int = 64) -> list[list[int]]:
+                  window: int = 64, min_size: int = 1) -> list[list[int]]:
     """The global batches (lists of indices into ``0..n-1``) of one epoch, for the epoch ``seed``.
 
     Shuffled: ``ceil(n / global_batch)`` batches of exactly ``global_batch`` indices. Grouped by
-    length: the same number of batches, holding every index exactly once.
+    length: the same number of batches, holding every index exactly once, except that a short
+    batch of fewer than ``min_size`` indices (pass the number of ranks, so that none gets an empty
+    share) is topped up to ``min_size`` from the start of the permutation.
     """
     if n < 1 or global_batch < 1:
         raise ValueError(f"need n >= 1 and global_batch >= 1, got {n}, {global_batch}")
@@ -46,6 +48,9 @@ def epoch_batches(n: int, global_batch: int, seed: int, lengths: Sequence[int] |
     for s in range(0, n, span):
         chunk = sorted(perm[s:s + span], key=lambda i: -int(lengths[i]))  # stable: ties keep perm order
         batches += [chunk[k:k + global_batch] for k in range(0, len(chunk), global_batch)]
+    for b in batches:
+        if len(b) < min_size:  # at most one such batch: the epoch's last short one
+            b += [i for i in perm if i not in b][: min_size - len(b)]
     order = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in order]
 

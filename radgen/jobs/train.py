@@ -223,7 +223,8 @@ def _batch_indices(seed: int, stage_i: int, step: int, plan: dict, n: int, rank:
     if epoch not in cache:
         cache.clear()  # one epoch's order at a time
         cache[epoch] = epoch_batches(n, plan["global_batch"], _stage_seed(seed, stage_i, epoch, 7),
-                                     lengths=plan.get("lengths"), window=plan.get("window", 64))
+                                     lengths=plan.get("lengths"), window=plan.get("window", 64),
+                                     min_size=world)  # every rank gets rows
     idx = cache[epoch][within]
     mine = idx[rank::world]
     return [mine[s:s + micro] for s in range(0, len(mine), micro)]

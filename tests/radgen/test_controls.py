@@ -176,6 +176,10 @@ def test_length_grouping_keeps_every_example_once_per_epoch_with_little_padding(
         pad_s = padding_fraction([[lengths[i] for i in b] for b in shuffled])
         assert pad_g < 0.05 < pad_s
     assert epoch_batches(n, gb, 0, lengths=lengths) != epoch_batches(n, gb, 1, lengths=lengths)
+    # with 4 ranks the 3-row last batch is topped up to 4 rows, so no rank gets an empty share
+    four = epoch_batches(n, gb, 0, lengths=lengths, window=16, min_size=4)
+    assert min(len(b) for b in four) == 4 and set(i for b in four for i in b) == set(range(n))
+    assert sum(len(b) for b in four) == n + 1
 
 
 def test_padding_fraction_by_hand():
