@@ -249,6 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"radgen {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down a torchrun job's process group before the interpreter exits: left to the
+    interpreter's shutdown, gloo's threads can abort the process ("terminate called without an
+    active exception", seen once in the 2-rank pretraining test), failing a run that succeeded."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
