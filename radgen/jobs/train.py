@@ -46,7 +46,7 @@ from encoder.train import cosine_schedule
 from radgen.config import ConfigError, save_config
 from radgen.data.batching import epoch_batches
 from radgen.data.reports import ReportRow, image_batches, read_report_rows
-from radgen.model.prompt import findings_list_text
+from radgen.model.prompt import findings_list_text, positive_findings
 from radgen.model.oracle import OracleError, check_oracle_labels, is_oracle_spec
 from radgen.model.run import (ADAPTER_DIR, MODEL_JSON, BuiltModel, build_model, generate_reports,
                               save_trained)
@@ -173,10 +173,6 @@ class Example:
     instruction: str | None = None  # None: the configured findings instruction
 
 
-def _abnormal(row: ReportRow) -> bool:
-    return (findings_list_text(row.labels) or "").startswith("Positive")
-
-
 def training_examples(rows: list[ReportRow], tasks, tokens, task: str = "report") -> list[Example]:
     """The examples of one epoch of a stage whose ``task`` is:
 
@@ -190,7 +186,7 @@ def training_examples(rows: list[ReportRow], tasks, tokens, task: str = "report"
     With ``tasks.repeat_abnormal: k`` every row whose labels name a finding appears ``k`` times
     per epoch (so normal films, over half of most sets, do not drown the findings)."""
     def copies(r: ReportRow) -> int:
-        return int(tasks.repeat_abnormal) if _abnormal(r) else 1
+        return int(tasks.repeat_abnormal) if positive_findings(r.labels) else 1
 
     out = []
     if task == "report":

@@ -14,23 +14,27 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from eval.chexpert import CHEXPERT_14, NO_FINDING
+
 from radgen.model.llm import chat_prompt
 from radgen.model.splice import build_example, expand_image_placeholder, pad_batch
 
-__all__ = ["PromptConfig", "ReportTokenizer", "findings_list_text", "FIRST_LINE_END"]
+__all__ = ["PromptConfig", "ReportTokenizer", "findings_list_text", "positive_findings", "FIRST_LINE_END"]
 
 FIRST_LINE_END = "\n"  # ends the stated findings line of a findings-first target
 
 
-def findings_list_text(labels: dict | None) -> str | None:
-    """The target of the findings-list task: ``"Positive: Cardiomegaly, Pleural Effusion."`` (the
-    observations labelled 1, CheXpert order, No Finding left out) or ``"No finding."``; ``None``
-    for a row without labels."""
-    from eval.chexpert import CHEXPERT_14, NO_FINDING
+def positive_findings(labels: dict | None) -> list[str]:
+    """The observations labelled 1, CheXpert order, No Finding left out."""
+    return [o for o in CHEXPERT_14 if o != NO_FINDING and (labels or {}).get(o) == 1]
 
+
+def findings_list_text(labels: dict | None) -> str | None:
+    """The target of the findings-list task: ``"Positive: Cardiomegaly, Pleural Effusion."``
+    (:func:`positive_findings`) or ``"No finding."``; ``None`` for a row without labels."""
     if not labels or all(v is None for v in labels.values()):
         return None
-    pos = [o for o in CHEXPERT_14 if o != NO_FINDING and labels.get(o) == 1]
+    pos = positive_findings(labels)
     return ("Positive: " + ", ".join(pos) + ".") if pos else "No finding."
 
 
