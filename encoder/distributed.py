@@ -37,7 +37,12 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group torchrun describes; ``(rank, world)`` (``(0, 1)`` without torchrun)."""
+    """Join the process group torchrun describes; ``(rank, world)`` (``(0, 1)`` without torchrun).
+
+    A CUDA ``device`` (from :func:`encoder.inference.resolve_device`) becomes the current one first.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

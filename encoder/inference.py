@@ -19,6 +19,7 @@ precision in their cache key.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from typing import Literal
 
@@ -58,10 +59,22 @@ def cpu_bf16_flags() -> tuple[str, ...]:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``: CUDA when available, else CPU."""
-    if device is None:
+    """``None`` or ``"auto"``: CUDA when available, else CPU.
+
+    A CUDA device without an index is this process's GPU: ``cuda:$LOCAL_RANK`` under torchrun,
+    else ``cuda:0``. An explicit index is kept. Every job picks its device here.
+    """
+    if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        n = torch.cuda.device_count()
+        if local >= n:
+            raise ValueError(f"LOCAL_RANK={local} but {n} CUDA device(s) are visible: start at most {n} "
+                             "processes per node, or choose the device (e.g. device=cpu)")
+        dev = torch.device("cuda", local)
+    return dev
 
 
 def bf16_supported(device: str | torch.device | None = None) -> bool:

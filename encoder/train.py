@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import os
 import signal
 import sys
 import time
@@ -48,6 +47,7 @@ from encoder.distributed import (
     sync_diff,
 )
 from encoder.guards import CollapseGuard, NonFiniteGuard, train_config_errors
+from encoder.inference import resolve_device
 from encoder.io import atomic_write_text
 from encoder.masking import MASK_STYLES
 from encoder.ssl import SSLConfig, SSLMetaArch
@@ -211,13 +211,7 @@ def _list_collate(x):
 # The loop
 # ----------------------------------------------------------------------------------------------
 def _device_and_precision(cfg: DictConfig) -> tuple[torch.device, str]:
-    want = cfg.train.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(want)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+    device = resolve_device(str(cfg.train.device))
     prec = cfg.train.precision
     if prec == "auto":
         prec = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"

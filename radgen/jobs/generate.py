@@ -150,9 +150,10 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
     from tqdm import tqdm
 
     from encoder.distributed import setup_distributed
+    from encoder.inference import resolve_device
 
     out = Path(out)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     rank, world = setup_distributed(dev)
     if precision not in ("fp32", "bf16"):
         raise GenerateError(f"precision must be fp32 or bf16, got {precision!r}")

@@ -26,7 +26,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -40,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
 from encoder.guards import NonFiniteGuard, train_config_errors
 from encoder.distributed import setup_distributed
+from encoder.inference import resolve_device
 from encoder.io import atomic_write_text
 from encoder.pixels import is_pixels_spec
 from encoder.train import cosine_schedule
@@ -133,14 +133,6 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 def _autocast(device: torch.device, precision: str):
     from encoder.inference import bf16_supported
 
@@ -305,10 +297,8 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
     (a simulated kill, for tests)."""
     validate_config(cfg)
     out = Path(str(cfg.out))
-    device = _device(str(cfg.train.device))
+    device = resolve_device(str(cfg.train.device))
     rank, world = setup_distributed(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     summary_path = out / SUMMARY_FILE
     if (out / MODEL_JSON).is_file() and summary_path.is_file() and not any(out.glob(STATE_FILE + "*")):
         summary = json.loads(summary_path.read_text())
