@@ -5,7 +5,8 @@ device once, freezes it (eval, no grads) and, for ``bf16``, casts its weights to
 that :func:`encoder.features.encode` runs every matmul in bf16 without the per-call weight casts of
 ``torch.autocast``. ``auto`` picks bf16 only where the hardware runs it natively:
 
-* CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later);
+* CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)`` (Ampere and later; without
+  the argument it also says yes on older GPUs that only emulate bf16);
 * CPU: the ``avx512_bf16`` or ``amx_bf16`` flag (x86) or ``bf16`` (Arm) in ``/proc/cpuinfo``.
   oneDNN emulates bf16 on other AVX-512 CPUs; that runs at a fraction of fp32 speed, so ``auto``
   keeps fp32 there (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` says yes on those, hence
@@ -62,7 +63,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None`` or ``"auto"``: CUDA when available, else CPU.
 
     A CUDA device without an index is this process's GPU: ``cuda:$LOCAL_RANK`` under torchrun,
-    else ``cuda:0``. An explicit index is kept. Every job picks its device here.
+    else ``cuda:0``. An explicit index is kept. Every job picks its device here, so this is also
+    where TF32 is allowed for the fp32 matmuls and convolutions that remain on CUDA.
     """
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,6 +76,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
             raise ValueError(f"LOCAL_RANK={local} but {n} CUDA device(s) are visible: start at most {n} "
                              "processes per node, or choose the device (e.g. device=cpu)")
         dev = torch.device("cuda", local)
+    if dev.type == "cuda":  # fp32 matmuls and convolutions left outside bf16 run on TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return dev
 
 
@@ -81,7 +86,12 @@ def bf16_supported(device: str | torch.device | None = None) -> bool:
     """Whether ``device`` (default: :func:`resolve_device`) runs bf16 matmuls natively."""
     dev = resolve_device(device)
     if dev.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        if not torch.cuda.is_available():
+            return False
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # a torch without the argument: native bf16 is compute capability 8.0+
+            return torch.cuda.get_device_capability(dev) >= (8, 0)
     if dev.type == "cpu":
         return bool(cpu_bf16_flags())
     return False

@@ -47,7 +47,7 @@ from encoder.distributed import (
     sync_diff,
 )
 from encoder.guards import CollapseGuard, NonFiniteGuard, train_config_errors
-from encoder.inference import resolve_device
+from encoder.inference import resolve_device, resolve_precision
 from encoder.io import atomic_write_text
 from encoder.masking import MASK_STYLES
 from encoder.ssl import SSLConfig, SSLMetaArch
@@ -214,7 +214,8 @@ def _device_and_precision(cfg: DictConfig) -> tuple[torch.device, str]:
     device = resolve_device(str(cfg.train.device))
     prec = cfg.train.precision
     if prec == "auto":
-        prec = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # bf16 on GPUs that run it natively; CPU pretraining stays fp32 (its runs and tests are fp32)
+        prec = resolve_precision("auto", device) if device.type == "cuda" else "fp32"
     if prec == "fp16" and device.type != "cuda":
         raise ValueError("fp16 needs a GPU (use bf16 or fp32 on CPU)")
     if prec not in ("fp32", "bf16", "fp16"):

@@ -65,3 +65,36 @@ def test_jobs_put_rank_1_on_cuda_1(two_gpus, monkeypatch, tmp_path, job):
             monkeypatch.setattr(et, "validate_config", lambda cfg: None)
             et.train(load_config("encoder", [], [f"out={tmp_path}"]), [])
     assert exc.value.args[0] == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
+def test_auto_precision_needs_native_bf16(two_gpus, monkeypatch, tmp_path, native):
+    """``precision: auto`` is bf16 only on GPUs that run it natively, in every job."""
+    import encoder.train as et
+    from encoder.inference import resolve_precision
+    from radgen.config import load_config
+    from radgen.jobs.train import _autocast
+
+    # torch.cuda.is_bf16_supported() is True on pre-Ampere GPUs too (emulated): only the
+    # including_emulation=False answer tells them apart.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    want = "bf16" if native else "fp32"
+    assert resolve_precision("auto", "cuda") == want
+    assert et._device_and_precision(load_config("encoder", [], [f"out={tmp_path}", "train.device=cuda"]))[1] == want
+    assert _autocast(torch.device("cuda", 0), "auto")[1] == want
+    assert et._device_and_precision(load_config("encoder", [], [f"out={tmp_path}", "train.device=cpu"]))[1] == "fp32"
+
+
+def test_tf32_enabled_on_cuda(two_gpus, monkeypatch):
+    """fp32 matmuls and convolutions left on a CUDA device run as TF32 (set once, where the device is chosen)."""
+    from encoder.inference import resolve_device
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        resolve_device("cpu")
+        assert not torch.backends.cuda.matmul.allow_tf32
+        resolve_device("auto")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

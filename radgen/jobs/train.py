@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
 from encoder.guards import NonFiniteGuard, train_config_errors
 from encoder.distributed import setup_distributed
-from encoder.inference import resolve_device
+from encoder.inference import resolve_device, resolve_precision
 from encoder.io import atomic_write_text
 from encoder.pixels import is_pixels_spec
 from encoder.train import cosine_schedule
@@ -134,10 +134,8 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
 # Small helpers
 # ----------------------------------------------------------------------------------------------
 def _autocast(device: torch.device, precision: str):
-    from encoder.inference import bf16_supported
-
-    use = precision == "bf16" or (precision == "auto" and bf16_supported(device))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use), ("bf16" if use else "fp32")
+    prec = resolve_precision(precision, device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16"), prec
 
 
 def _stage_seed(seed: int, stage: int, step: int, rank: int) -> int:
