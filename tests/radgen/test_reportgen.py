@@ -323,6 +323,7 @@ def test_generate_on_shared_radiographs_and_dicoms(tmp_path, small_run):
 # torchrun: DDP training equals one process with the same global batch; sharded generation merges
 # ---------------------------------------------------------------------------------------------
 def _torchrun(args: list[str], tmp_path: Path) -> None:
+    """2 ranks; the callers pass a CPU device (with auto, rank 1 needs a second GPU)."""
     import subprocess
     import sys
 
@@ -336,7 +337,8 @@ def _torchrun(args: list[str], tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_torchrun_ddp_training_and_sharded_generation(tmp_path, synth, llm_dir, one_thread):
     common = ["stage1.max_steps=2", "stage2.max_steps=2", "data.val_split=null", "data.max_train_samples=8",
-              "generate.max_new_tokens=5", "train.precision=fp32", "data.workers=0", "lora.dropout=0.0"]
+              "generate.max_new_tokens=5", "train.precision=fp32", "data.workers=0", "lora.dropout=0.0",
+              "train.device=cpu"]
     single = _cfg(tmp_path / "one", synth, llm_dir, *common, "stage1.batch_size=4", "stage2.batch_size=4")
     assert run_train(single, progress=False)["status"] == "complete"
     _torchrun(["train", "--quiet", "--data", str(synth), "--encoder", ENCODER, "--out", str(tmp_path / "ddp"),
@@ -345,9 +347,10 @@ def test_torchrun_ddp_training_and_sharded_generation(tmp_path, synth, llm_dir, 
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # same global batch, same update
     # two ranks generate disjoint shards; rank 0 merges them into one file in input order
-    ref = run_generate(tmp_path / "one", synth / "images", tmp_path / "one.jsonl", progress=False, workers=0)
+    ref = run_generate(tmp_path / "one", synth / "images", tmp_path / "one.jsonl", progress=False, workers=0,
+                       device="cpu")
     _torchrun(["generate", "--quiet", "--model", str(tmp_path / "one"), "--images", str(synth / "images"),
-               "--out", str(tmp_path / "two.jsonl"), "--workers", "0"], tmp_path)
+               "--out", str(tmp_path / "two.jsonl"), "--workers", "0", "--device", "cpu"], tmp_path)
     one, two = read_records(tmp_path / "one.jsonl"), read_records(tmp_path / "two.jsonl")
     assert ref["n_ok"] == len(one) == len(two) == 24
     assert [(r["id"], r["findings"]) for r in one] == [(r["id"], r["findings"]) for r in two]
