@@ -58,8 +58,10 @@ STAGE_TASKS = ("report", "findings_list")  # what a stage trains on (training_ex
 STATE_FORMAT = "radgen-reportgen-state/1"
 STATE_FILE, LOG_FILE, SAMPLES_FILE, SKIPPED_FILE, SUMMARY_FILE = (
     "checkpoint.pt", "log.csv", "samples.jsonl", "skipped.jsonl", "summary.json")
-LOG_FIELDS = ["stage", "step", "total_steps", "epoch", "lr", "loss", "val_loss", "tokens",
-              "tokens_per_s", "seconds"]
+# tokens: target tokens trained on so far; input_tokens: every input position so far (prompt, image
+# and target tokens, padding excluded); tokens_per_s counts input tokens, target_tokens_per_s targets.
+LOG_FIELDS = ["stage", "step", "total_steps", "epoch", "lr", "loss", "val_loss", "tokens", "input_tokens",
+              "tokens_per_s", "target_tokens_per_s", "seconds"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,11 +368,12 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
             params = _trainable(built, stage)
             opt = torch.optim.AdamW([p for _, p in params], lr=float(cfg[stage].lr),
                                     weight_decay=float(cfg[stage].weight_decay), betas=(0.9, 0.999))
-            start, tokens0 = 0, 0
+            start, tokens0 = 0, (0, 0)
             if state and state["stage"] == stage:
                 _load_trainable(built, state)
                 opt.load_state_dict(state["optimizer"])
-                start, tokens0 = int(state["step"]), int(state.get("tokens", 0))
+                start = int(state["step"])
+                tokens0 = (int(state.get("tokens", 0)), int(state.get("input_tokens", 0)))
                 log_rows = [r for r in log_rows if (STAGES.index(r["stage"]), int(r["step"])) <= (stage_i, start)]
                 _truncate_samples(out / SAMPLES_FILE, stage_i, start)
             elif state:
@@ -439,12 +442,12 @@ def _load_trainable(built: BuiltModel, state: dict) -> None:
 
 
 def _save_state(out: Path, built: BuiltModel, stage: str, step: int, opt, done_stages: list[str], cfg,
-                tokens: int) -> None:
+                tokens: tuple[int, int]) -> None:
     lora = {n: p.detach().cpu().clone() for n, p in built.model.llm.named_parameters() if "lora_" in n}
     save_checkpoint(out / STATE_FILE, {
         "stage": stage, "step": step, "stages_done": list(done_stages),
         "projector": {k: v.detach().cpu().clone() for k, v in built.model.projector.state_dict().items()},
-        "lora": lora, "optimizer": opt.state_dict(), "tokens": int(tokens),
+        "lora": lora, "optimizer": opt.state_dict(), "tokens": int(tokens[0]), "input_tokens": int(tokens[1]),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }, fmt=STATE_FORMAT, keep=int(cfg.train.keep_checkpoints))
 
@@ -478,7 +481,7 @@ def _all_sum(x: float, device: torch.device, world: int) -> float:
 
 
 def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, params, opt, start: int,
-               tokens_seen: int, train_in: _VisionInputs, examples: list, val_in: _VisionInputs | None, device,
+               seen: tuple[int, int], train_in: _VisionInputs, examples: list, val_in: _VisionInputs | None, device,
                rank: int, world: int,
                out: Path, log_rows: list[dict], done_stages: list[str], stop: dict, show: bool,
                stop_at) -> str:
@@ -490,7 +493,8 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
     model.train()
     micro = int(st.batch_size)
     n = len(examples)
-    t_last, tok_last = time.perf_counter(), tokens_seen
+    tokens_seen, inputs_seen = seen  # target tokens, input tokens (all non-padding positions)
+    t_last, tok_last, in_last = time.perf_counter(), tokens_seen, inputs_seen
     bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not show)
     nonfinite = NonFiniteGuard(str(tr.on_nonfinite), int(tr.max_nonfinite_skips))
     tb = None
@@ -515,6 +519,7 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
                                                     [e.instruction for e in ex]))
         n_tok = sum(int((e["labels"][:, 1:] != -100).sum()) for e in encoded)
         n_tok_all = _all_sum(float(n_tok), device, world)
+        n_in_all = _all_sum(float(sum(int(e["attention_mask"].sum()) for e in encoded)), device, world)
         loss_total = 0.0
         for b, e in zip(batches, encoded):
             ctx, _ = _autocast(device, str(tr.precision))
@@ -532,6 +537,7 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             opt.step()
         opt.zero_grad(set_to_none=True)
         tokens_seen += int(n_tok_all)
+        inputs_seen += int(n_in_all)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_total:.3f}")
@@ -540,9 +546,10 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             now = time.perf_counter()
             row = {"stage": stage, "step": done, "total_steps": total, "epoch": round(done / plan["per_epoch"], 3),
                    "lr": float(plan["lr"][step]), "loss": loss_total, "tokens": tokens_seen,
-                   "tokens_per_s": (tokens_seen - tok_last) / max(now - t_last, 1e-9),
+                   "input_tokens": inputs_seen, "tokens_per_s": (inputs_seen - in_last) / max(now - t_last, 1e-9),
+                   "target_tokens_per_s": (tokens_seen - tok_last) / max(now - t_last, 1e-9),
                    "seconds": round(now - t_last, 3)}
-            t_last, tok_last = now, tokens_seen
+            t_last, tok_last, in_last = now, tokens_seen, inputs_seen
         evaluate = (int(tr.eval_every) > 0 and done % int(tr.eval_every) == 0) or done == total
         if evaluate and val_in is not None:
             row = row or {"stage": stage, "step": done, "total_steps": total,
@@ -553,14 +560,14 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             log_rows.append({k: _fmt(v) for k, v in row.items()})
             _write_log(out / LOG_FILE, log_rows)
             if tb is not None:
-                for key in ("loss", "val_loss", "lr", "tokens_per_s"):
+                for key in ("loss", "val_loss", "lr", "tokens_per_s", "target_tokens_per_s"):
                     if row.get(key) is not None:
                         tb.add_scalar(f"{stage}/{key}", float(row[key]), done)
                 tb.flush()
         stopping = _all_sum(1.0 if stop["flag"] else 0.0, device, world) > 0  # every rank stops together
         ckpt = (done % max(1, int(tr.checkpoint_every)) == 0) or done == total or stopping
         if ckpt and rank == 0:
-            _save_state(out, built, stage, done, opt, done_stages, cfg, tokens_seen)
+            _save_state(out, built, stage, done, opt, done_stages, cfg, (tokens_seen, inputs_seen))
         if ckpt:
             _barrier(world)
         if stop_at is not None and stop_at == (stage, done):

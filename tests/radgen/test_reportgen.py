@@ -192,7 +192,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, synth, llm_dir, kill_a
     a, b = _trained_state(tmp_path / "full"), _trained_state(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the curves continue exactly: same log rows (losses, val losses) as the uninterrupted run
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "seconds")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "target_tokens_per_s", "seconds")}
+                         for r in rows]
     import csv
 
     rows_a = strip(csv.DictReader((tmp_path / "full" / "log.csv").open()))
@@ -224,6 +225,36 @@ def test_stage1_trains_only_the_projector(tmp_path, synth, llm_dir, one_thread):
     base = {n: p for n, p in built.model.llm.named_parameters() if "lora_" not in n}
     base0 = {n: p for n, p in fresh.model.llm.named_parameters() if "lora_" not in n}
     assert base.keys() == base0.keys() and all(torch.equal(base[n], base0[n]) for n in base)
+
+
+def test_logged_token_counts(tmp_path, synth, llm_dir, one_thread, monkeypatch):
+    """log.csv counts every input position (prompt + image + target, padding excluded) and the
+    target tokens apart: ``input_tokens`` is the running attention-mask sum of the training batches,
+    ``tokens_per_s`` / ``target_tokens_per_s`` their rates over the same interval."""
+    from radgen.model.prompt import ReportTokenizer
+
+    sums = []  # (attention-mask sum, predicted target tokens) of each training micro-batch
+    orig = ReportTokenizer.train_batch
+
+    def spy(self, *a, **k):
+        b = orig(self, *a, **k)
+        sums.append((int(b["attention_mask"].sum()), int((b["labels"][:, 1:] != IGNORE_INDEX).sum())))
+        return b
+
+    monkeypatch.setattr(ReportTokenizer, "train_batch", spy)
+    out = tmp_path / "run"
+    run_train(_cfg(out, synth, llm_dir, "stage1.max_steps=3", "stage2.max_steps=0", "stage1.batch_size=2",
+                   "stage1.accum_steps=2", "data.val_split=null", "data.max_train_samples=8"), progress=False)
+    import csv
+
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert len(rows) == 3 and len(sums) == 6
+    steps = [(sums[2 * i][0] + sums[2 * i + 1][0], sums[2 * i][1] + sums[2 * i + 1][1]) for i in range(3)]
+    assert [int(r["input_tokens"]) for r in rows] == list(np.cumsum([s[0] for s in steps]))
+    assert [int(r["tokens"]) for r in rows] == list(np.cumsum([s[1] for s in steps]))
+    for r, (n_in, n_tgt) in zip(rows, steps):
+        assert n_in - n_tgt > 4 * 16  # the prompt and the 16 image tokens of each of the 4 rows count
+        assert float(r["tokens_per_s"]) / float(r["target_tokens_per_s"]) == pytest.approx(n_in / n_tgt, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
