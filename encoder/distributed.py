@@ -30,8 +30,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-__all__ = ["STRATEGIES", "setup_distributed", "resolve_strategy", "shard_ssl_model", "average_gradients", "all_ranks_agree",
-           "set_gradient_sync", "broadcast_model", "sync_diff", "full_state", "load_full_state"]
+__all__ = ["STRATEGIES", "setup_distributed", "resolve_strategy", "shard_ssl_model", "average_gradients",
+           "sum_gradients", "all_ranks_agree", "set_gradient_sync", "broadcast_model", "sync_diff", "full_state",
+           "load_full_state"]
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 
@@ -87,16 +88,25 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
 
 def average_gradients(params: list[nn.Parameter], world: int) -> None:
     """DDP-style mean of gradients over ranks with one flat all-reduce."""
+    sum_gradients(params, world, divide_by=world)
+
+
+def sum_gradients(params: list[nn.Parameter], world: int, divide_by: int = 1) -> None:
+    """Sum of gradients over ranks (divided by ``divide_by``) with one flat all-reduce.
+
+    Every rank must call it with the same ``params``: a parameter without a gradient on this rank
+    (unused, or no backward at all because none of its inputs loaded) contributes zeros.
+    """
     if world == 1:
         return
-    # Every rank must reduce the same tensors: a parameter unused on one rank contributes zeros.
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= world
+    if divide_by != 1:
+        flat /= divide_by
     offset = 0
     for g in grads:
         n = g.numel()

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
 from encoder.guards import NonFiniteGuard, train_config_errors
-from encoder.distributed import setup_distributed
+from encoder.distributed import setup_distributed, sum_gradients
 from encoder.inference import resolve_device, resolve_precision
 from encoder.io import atomic_write_text
 from encoder.pixels import is_pixels_spec
@@ -459,19 +459,6 @@ def _kept(out: Path) -> str:
     return f"the last good checkpoint is kept at {out / STATE_FILE} (re-running resumes from it)"
 
 
-def _sum_grads(params, world: int) -> None:
-    """Sum gradients over ranks (the loss is already divided by the all-rank token count)."""
-    if world == 1:
-        return
-    grads = [p.grad for _, p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def _all_sum(x: float, device: torch.device, world: int) -> float:
     if world == 1:
         return x
@@ -529,11 +516,13 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             loss = res["loss_sum"] / max(n_tok_all, 1.0)
             loss.backward()
             loss_total += float(loss.detach())
-        _sum_grads(params, world)
+        # the loss is already divided by the all-rank token count; a rank that loaded no row adds zeros
+        sum_gradients([p for _, p in params], world)
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], float(st.grad_clip))
         loss_total = _all_sum(loss_total, device, world)
         ok = _all_sum(0.0 if NonFiniteGuard.finite(loss_total, gnorm) else 1.0, device, world) == 0
-        if not nonfinite.should_skip(ok, f"{stage} step {step + 1}", _kept(out)):
+        # no rank loaded a row: no update (as one process, whose parameters then have no gradient)
+        if not nonfinite.should_skip(ok, f"{stage} step {step + 1}", _kept(out)) and n_tok_all > 0:
             opt.step()
         opt.zero_grad(set_to_none=True)
         tokens_seen += int(n_tok_all)

@@ -353,7 +353,7 @@ def test_generate_on_shared_radiographs_and_dicoms(tmp_path, small_run):
 # ---------------------------------------------------------------------------------------------
 # torchrun: DDP training equals one process with the same global batch; sharded generation merges
 # ---------------------------------------------------------------------------------------------
-def _torchrun(args: list[str], tmp_path: Path) -> None:
+def _torchrun(args: list[str], tmp_path: Path, timeout: int = 600) -> None:
     """2 ranks; the callers pass a CPU device (with auto, rank 1 needs a second GPU)."""
     import subprocess
     import sys
@@ -361,7 +361,7 @@ def _torchrun(args: list[str], tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "radgen.cli", *args]
-    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     assert res.returncode in (0, 3), res.stdout[-2000:] + res.stderr[-4000:]
 
 
@@ -386,6 +386,31 @@ def test_torchrun_ddp_training_and_sharded_generation(tmp_path, synth, llm_dir, 
     assert ref["n_ok"] == len(one) == len(two) == 24
     assert [(r["id"], r["findings"]) for r in one] == [(r["id"], r["findings"]) for r in two]
     assert not list(tmp_path.glob("two.jsonl.part*"))
+
+
+@pytest.mark.slow
+def test_torchrun_rank_without_loadable_images(tmp_path, synth, llm_dir, one_thread):
+    """One good image among four unreadable ones (uncached): at every step that has the good row, the
+    other rank loads nothing and does no backward. It still joins the gradient all-reduce (with
+    zeros), so the 2-rank run finishes and equals one process with the same global batch."""
+    rows = [json.loads(line) for line in (synth / "manifest.jsonl").open()]
+    rows = [r for r in rows if r["findings"]][:4]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    manifest = tmp_path / "manifest.jsonl"
+    with manifest.open("w") as fh:
+        for i, r in enumerate(rows):
+            fh.write(json.dumps({"id": r["id"], "image": str(synth / r["image"]) if i == 0 else str(bad),
+                                 "findings": r["findings"], "split": "train"}) + "\n")
+    common = ["stage1.max_steps=2", "stage2.max_steps=2", "data.val_split=null", "data.cache_vision=false",
+              "train.precision=fp32", "data.workers=0", "lora.dropout=0.0", "train.device=cpu"]
+    single = _cfg(tmp_path / "one", manifest, llm_dir, *common, "stage1.batch_size=2", "stage2.batch_size=2")
+    assert run_train(single, progress=False)["status"] == "complete"
+    _torchrun(["train", "--quiet", "--data", str(manifest), "--encoder", ENCODER, "--out", str(tmp_path / "ddp"),
+               f"llm.path={llm_dir}", *common, "stage1.batch_size=1", "stage2.batch_size=1"], tmp_path, timeout=300)
+    a, b = _trained_state(tmp_path / "one"), _trained_state(tmp_path / "ddp")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
 def test_loss_on_target_positions_equals_full_logits_loss(synth, llm_dir):
