@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 __all__ = ["STRATEGIES", "setup_distributed", "resolve_strategy", "shard_ssl_model", "average_gradients",
-           "sum_gradients", "all_ranks_agree", "set_gradient_sync", "broadcast_model", "sync_diff", "full_state",
+           "sum_gradients", "all_sum", "all_ranks_agree", "set_gradient_sync", "broadcast_model", "sync_diff", "full_state",
            "load_full_state"]
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -124,6 +124,16 @@ def broadcast_model(model: nn.Module, world: int) -> None:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def all_sum(x: float, device: torch.device, world: int) -> float:
+    """Sum of ``x`` over ranks (one tiny all-reduce that every rank must call). ``> 0`` of a 0/1
+    flag: some rank raised it, which is how every rank takes a stop at the same step."""
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
 
 
 def all_ranks_agree(flag: bool, device: torch.device, world: int) -> bool:

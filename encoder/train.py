@@ -37,6 +37,7 @@ from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
 from encoder.distributed import (
     average_gradients,
     all_ranks_agree,
+    all_sum,
     broadcast_model,
     full_state,
     load_full_state,
@@ -487,7 +488,10 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
                        momentum=float(sched.momentum[step]), teacher_temp=temp,
                        images_per_s=global_batch / max(now - t_last, 1e-9))
             acc["collapse"] = collapse_flags(acc, model.dino_loss.out_dim, 2 * B)
-            collapse.update(acc["collapse"], f"pretrain step {step}", kept())
+            flag = acc["collapse"]  # this rank's batch; a stop must be taken by every rank at the same step
+            if collapse.patience and all_sum(float(flag != "ok"), device, world) > 0 and flag == "ok":
+                flag = "flagged on another rank"
+            collapse.update(flag, f"pretrain step {step}", kept())
             if "teacher_entropy" in acc:
                 acc["teacher_info"] = acc["teacher_batch_entropy"] - acc["teacher_entropy"]
             t_last = now
@@ -503,7 +507,7 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
                             collapse=acc["collapse"], refresh=False)
             bar.update()
             done = step + 1
-            if pre.flag:
+            if all_sum(float(pre.flag), device, world) > 0:  # SIGTERM on any rank: all save and stop here
                 save(done, logs)
                 status = "preempted"
                 break

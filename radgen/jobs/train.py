@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
 from encoder.guards import NonFiniteGuard, train_config_errors
-from encoder.distributed import setup_distributed, sum_gradients
+from encoder.distributed import all_sum, setup_distributed, sum_gradients
 from encoder.inference import resolve_device, resolve_precision
 from encoder.io import atomic_write_text
 from encoder.pixels import is_pixels_spec
@@ -459,14 +459,6 @@ def _kept(out: Path) -> str:
     return f"the last good checkpoint is kept at {out / STATE_FILE} (re-running resumes from it)"
 
 
-def _all_sum(x: float, device: torch.device, world: int) -> float:
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
 def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, params, opt, start: int,
                seen: tuple[int, int], train_in: _VisionInputs, examples: list, val_in: _VisionInputs | None, device,
                rank: int, world: int,
@@ -505,8 +497,8 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             encoded.append(built.tokens.train_batch([e.target for e in ex], [e.indication for e in ex],
                                                     [e.instruction for e in ex]))
         n_tok = sum(int((e["labels"][:, 1:] != -100).sum()) for e in encoded)
-        n_tok_all = _all_sum(float(n_tok), device, world)
-        n_in_all = _all_sum(float(sum(int(e["attention_mask"].sum()) for e in encoded)), device, world)
+        n_tok_all = all_sum(float(n_tok), device, world)
+        n_in_all = all_sum(float(sum(int(e["attention_mask"].sum()) for e in encoded)), device, world)
         loss_total = 0.0
         for b, e in zip(batches, encoded):
             ctx, _ = _autocast(device, str(tr.precision))
@@ -519,8 +511,8 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
         # the loss is already divided by the all-rank token count; a rank that loaded no row adds zeros
         sum_gradients([p for _, p in params], world)
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], float(st.grad_clip))
-        loss_total = _all_sum(loss_total, device, world)
-        ok = _all_sum(0.0 if NonFiniteGuard.finite(loss_total, gnorm) else 1.0, device, world) == 0
+        loss_total = all_sum(loss_total, device, world)
+        ok = all_sum(0.0 if NonFiniteGuard.finite(loss_total, gnorm) else 1.0, device, world) == 0
         # no rank loaded a row: no update (as one process, whose parameters then have no gradient)
         if not nonfinite.should_skip(ok, f"{stage} step {step + 1}", _kept(out)) and n_tok_all > 0:
             opt.step()
@@ -553,7 +545,7 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
                     if row.get(key) is not None:
                         tb.add_scalar(f"{stage}/{key}", float(row[key]), done)
                 tb.flush()
-        stopping = _all_sum(1.0 if stop["flag"] else 0.0, device, world) > 0  # every rank stops together
+        stopping = all_sum(1.0 if stop["flag"] else 0.0, device, world) > 0  # every rank stops together
         ckpt = (done % max(1, int(tr.checkpoint_every)) == 0) or done == total or stopping
         if ckpt and rank == 0:
             _save_state(out, built, stage, done, opt, done_stages, cfg, (tokens_seen, inputs_seen))

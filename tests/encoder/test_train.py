@@ -231,3 +231,96 @@ def test_load_full_state_accepts_position_keyed_optimizer_state():
     _, again = full_state(m2, opt2)
     for k, st in by_name["state"].items():
         torch.testing.assert_close(again["state"][k]["exp_avg"], st["exp_avg"])
+
+
+# Two ranks started by hand (what torchrun sets up), so the test can signal one of them and read
+# each one's outcome. Rank 0 alone sees the stop: SIGTERM from the test, or a collapse flag faked
+# on rank 0 only (rank 1's is faked 'ok'). Each rank prints its outcome as one JSON line.
+_RANK_SCRIPT = r"""
+import json, sys
+import torch
+import torch.distributed as dist
+import encoder.train as et
+from encoder.guards import TrainingStopped
+from radgen.config import load_config
+
+mode, out, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+images = list(torch.nn.functional.interpolate(torch.rand(16, 1, 6, 6, generator=g), size=64,
+                                              mode="bicubic").clamp(0, 1))
+rank = int(__import__("os").environ["RANK"])
+if mode == "collapse":
+    et.collapse_flags = lambda *a: "dominant" if rank == 0 else "ok"
+try:
+    s = et.train(load_config("encoder", [], [f"out={out}", *overrides]), images)
+    res = {"status": s["status"], "steps": s["steps"]}
+except TrainingStopped as exc:
+    res = {"status": "stopped", "message": str(exc).split(":")[0]}
+print(json.dumps({"rank": rank, **res}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _two_ranks(tmp_path: Path, mode: str, overrides: list[str]) -> list[subprocess.Popen]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    import json
+
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(script), mode, str(tmp_path / "out"), json.dumps(overrides)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _outcomes(procs: list[subprocess.Popen], timeout: float = 120) -> list[dict]:
+    import json
+
+    res = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, err[-3000:]
+            res.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ranks_stop_together_on_sigterm(tmp_path: Path, strategy: str):
+    """SIGTERM reaches rank 0 only: both ranks stop after the same step and the checkpoint (a
+    collective under FSDP) is written at that step."""
+    import signal
+    import time
+
+    over = [*TINY, "optim.batch_size=2", "optim.epochs=1000", "train.device=cpu", f"train.strategy={strategy}"]
+    procs = _two_ranks(tmp_path, "sigterm", over)
+    log = tmp_path / "out" / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    procs[0].send_signal(signal.SIGTERM)
+    a, b = _outcomes(procs)
+    assert a["status"] == b["status"] == "preempted" and a["steps"] == b["steps"] >= 2
+    assert load_checkpoint(tmp_path / "out" / "checkpoint.pt")["step"] == a["steps"]
+
+
+@pytest.mark.slow
+def test_ranks_stop_together_on_collapse(tmp_path: Path):
+    """The collapse monitor flags on rank 0 only: both ranks stop at the same step."""
+    over = [*TINY, "optim.batch_size=2", "optim.max_steps=8", "train.device=cpu", "train.stop_on_collapse=2"]
+    a, b = _outcomes(_two_ranks(tmp_path, "collapse", over))
+    assert a == {"rank": 0, "status": "stopped", "message": "pretrain step 1"}
+    assert b == {"rank": 1, "status": "stopped", "message": "pretrain step 1"}
