@@ -208,6 +208,13 @@ def _list_collate(x):
     return x
 
 
+def _worker_ignores_stop_signals(_: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which finishes the step and
+    checkpoints: a signal to the whole process group would otherwise kill them first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +394,7 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     sampler = ResumableSampler(len(images), B, rank, world, cfg.seed, start=start * accum)
     loader = DataLoader(CropDataset(images, multicrop, cfg.seed), batch_size=B, sampler=sampler,
                         collate_fn=_list_collate, num_workers=cfg.data.num_workers,
-                        persistent_workers=cfg.data.num_workers > 0)
+                        persistent_workers=cfg.data.num_workers > 0, worker_init_fn=_worker_ignores_stop_signals)
     batches = iter(loader)
     grid = (cfg.crops.global_size // cfg.model.patch_size,) * 2
     mask_cfg = {"mask_ratio_range": tuple(cfg.masking.mask_ratio),

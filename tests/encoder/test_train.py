@@ -147,6 +147,40 @@ def test_sigterm_saves_checkpoint(tmp_path: Path):
     assert step >= 1 and len(_log(out)) == step
 
 
+def test_sigterm_to_process_group_with_workers(tmp_path: Path):
+    """SIGTERM to the whole process group (SLURM, timeout, kill -- -PGID) reaches the DataLoader
+    workers too: they ignore it, so the main process finishes the step, checkpoints and exits 143."""
+    import signal
+    import time
+
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i, im in enumerate(_images(16)):
+        Image.fromarray((im[0].numpy() * 255).astype(np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / "p"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "radgen"), "pretrain-encoder", "--data", str(data),
+                             "--out", str(out), *TINY, "optim.epochs=1000", "data.num_workers=2", "train.device=cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "log.csv").is_file() and
+                                              len((out / "log.csv").read_text().splitlines()) >= 2):
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+    assert "preempted" in stdout
+    step = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert step >= 1 and len(_log(out)) == step
+
+
 def _torchrun(data: Path, out: Path, *extra: str) -> None:
     """2 ranks on the CPU (gloo) whatever GPUs the machine has (with auto, rank 1 needs a second GPU)."""
     bindir = Path(sys.executable).parent
