@@ -12,6 +12,9 @@ that :func:`encoder.features.encode` runs every matmul in bf16 without the per-c
   keeps fp32 there (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` says yes on those, hence
   the flags).
 
+:func:`set_deterministic` is the ``train.deterministic`` switch of the training jobs (their device
+setup, like :func:`resolve_device`).
+
 Features in bf16 differ from fp32 by the tolerance stated in ``docs/encoder.md`` (tested on a
 tiny model in ``tests/encoder/test_features.py``); callers that cache features keep the
 precision in their cache key.
@@ -30,7 +33,7 @@ from encoder.vit import ViTEncoder
 
 __all__ = ["PRECISIONS", "Precision", "cpu_bf16_flags", "bf16_supported", "resolve_precision",
            "precision_dtype", "resolve_device", "prepare_encoder", "default_batch_size",
-           "model_precision"]
+           "model_precision", "set_deterministic"]
 
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -80,6 +83,23 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return dev
+
+
+def set_deterministic(enabled: bool) -> None:
+    """``train.deterministic``: only deterministic kernels, or a ``RuntimeError`` naming the op.
+
+    On: ``torch.use_deterministic_algorithms(True, warn_only=False)``, cuDNN deterministic and
+    not benchmarking, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS reads it when its first
+    handle is made, so call this before any CUDA work; a value already set is kept). Off: the
+    default kernels (``use_deterministic_algorithms(False)``), so one process running several
+    jobs does not carry the mode over. CPU training is bit-exact either way; on CUDA exact resume
+    needs it, at a speed cost the GPU check measures (``bench/``).
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled, warn_only=False)
+    torch.backends.cudnn.deterministic = enabled
 
 
 def bf16_supported(device: str | torch.device | None = None) -> bool:

@@ -48,7 +48,7 @@ from encoder.distributed import (
     sync_diff,
 )
 from encoder.guards import CollapseGuard, NonFiniteGuard, train_config_errors
-from encoder.inference import resolve_device, resolve_precision
+from encoder.inference import resolve_device, resolve_precision, set_deterministic
 from encoder.io import atomic_write_text
 from encoder.masking import MASK_STYLES
 from encoder.ssl import SSLConfig, SSLMetaArch
@@ -219,6 +219,7 @@ def _worker_ignores_stop_signals(_: int) -> None:
 # The loop
 # ----------------------------------------------------------------------------------------------
 def _device_and_precision(cfg: DictConfig) -> tuple[torch.device, str]:
+    set_deterministic(bool(cfg.train.deterministic))  # before any CUDA work (cuBLAS reads its env var once)
     device = resolve_device(str(cfg.train.device))
     prec = cfg.train.precision
     if prec == "auto":

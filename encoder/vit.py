@@ -18,10 +18,16 @@ part of the config (``ViTConfig.pos_interp``, one of :data:`POS_INTERP`):
 * ``dinov2_offset``: the original DINOv2 (non-register) code: bicubic, no antialiasing, with the
   scale factors ``((h + 0.1) / g0, (w + 0.1) / g0)`` instead of the target size, which shifts the
   sampling grid slightly (the 0.1 was a work-around for a float issue in DINO, kept for parity).
+
+Under ``torch.use_deterministic_algorithms`` (``train.deterministic``) the resized grid keeps the
+same forward values, but its gradient is a matmul with the resampling matrix instead of the
+bicubic backward kernel, which CUDA computes with atomic adds (nondeterministic, so refused in
+that mode). See :func:`resample_pos_grid_deterministic_grad`.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -33,7 +39,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 __all__ = ["ViTConfig", "ViTEncoder", "ARCHS", "POS_INTERP", "build_vit", "resample_pos_grid",
-           "square_size"]
+           "square_size", "resample_pos_grid_deterministic_grad"]
 
 # name -> (embed_dim, depth, num_heads)
 ARCHS: dict[str, tuple[int, int, int]] = {
@@ -85,6 +91,36 @@ def resample_pos_grid(grid: torch.Tensor, h: int, w: int, pos_interp: str = "bic
     else:
         raise ValueError(f"pos_interp must be one of {POS_INTERP}, got {pos_interp!r}")
     return out.to(grid.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _resample_matrix(g0: int, h: int, w: int, pos_interp: str, device: torch.device) -> torch.Tensor:
+    """(h*w, g0*g0) float32 ``M`` with ``resample(grid)[c] = M @ grid[c]`` (flattened), built on
+    the CPU by resampling each one-hot grid (the resampling is linear in the grid)."""
+    eye = torch.eye(g0 * g0).reshape(g0 * g0, 1, g0, g0)
+    m = resample_pos_grid(eye, h, w, pos_interp).reshape(g0 * g0, h * w).T.contiguous()
+    return m.to(device)
+
+
+class _DeterministicGradResample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grid: torch.Tensor, h: int, w: int, pos_interp: str) -> torch.Tensor:
+        ctx.meta = (grid.shape, grid.dtype, h, w, pos_interp)
+        return resample_pos_grid(grid, h, w, pos_interp)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (_, C, g0, _), dtype, h, w, pos_interp = ctx.meta
+        m = _resample_matrix(g0, h, w, pos_interp, grad.device)  # (h*w, g0*g0)
+        grad_in = grad.float().reshape(C, h * w) @ m  # the adjoint: M^T per channel
+        return grad_in.reshape(1, C, g0, g0).to(dtype), None, None, None
+
+
+def resample_pos_grid_deterministic_grad(grid: torch.Tensor, h: int, w: int,
+                                         pos_interp: str = "bicubic") -> torch.Tensor:
+    """:func:`resample_pos_grid` of a square (1, C, g0, g0) grid, same values, with a gradient
+    computed as ``grad @ M`` (``M`` the cached resampling matrix): deterministic on every device."""
+    return _DeterministicGradResample.apply(grid, h, w, pos_interp)
 
 
 @dataclass
@@ -184,7 +220,10 @@ class ViTEncoder(nn.Module):
             return self.pos_embed
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         patch_pos = patch_pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2)  # (1, C, g0, g0)
-        patch_pos = resample_pos_grid(patch_pos, h, w, self.cfg.pos_interp)
+        if torch.are_deterministic_algorithms_enabled() and patch_pos.requires_grad:
+            patch_pos = resample_pos_grid_deterministic_grad(patch_pos, h, w, self.cfg.pos_interp)
+        else:
+            patch_pos = resample_pos_grid(patch_pos, h, w, self.cfg.pos_interp)
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
         return torch.cat([cls_pos, patch_pos], dim=1)
 

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
 from encoder.guards import NonFiniteGuard, train_config_errors
 from encoder.distributed import all_sum, setup_distributed, sum_gradients
-from encoder.inference import resolve_device, resolve_precision
+from encoder.inference import resolve_device, resolve_precision, set_deterministic
 from encoder.io import atomic_write_text
 from encoder.pixels import is_pixels_spec
 from encoder.train import cosine_schedule
@@ -297,6 +297,7 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
     (a simulated kill, for tests)."""
     validate_config(cfg)
     out = Path(str(cfg.out))
+    set_deterministic(bool(cfg.train.deterministic))  # before any CUDA work (cuBLAS reads its env var once)
     device = resolve_device(str(cfg.train.device))
     rank, world = setup_distributed(device)
     summary_path = out / SUMMARY_FILE

@@ -88,6 +88,23 @@ def test_exact_resume(tmp_path: Path):
     assert enc(torch.zeros(1, 3, 56, 56))["cls"].shape == (1, 48)
 
 
+def test_deterministic_mode_trains_the_same(tmp_path: Path):
+    """``train.deterministic=true`` runs the whole SSL step on the CPU under
+    ``torch.use_deterministic_algorithms`` (no op refuses) and follows the same trajectory: the
+    first loss identical (the forward is unchanged), later ones to float rounding (the position
+    grid's gradient is summed in another order)."""
+    images = _images()
+    try:
+        train(_cfg(tmp_path / "det", "optim.max_steps=3", "train.deterministic=true"), images)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    train(_cfg(tmp_path / "def", "optim.max_steps=3"), images)
+    a, b = _log(tmp_path / "det"), _log(tmp_path / "def")
+    assert a[0]["loss"] == b[0]["loss"]
+    for ra, rb in zip(a, b):
+        assert abs(float(ra["loss"]) - float(rb["loss"])) <= 1e-5 * max(1.0, abs(float(rb["loss"])))
+
+
 def test_last_layer_frozen_in_first_epoch(tmp_path: Path):
     out = tmp_path / "f"
     cfg = _cfg(out, "optim.max_steps=3")
