@@ -239,6 +239,7 @@ def build_model(cfg: DictConfig) -> SSLMetaArch:
                         num_register_tokens=m.num_register_tokens, drop_path_rate=m.drop_path_rate,
                         layerscale_init=m.layerscale_init)
     backbone = ViTEncoder(vit_cfg)
+    backbone.set_grad_checkpointing(bool(m.grad_checkpointing))  # student only in effect: the teacher runs without grad
     if m.init_from:
         from encoder.weights import load_dinov2_checkpoint, load_hf_dinov2
 

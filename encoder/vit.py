@@ -35,10 +35,12 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ViTConfig", "ViTEncoder", "ARCHS", "POS_INTERP", "build_vit", "resample_pos_grid",
+__all__ = ["Block", "ViTConfig", "ViTEncoder", "ARCHS", "POS_INTERP", "build_vit", "resample_pos_grid",
            "square_size", "resample_pos_grid_deterministic_grad"]
 
 # name -> (embed_dim, depth, num_heads)
@@ -123,6 +125,22 @@ def resample_pos_grid_deterministic_grad(grid: torch.Tensor, h: int, w: int,
     return _DeterministicGradResample.apply(grid, h, w, pos_interp)
 
 
+class Block(TimmBlock):
+    """timm's transformer block; with ``grad_checkpointing`` (set by
+    :meth:`ViTEncoder.set_grad_checkpointing`) it keeps only its input for backward and recomputes
+    the rest there (``torch.utils.checkpoint``, non-reentrant, RNG preserved so drop-path
+    recomputes the same). The checkpoint sits inside the block's ``forward``, so FSDP2's hooks on
+    the block wrap it: the recompute runs while FSDP holds the block's parameters unsharded for
+    its backward, with no second all-gather."""
+
+    grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, *args, use_reentrant=False, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
+
 @dataclass
 class ViTConfig:
     """Everything needed to rebuild the backbone (stored in checkpoints)."""
@@ -182,7 +200,7 @@ class ViTEncoder(nn.Module):
             qkv_bias=cfg.qkv_bias, init_values=cfg.layerscale_init, class_token=False,
             pos_embed="none", global_pool="", num_classes=0, dynamic_img_size=True,
             drop_path_rate=cfg.drop_path_rate,
-            norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
+            norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps), block_fn=Block,
         )
         self.patch_embed = vit.patch_embed
         self.blocks = vit.blocks
@@ -199,6 +217,12 @@ class ViTEncoder(nn.Module):
             nn.init.normal_(self.register_tokens, std=1e-6)
 
     # ------------------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (see :class:`Block`): training memory falls to about
+        one block's activations plus each block's input, for one more forward of the blocks."""
+        for blk in self.blocks:
+            blk.grad_checkpointing = enable
+
     @property
     def embed_dim(self) -> int:
         return self.cfg.embed_dim
