@@ -426,3 +426,36 @@ def test_loss_on_target_positions_equals_full_logits_loss(synth, llm_dir):
     ref, n = token_loss_sum(full, batch["labels"])
     assert fast["n_tokens"] == n > 0
     assert torch.allclose(fast["loss_sum"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_halves_the_batch_when_out_of_memory(tmp_path, synth, small_run, monkeypatch):
+    """A GPU that holds at most 2 reports at once (faked: generate_reports raises torch's
+    out-of-memory error above 2): the same rows are retried at 4, then 2, every record is written,
+    the texts equal an unconstrained run's, and the summary says what happened."""
+    import radgen.jobs.generate as g
+
+    ref = run_generate(small_run, synth, tmp_path / "ref.jsonl", split="train", progress=False, workers=0,
+                       batch_size=8)
+    real, sizes = g.generate_reports, []
+
+    def small_gpu(built, indications, settings, **kw):
+        sizes.append(len(indications))
+        if len(indications) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+        return real(built, indications, settings, **kw)
+
+    monkeypatch.setattr(g, "generate_reports", small_gpu)
+    s = run_generate(small_run, synth, tmp_path / "oom.jsonl", split="train", progress=False, workers=0,
+                     batch_size=8)
+    assert s["n_ok"] == ref["n_ok"] > 4 and s["n_records"] == ref["n_records"]
+    assert (s["batch_size"], s["batch_size_final"], s["oom_backoffs"]) == (8, 2, 2)
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) == 2  # halved once each, then kept at 2
+    assert read_records(tmp_path / "oom.jsonl") == read_records(tmp_path / "ref.jsonl")
+
+    def no_gpu(built, indications, settings, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+
+    monkeypatch.setattr(g, "generate_reports", no_gpu)
+    with pytest.raises(g.GenerateError, match="out of GPU memory at batch size 1"):
+        run_generate(small_run, synth, tmp_path / "none.jsonl", split="train", progress=False, workers=0,
+                     batch_size=4)
