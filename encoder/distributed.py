@@ -61,23 +61,26 @@ def resolve_strategy(strategy: str, world: int) -> str:
     return "ddp" if strategy == "auto" else strategy
 
 
-def shard_ssl_model(model: nn.Module, device: torch.device) -> None:
+def shard_ssl_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> None:
     """Apply FSDP2 in place: blocks first, then each backbone and head (student and teacher alike).
 
     Student and teacher get the same sharding, so parameter i of the student and of the teacher
     are shards of the same shape on every rank and the EMA needs no communication.
+    ``param_dtype`` (bf16 training): parameters are all-gathered and used in that dtype, gradients
+    reduce-scattered in fp32 into the fp32 shards (``MixedPrecisionPolicy``); None: all fp32.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for branch in (model.student, model.teacher):
         for blk in branch["backbone"].blocks:
-            fully_shard(blk, mesh=mesh, reshard_after_forward=True)
+            fully_shard(blk, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
         for name in branch.keys():
             # reshard_after_forward=True also for these top-level modules: FSDP2 keeps a root
             # unsharded after forward until its backward, which the teacher never runs.
-            fully_shard(branch[name], mesh=mesh, reshard_after_forward=True)
+            fully_shard(branch[name], mesh=mesh, reshard_after_forward=True, mp_policy=mp)
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:

@@ -252,8 +252,13 @@ class ViTEncoder(nn.Module):
         return torch.cat([cls_pos, patch_pos], dim=1)
 
     def prepare_tokens(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,3,H,W) -> (B, 1 + R + N, C): [CLS, registers, patches] with positions added."""
-        B, _, H, W = images.shape
+        """(B,3,H,W) -> (B, 1 + R + N, C): [CLS, registers, patches] with positions added.
+
+        A grayscale batch (B,1,H,W) is expanded to the input channels here, on its device (a view:
+        the same numbers as a replicated copy, without moving three copies there)."""
+        B, c, H, W = images.shape
+        if c == 1 and self.cfg.in_chans != 1:
+            images = images.expand(-1, self.cfg.in_chans, -1, -1)
         x = self.patch_embed(images)  # (B, h, w, C) (timm NHWC with dynamic size)
         h, w = x.shape[1], x.shape[2]
         x = x.reshape(B, h * w, -1)  # (B, N, C)

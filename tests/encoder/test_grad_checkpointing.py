@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from encoder.augment import MultiCrop, MultiCropConfig, collate_multicrop
 from encoder.ssl import SSLConfig, SSLMetaArch
@@ -83,13 +82,6 @@ def test_checkpointing_off_in_no_grad():
         vit.set_grad_checkpointing(True)
         b = vit(x)["cls"]
     assert torch.equal(a, b)
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_checkpointing_inside_fsdp2_blocks(one_rank_group):
