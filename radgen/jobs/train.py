@@ -218,6 +218,18 @@ def _batch_indices(seed: int, stage_i: int, step: int, plan: dict, n: int, rank:
     return [mine[s:s + micro] for s in range(0, len(mine), micro)]
 
 
+_CACHE_BATCH = 32  # images per vision forward while filling the cache
+
+
+def _gather(obj, world: int) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in one process)."""
+    if world == 1:
+        return [obj]
+    got = [None] * world
+    dist.all_gather_object(got, obj)
+    return got
+
+
 class _VisionInputs:
     """Encoder tokens for rows by index: all computed once (``cache``) or per batch from files."""
 
@@ -232,24 +244,41 @@ class _VisionInputs:
             self._fill(skipped, progress, desc)
 
     def _fill(self, skipped: list[dict], progress: bool, desc: str) -> None:
+        """Encode every row once. Under torchrun each rank encodes rows ``i % world == rank`` and the
+        ranks all-gather each round of batches, so every rank ends with the same full cache and
+        the same skipped rows."""
         from tqdm import tqdm
 
-        chunks, keep = [], []
+        grouped = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
+        rounds = math.ceil(math.ceil(len(self.rows) / world) / _CACHE_BATCH)  # the same on every rank
+        batches = image_batches(self.rows[rank::world], self.load_row, _CACHE_BATCH, self.workers)
         index = {id(r): i for i, r in enumerate(self.rows)}
+        tokens: dict[int, torch.Tensor] = {}
+        failures: dict[int, dict] = {}
         with tqdm(total=len(self.rows), desc=desc, unit="img", disable=not progress) as bar:
-            for b in image_batches(self.rows, self.load_row, 32, self.workers):
-                for row, err in b.failures:
-                    skipped.append({"id": row.id, **err})
-                if b.pixel_values is not None:
-                    chunks.append(self.built.model.vision(b.pixel_values.to(self.device)).cpu())
-                    keep += [index[id(r)] for r in b.rows]
-                bar.update(len(b.rows) + len(b.failures))
-        if not keep:
+            for _ in range(rounds):
+                b = next(batches, None)
+                part = ([], None, {}) if b is None else self._encode(b, index)
+                for got, out, got_failures in _gather(part, world):
+                    tokens.update(zip(got, out if out is not None else []))
+                    failures.update(got_failures)
+                    bar.update(len(got) + len(got_failures))
+        skipped += [failures[i] for i in sorted(failures)]
+        if not tokens:
             raise ConfigError(f"{desc}: no image could be loaded (see {SKIPPED_FILE})")
-        self.ok = keep
-        full = torch.cat(chunks)
-        self.tokens = full
-        self._pos = {i: k for k, i in enumerate(keep)}
+        self.ok = sorted(tokens)
+        self.tokens = torch.stack([tokens[i] for i in self.ok])
+        self._pos = {i: k for k, i in enumerate(self.ok)}
+
+    def _encode(self, b, index: dict[int, int]) -> tuple[list[int], torch.Tensor | None, dict]:
+        """``(row indices, their tokens on the CPU, {row index: skipped record})`` of one batch (one
+        tensor, not one per row: pickling a row view would copy the whole batch's storage)."""
+        failures = {index[id(row)]: {"id": row.id, **err} for row, err in b.failures}
+        if b.pixel_values is None:
+            return [], None, failures
+        out = self.built.model.vision(b.pixel_values.to(self.device)).cpu()
+        return [index[id(r)] for r in b.rows], out, failures
 
     def __call__(self, idx: list[int]) -> dict | None:
         """``{"vision_tokens"|"pixel_values": tensor, "rows": [...]}`` for positions of ``self.ok``

@@ -413,6 +413,73 @@ def test_torchrun_rank_without_loadable_images(tmp_path, synth, llm_dir, one_thr
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
+# Each rank encodes rows i % world == rank for the vision cache; the cache is all-gathered, so every
+# rank holds the one-process cache. The script counts the images its vision forward saw.
+_CACHE_SCRIPT = r"""
+import json, sys
+import torch
+import torch.distributed as dist
+from encoder.distributed import setup_distributed
+from radgen.config import load_config
+from radgen.data.reports import read_report_rows
+from radgen.jobs.train import _VisionInputs
+from radgen.model.run import build_model
+
+overrides, manifest, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+rank, world = setup_distributed(torch.device("cpu"))
+torch.set_num_threads(1)
+built = build_model(load_config("reportgen", [], overrides))
+forward, seen = built.model.vision.forward, []
+built.model.vision.forward = lambda x: (seen.append(len(x)), forward(x))[1]
+skipped = []
+cache = _VisionInputs(built, read_report_rows(manifest, split="train"), True, torch.device("cpu"), 0, skipped,
+                      False, "encode")
+torch.save({"tokens": cache.tokens, "ok": cache.ok, "skipped": skipped, "encoded": sum(seen)},
+           f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_vision_cache_is_sharded_and_gathered(tmp_path, synth, llm_dir, one_thread):
+    """70 rows (two unreadable): each of 2 ranks encodes about half, both end with the one-process
+    cache and the same skipped rows."""
+    import subprocess
+    import sys
+
+    from radgen.data.reports import read_report_rows
+    from radgen.jobs.train import _VisionInputs
+
+    good = [json.loads(line) for line in (synth / "manifest.jsonl").open()]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    manifest = tmp_path / "manifest.jsonl"
+    with manifest.open("w") as fh:
+        for i in range(70):
+            image = str(bad) if i in (5, 40) else str(synth / good[i % len(good)]["image"])
+            fh.write(json.dumps({"id": f"r{i}", "image": image, "findings": "x", "split": "train"}) + "\n")
+    overrides = [f"out={tmp_path / 'unused'}", f"data.path={manifest}", f"encoder.spec={ENCODER}",
+                 f"llm.path={llm_dir}", "train.device=cpu"]
+    script = tmp_path / "cache.py"
+    script.write_text(_CACHE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), json.dumps(overrides), str(manifest), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    built = build_model(load_config("reportgen", [], overrides))
+    skipped = []
+    one = _VisionInputs(built, read_report_rows(manifest, split="train"), True, torch.device("cpu"), 0, skipped,
+                        False, "encode")
+    assert len(one.ok) == 68 and [s["id"] for s in skipped] == ["r5", "r40"]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for got in ranks:
+        assert got["ok"] == one.ok
+        assert [s["id"] for s in got["skipped"]] == ["r5", "r40"]
+        torch.testing.assert_close(got["tokens"], one.tokens, rtol=1e-5, atol=1e-5)
+    assert [got["encoded"] for got in ranks] == [34, 34]  # rows 0..69 by parity, one bad row each
+
+
 def test_loss_on_target_positions_equals_full_logits_loss(synth, llm_dir):
     from radgen.model.model import token_loss_sum
 
