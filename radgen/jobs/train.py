@@ -286,7 +286,7 @@ class _VisionInputs:
         rows = [self.rows[self.ok[i]] for i in idx]
         if self.tokens is not None:
             return {"vision_tokens": self.tokens[[self._pos[self.ok[i]] for i in idx]], "rows": rows}
-        b = next(image_batches(rows, self.load_row, len(rows), 0))
+        b = next(image_batches(rows, self.load_row, len(rows), self.workers))  # decoded in data.workers threads
         for row, err in b.failures:
             if row.id not in self.failed:
                 self.failed.add(row.id)

@@ -480,6 +480,28 @@ def test_torchrun_vision_cache_is_sharded_and_gathered(tmp_path, synth, llm_dir,
     assert [got["encoded"] for got in ranks] == [34, 34]  # rows 0..69 by parity, one bad row each
 
 
+def test_uncached_inputs_load_in_worker_threads(tmp_path, synth, llm_dir):
+    """Uncached mode decodes a micro-batch's images in data.workers threads: the same pixels, rows
+    and skipped files as with 0 workers."""
+    import threading
+
+    from radgen.data.reports import read_report_rows
+    from radgen.jobs.train import _VisionInputs
+
+    rows = read_report_rows(synth, split="train")[:6]
+    rows[2].image = str(tmp_path / "missing.png")
+    built = build_model(_cfg(tmp_path / "unused", synth, llm_dir))
+    got, threads = {}, set()
+    for workers in (0, 2):
+        inputs = _VisionInputs(built, rows, False, torch.device("cpu"), workers, [], False, "train")
+        load = inputs.load_row
+        inputs.load_row = lambda row: (threads.add(threading.current_thread().name), load(row))[1]
+        got[workers] = inputs([5, 0, 2, 3])
+    assert [r.id for r in got[2]["rows"]] == [r.id for r in got[0]["rows"]] == [rows[i].id for i in (5, 0, 3)]
+    assert torch.equal(got[2]["pixel_values"], got[0]["pixel_values"])
+    assert threads - {threading.current_thread().name}  # the workers=2 loads ran off the main thread
+
+
 def test_loss_on_target_positions_equals_full_logits_loss(synth, llm_dir):
     from radgen.model.model import token_loss_sum
 
