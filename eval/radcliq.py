@@ -101,14 +101,19 @@ def sentence_bleu_2(ref: str, hyp: str) -> float:
     return bp * math.exp(sum(logs) / 2)
 
 
-def bertscore_f1(refs: Sequence[str], hyps: Sequence[str], model_dir: str | Path) -> np.ndarray:
-    """BERTScore F1 per pair with a local distilroberta-base folder (needs the ``bert_score`` package)."""
+def bertscore_f1(refs: Sequence[str], hyps: Sequence[str], model_dir: str | Path,
+                 device: str | None = None) -> np.ndarray:
+    """BERTScore F1 per pair with a local distilroberta-base folder (needs the ``bert_score`` package);
+    ``device`` None or "auto": CUDA when available."""
+    from encoder.inference import resolve_device
+
     try:
         import bert_score
     except ImportError as e:
         raise RuntimeError("RadCliQ-v1 needs BERTScore: pip install bert_score") from e
     baseline = Path(bert_score.__file__).parent / "rescale_baseline" / "en" / "distilroberta-base.tsv"
     scorer = bert_score.BERTScorer(model_type=str(model_dir), num_layers=5, lang="en", idf=False,
-                                   rescale_with_baseline=True, baseline_path=str(baseline))
+                                   rescale_with_baseline=True, baseline_path=str(baseline),
+                                   device=str(resolve_device(device)))
     _, _, f = scorer.score(list(hyps), list(refs))
     return f.numpy().astype(np.float64)

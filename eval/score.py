@@ -35,6 +35,7 @@ class ScoreOptions:
     radgraph_model_type: str = "radgraph"  # radgraph | radgraph-xl
     radgraph_lowercase: bool = True
     bertscore_model: str | None = None  # local distilroberta-base folder (RadCliQ-v1)
+    device: str = "auto"  # CheXbert, RadGraph and BERTScore models: auto (CUDA when available) | cpu | cuda[:N]
     n_resamples: int = 1000
     seed: int = 0
     alpha: float = 0.05
@@ -83,7 +84,7 @@ def _chexbert(opts: ScoreOptions, cache: dict):
             raise MetricUnavailable("needs the CheXbert checkpoint (chexbert.pth; --chexbert PATH)")
         from eval.chexpert.chexbert import CheXbertLabeler
 
-        cache["chexbert"] = CheXbertLabeler(opts.chexbert)
+        cache["chexbert"] = CheXbertLabeler(opts.chexbert, device=opts.device)
     return cache["chexbert"]
 
 
@@ -117,7 +118,8 @@ def _radgraph_annotations(refs, hyps, opts: ScoreOptions, cache: dict):
         from eval.radgraph.model import RadGraphAnnotator, RadGraphUnavailable
 
         try:
-            ann = RadGraphAnnotator(model_type=opts.radgraph_model_type, model_cache_dir=opts.radgraph_dir)
+            ann = RadGraphAnnotator(model_type=opts.radgraph_model_type, model_cache_dir=opts.radgraph_dir,
+                                    device=opts.device)
             cache["radgraph_annotator"] = ann
             both = ann(list(refs) + list(hyps))
         except RadGraphUnavailable as e:
@@ -159,7 +161,7 @@ def _radcliq(refs, hyps, opts: ScoreOptions, cache: dict) -> MetricOutput:
     emb = cache["chexbert_emb"] if "chexbert_emb" in cache else _chexbert(opts, cache).embed(list(refs) + list(hyps))
     a, b = emb[:len(refs)], emb[len(refs):]
     semb = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    bs = bertscore_f1(refs, hyps, opts.bertscore_model)
+    bs = bertscore_f1(refs, hyps, opts.bertscore_model, device=opts.device)
     bleu = [sentence_bleu_2(r, h) for r, h in zip(refs, hyps)]
     return radcliq_v1(rg, bs, semb, bleu)
 

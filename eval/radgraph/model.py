@@ -98,28 +98,33 @@ class RadGraphAnnotator:
                      (labels like 'Observation::definitely present').
     model_cache_dir: folder holding ``<model_type>/{config.json, weights.th, vocabulary/}``; default
                      the package's own cache (``radgraph.radgraph.CACHE_DIR``).
+    device:          None or "auto": CUDA when available (``encoder.inference.resolve_device``).
     """
 
     def __init__(self, model_type: str = "radgraph", model_cache_dir: str | os.PathLike | None = None,
-                 batch_size: int = 1, cuda: int | None = None) -> None:
+                 batch_size: int = 1, device: str | None = None) -> None:
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
         self.model_type = model_type
         self._cache_dir = model_cache_dir
-        self._batch_size, self._cuda = batch_size, cuda
+        self._batch_size, self._device = batch_size, device
         self._model: Any = None
         self.package_version: str | None = None
 
     def _load(self) -> Any:
         if self._model is None:
+            from encoder.inference import resolve_device
+
             pkg = _import_radgraph()
+            dev = resolve_device(self._device)
             cache = Path(self._cache_dir) if self._cache_dir is not None else Path(pkg.CACHE_DIR)
             _check_model_dir(cache / self.model_type, self.model_type)
             self.package_version = getattr(pkg, "version", None)
             try:
                 with _hub_offline():
                     self._model = pkg.RadGraph(model_type=self.model_type, model_cache_dir=str(cache),
-                                               batch_size=self._batch_size, cuda=self._cuda)
+                                               batch_size=self._batch_size,
+                                               cuda=dev.index if dev.type == "cuda" else -1)  # -1: CPU
             except OSError as e:  # transformers: encoder/tokenizer not in the local HF cache
                 raise RadGraphUnavailable(
                     f"radgraph found its weights at {cache / self.model_type} but could not build the "

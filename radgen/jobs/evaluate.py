@@ -387,6 +387,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--radgraph-case", default="lower", choices=("lower", "as-written"),
                    help="compare RadGraph tokens lower-cased (default) or as written (radgraph 0.1.18)")
     p.add_argument("--bertscore-model", metavar="DIR", help="local distilroberta-base (RadCliQ-v1)")
+    p.add_argument("--device", default="auto",
+                   help="CheXbert, RadGraph and BERTScore models: auto (CUDA when available) | cpu | cuda[:N]")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (0: no CIs)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_evaluate)
@@ -397,7 +399,7 @@ def cmd_evaluate(args) -> int:
     opts = ScoreOptions(chexbert=args.chexbert, radgraph_dir=args.radgraph_dir,
                         radgraph_model_type=args.radgraph_model_type,
                         radgraph_lowercase=args.radgraph_case == "lower", bertscore_model=args.bertscore_model,
-                        n_resamples=args.resamples, seed=args.seed)
+                        device=args.device, n_resamples=args.resamples, seed=args.seed)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     try:
         result = run_evaluate(args.predictions, args.references, args.out, metrics, args.compare,

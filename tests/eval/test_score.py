@@ -506,7 +506,7 @@ def test_model_backed_metrics_wiring_with_stand_in_models(monkeypatch):
 
     monkeypatch.setattr(rg_model, "RadGraphAnnotator", FakeAnnotator)
     monkeypatch.setattr(score_mod, "_chexbert", lambda opts, cache: cache.setdefault("chexbert", FakeCheXbert()))
-    monkeypatch.setattr(radcliq_mod, "bertscore_f1", lambda r, h, model: np.array([0.9, 0.1]))
+    monkeypatch.setattr(radcliq_mod, "bertscore_f1", lambda r, h, model, device: np.array([0.9, 0.1]))
     res = score(refs, hyps, metrics=["chexpert", "radgraph", "radcliq"], n_resamples=0,
                 chexbert="chexbert.pth", radgraph_dir="/models/radgraph", bertscore_model="/models/distilroberta")
     assert res["omitted"] == {}
