@@ -115,10 +115,10 @@ class SSLMetaArch(nn.Module):
             logits = self.teacher["dino_head"](out["cls"])  # (2B, K)
             res["dino"] = self._targets(self.dino_loss, logits, teacher_temp)
         if self.do_ibot:
+            # Also with no masked patch (M = 0): the head (FSDP all-gather) and the centre update or
+            # Sinkhorn (all-reduces) are collectives the other ranks are waiting in.
             masked = _rows(out["patches"], mask_indices)  # (M, C), row-major over (2B, N)
-            logits = self._ibot_head(self.teacher)(masked) if masked.shape[0] else masked.new_zeros(
-                0, self.ibot_loss.out_dim)
-            res["ibot"] = self._targets(self.ibot_loss, logits, teacher_temp) if masked.shape[0] else logits
+            res["ibot"] = self._targets(self.ibot_loss, self._ibot_head(self.teacher)(masked), teacher_temp)
         return res
 
     def forward(self, batch: dict, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -157,13 +157,9 @@ class SSLMetaArch(nn.Module):
             tm = t.mean(0)
             logs["teacher_batch_entropy"] = -(tm * (tm + 1e-12).log()).sum()
         if self.do_ibot:
-            masked = _rows(s_glob["patches"], mask_idx)  # (M, C)
-            if masked.shape[0]:
-                s_logits = self._ibot_head(self.student)(masked)
-                ibot = self.ibot_loss.forward_weighted(s_logits, targets["ibot"], batch["mask_weights"],
-                                                       masks.shape[0])
-            else:
-                ibot = total.new_zeros(())
+            masked = _rows(s_glob["patches"], mask_idx)  # (M, C); M = 0 still runs the head (a collective)
+            s_logits = self._ibot_head(self.student)(masked)
+            ibot = self.ibot_loss.forward_weighted(s_logits, targets["ibot"], batch["mask_weights"], masks.shape[0])
             total = total + self.cfg.ibot_weight * ibot
             logs["ibot"] = ibot.detach()
         if self.do_koleo:

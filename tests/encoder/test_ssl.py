@@ -79,3 +79,90 @@ def test_loss_falls_on_a_tiny_run():
         m.update_teacher(0.99)
         losses.append(float(logs["loss"]))
     assert min(losses[-5:]) < losses[0]
+
+
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_no_masked_patch_gives_zero_ibot_and_keeps_the_centre(centering):
+    m = _model(centering=centering)
+    batch = _batch()
+    batch["masks"].zero_()
+    batch["mask_indices"], batch["mask_weights"] = batch["mask_indices"][:0], batch["mask_weights"][:0]
+    loss, logs = m(batch, teacher_temp=0.04)
+    loss.backward()
+    assert torch.isfinite(loss) and float(logs["ibot"]) == 0.0
+    assert not m.ibot_loss.center.any()  # nothing to average: the centre stays where it was
+
+
+# Two ranks (gloo) where rank 0's micro-batch has no masked patch: the iBOT head and centre
+# update are collectives under FSDP / with several ranks, so rank 0 must still take part.
+_EMPTY_RANK_SCRIPT = r"""
+import sys
+import torch
+import torch.distributed as dist
+from encoder.distributed import setup_distributed, shard_ssl_model
+from encoder.ssl import SSLConfig, SSLMetaArch
+from encoder.vit import build_vit
+from encoder.augment import MultiCrop, MultiCropConfig, collate_multicrop
+
+strategy, centering, out = sys.argv[1], sys.argv[2], sys.argv[3]
+rank, world = setup_distributed(torch.device("cpu"))
+torch.manual_seed(0)
+model = SSLMetaArch(build_vit("vit_tiny", img_size=56, depth=2, embed_dim=48, num_heads=3),
+                    SSLConfig(out_dim=64, hidden_dim=64, bottleneck_dim=32, centering=centering))
+if strategy == "fsdp":
+    shard_ssl_model(model, torch.device("cpu"))
+g = torch.Generator().manual_seed(rank)
+crop = MultiCrop(MultiCropConfig(global_size=56, local_size=28, n_local=2))
+imgs = torch.nn.functional.interpolate(torch.rand(4, 1, 8, 8, generator=g), size=96, mode="bilinear")
+batch = collate_multicrop([crop(im, g) for im in imgs], (4, 4),
+                          {"mask_ratio_range": (0.1, 0.5), "mask_probability": 0.5}, g)
+if rank == 0:  # no masked patch on this rank
+    batch["masks"].zero_()
+    batch["mask_indices"], batch["mask_weights"] = batch["mask_indices"][:0], batch["mask_weights"][:0]
+assert (rank == 0) == (len(batch["mask_indices"]) == 0)
+for _ in range(2):
+    loss, logs = model(batch, teacher_temp=0.04)
+    loss.backward()
+torch.save({"ibot": model.ibot_loss.center, "dino": model.dino_loss.center, "loss": loss.detach()},
+           f"{out}/rank{rank}.pt")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,centering", [("ddp", "centering"), ("fsdp", "centering"),
+                                                ("ddp", "sinkhorn_knopp")])
+def test_rank_without_masked_patches_joins_the_collectives(tmp_path, strategy, centering):
+    """Rank 0 has no masked patch, rank 1 has some: two steps finish on both ranks (no hang) and
+    both hold the same iBOT centre, moved by rank 1's patches."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "empty_rank.py"
+    script.write_text(_EMPTY_RANK_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), strategy, centering, str(tmp_path)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks hung in mismatched collectives")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.isfinite(a["loss"]) and torch.isfinite(b["loss"])
+    torch.testing.assert_close(a["ibot"], b["ibot"], rtol=0, atol=0)
+    torch.testing.assert_close(a["dino"], b["dino"], rtol=0, atol=0)
+    if centering == "centering":
+        assert a["ibot"].abs().sum() > 0
