@@ -205,12 +205,12 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
                     if gen.get("do_sample"):
                         torch.manual_seed(seed * 1_000_003 + rank * 10_007 + k)
                     with ctx:
-                        texts = generate_reports(built, [r.indication for r in b.rows], gen,
-                                                 pixel_values=b.pixel_values)
-                    for row, text in zip(b.rows, texts):
+                        pairs = generate_reports(built, [r.indication for r in b.rows], gen,
+                                                 pixel_values=b.pixel_values, with_stated=True)
+                    for row, (stated, text) in zip(b.rows, pairs):
                         records[row.id] = {"id": row.id, "image": _rel(row.image, root), "status": "ok",
-                                           "findings": text, **_ref(row), "model_sha256": mhash,
-                                           "settings": rec_settings}
+                                           "findings": text, **({"stated": stated} if stated else {}),
+                                           **_ref(row), "model_sha256": mhash, "settings": rec_settings}
                 batch_rows = b.rows + [f[0] for f in b.failures]
                 writer.write([records[r.id] for r in sorted(batch_rows, key=lambda r: order[r.id])])
                 n_ok += len(b.rows)
