@@ -1,7 +1,9 @@
 """Chest X-ray multi-crop augmentation (DINOv2 recipe adapted to grayscale radiographs).
 
 Tensors in, tensors out: an image (1|3, H, W) float in [0, 1] becomes 2 global and ``n_local``
-local crops, each (3, s, s) replicated grayscale normalised with the rad-dino statistics.
+local crops, each (1, s, s) grayscale normalised with the rad-dino statistics. They stay one
+channel through collation, pinning and the copy to the GPU; the encoder expands them to its 3
+input channels on the device (:meth:`encoder.vit.ViTEncoder.prepare_tokens`), a third of the bytes.
 Every random draw comes from the ``torch.Generator`` passed in, never from a global RNG, so a
 sample's crops (and a batch's masks) are reproduced exactly when training resumes.
 """
@@ -109,7 +111,7 @@ class MultiCrop:
         self.cfg = cfg if cfg is not None else MultiCropConfig()
 
     def __call__(self, image: Tensor, generator: torch.Generator) -> dict[str, list[Tensor]]:
-        """(1|3, H, W) in [0, 1] -> {"global_crops": 2 x (3,g,g), "local_crops": L x (3,l,l)}."""
+        """(1|3, H, W) in [0, 1] -> {"global_crops": 2 x (1,g,g), "local_crops": L x (1,l,l)}."""
         cfg = self.cfg
         gray = _to_gray(image)  # (1, H, W)
         global_crops = [
@@ -130,7 +132,7 @@ class MultiCrop:
         blur_prob: float,
         g: torch.Generator,
     ) -> Tensor:
-        """One augmented crop, (3, size, size) normalised."""
+        """One augmented crop, (1, size, size) normalised."""
         cfg = self.cfg
         H, W = gray.shape[-2:]
         top, left, h, w = sample_crop(H, W, scale, cfg.ratio, g)
@@ -153,8 +155,7 @@ class MultiCrop:
             std = _uniform(g, *cfg.noise_std)
             x = x + std * torch.randn(x.shape, generator=g, dtype=x.dtype)
         x = x.clamp(0.0, 1.0)
-        x = (x - cfg.mean) / cfg.std
-        return x.expand(3, -1, -1).contiguous()  # (3, size, size) replicated grayscale
+        return (x - cfg.mean) / cfg.std  # (1, size, size)
 
     def _jitter(self, x: Tensor, g: torch.Generator) -> Tensor:
         """Brightness, contrast and gamma on a (1, s, s) crop in [0, 1]."""
@@ -177,8 +178,9 @@ def collate_multicrop(
 ) -> dict:
     """Stack per-image crops crop-major and draw iBOT masks for the global crops.
 
-    Returns ``global_crops`` (2B, 3, g, g) ordered [crop0 of every image, crop1 of every image],
-    ``local_crops`` (L*B, 3, l, l) in the same order or None, ``masks`` (2B, H*W) bool,
+    Returns ``global_crops`` (2B, C, g, g) ordered [crop0 of every image, crop1 of every image],
+    ``local_crops`` (L*B, C, l, l) in the same order or None (C: the crops' channels, 1 from
+    :class:`MultiCrop`), ``masks`` (2B, H*W) bool,
     ``mask_indices`` (M,), ``mask_weights`` (M,) and ``n_masked`` (= M). ``mask_cfg`` holds
     keyword arguments of :func:`sample_masks` (``style``, ``mask_ratio_range``, ...; ``style``
     ``"dinov2"`` when absent); None means no masking.

@@ -30,14 +30,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-__all__ = ["STRATEGIES", "setup_distributed", "resolve_strategy", "shard_ssl_model", "average_gradients", "all_ranks_agree",
-           "set_gradient_sync", "broadcast_model", "sync_diff", "full_state", "load_full_state"]
+__all__ = ["STRATEGIES", "setup_distributed", "resolve_strategy", "shard_ssl_model", "average_gradients",
+           "sum_gradients", "all_sum", "all_ranks_agree", "set_gradient_sync", "broadcast_model", "sync_diff", "full_state",
+           "load_full_state"]
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group torchrun describes; ``(rank, world)`` (``(0, 1)`` without torchrun)."""
+    """Join the process group torchrun describes; ``(rank, world)`` (``(0, 1)`` without torchrun).
+
+    A CUDA ``device`` (from :func:`encoder.inference.resolve_device`) becomes the current one first.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -55,23 +61,26 @@ def resolve_strategy(strategy: str, world: int) -> str:
     return "ddp" if strategy == "auto" else strategy
 
 
-def shard_ssl_model(model: nn.Module, device: torch.device) -> None:
+def shard_ssl_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> None:
     """Apply FSDP2 in place: blocks first, then each backbone and head (student and teacher alike).
 
     Student and teacher get the same sharding, so parameter i of the student and of the teacher
     are shards of the same shape on every rank and the EMA needs no communication.
+    ``param_dtype`` (bf16 training): parameters are all-gathered and used in that dtype, gradients
+    reduce-scattered in fp32 into the fp32 shards (``MixedPrecisionPolicy``); None: all fp32.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for branch in (model.student, model.teacher):
         for blk in branch["backbone"].blocks:
-            fully_shard(blk, mesh=mesh, reshard_after_forward=True)
+            fully_shard(blk, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
         for name in branch.keys():
             # reshard_after_forward=True also for these top-level modules: FSDP2 keeps a root
             # unsharded after forward until its backward, which the teacher never runs.
-            fully_shard(branch[name], mesh=mesh, reshard_after_forward=True)
+            fully_shard(branch[name], mesh=mesh, reshard_after_forward=True, mp_policy=mp)
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:
@@ -82,16 +91,25 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
 
 def average_gradients(params: list[nn.Parameter], world: int) -> None:
     """DDP-style mean of gradients over ranks with one flat all-reduce."""
+    sum_gradients(params, world, divide_by=world)
+
+
+def sum_gradients(params: list[nn.Parameter], world: int, divide_by: int = 1) -> None:
+    """Sum of gradients over ranks (divided by ``divide_by``) with one flat all-reduce.
+
+    Every rank must call it with the same ``params``: a parameter without a gradient on this rank
+    (unused, or no backward at all because none of its inputs loaded) contributes zeros.
+    """
     if world == 1:
         return
-    # Every rank must reduce the same tensors: a parameter unused on one rank contributes zeros.
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= world
+    if divide_by != 1:
+        flat /= divide_by
     offset = 0
     for g in grads:
         n = g.numel()
@@ -109,6 +127,16 @@ def broadcast_model(model: nn.Module, world: int) -> None:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def all_sum(x: float, device: torch.device, world: int) -> float:
+    """Sum of ``x`` over ranks (one tiny all-reduce that every rank must call). ``> 0`` of a 0/1
+    flag: some rank raised it, which is how every rank takes a stop at the same step."""
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
 
 
 def all_ranks_agree(flag: bool, device: torch.device, world: int) -> bool:

@@ -5,11 +5,15 @@ device once, freezes it (eval, no grads) and, for ``bf16``, casts its weights to
 that :func:`encoder.features.encode` runs every matmul in bf16 without the per-call weight casts of
 ``torch.autocast``. ``auto`` picks bf16 only where the hardware runs it natively:
 
-* CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later);
+* CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)`` (Ampere and later; without
+  the argument it also says yes on older GPUs that only emulate bf16);
 * CPU: the ``avx512_bf16`` or ``amx_bf16`` flag (x86) or ``bf16`` (Arm) in ``/proc/cpuinfo``.
   oneDNN emulates bf16 on other AVX-512 CPUs; that runs at a fraction of fp32 speed, so ``auto``
   keeps fp32 there (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` says yes on those, hence
   the flags).
+
+:func:`set_deterministic` is the ``train.deterministic`` switch of the training jobs (their device
+setup, like :func:`resolve_device`).
 
 Features in bf16 differ from fp32 by the tolerance stated in ``docs/encoder.md`` (tested on a
 tiny model in ``tests/encoder/test_features.py``); callers that cache features keep the
@@ -19,6 +23,7 @@ precision in their cache key.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from typing import Literal
 
@@ -28,7 +33,7 @@ from encoder.vit import ViTEncoder
 
 __all__ = ["PRECISIONS", "Precision", "cpu_bf16_flags", "bf16_supported", "resolve_precision",
            "precision_dtype", "resolve_device", "prepare_encoder", "default_batch_size",
-           "model_precision"]
+           "model_precision", "set_deterministic"]
 
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -58,17 +63,55 @@ def cpu_bf16_flags() -> tuple[str, ...]:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``: CUDA when available, else CPU."""
-    if device is None:
+    """``None`` or ``"auto"``: CUDA when available, else CPU.
+
+    A CUDA device without an index is this process's GPU: ``cuda:$LOCAL_RANK`` under torchrun,
+    else ``cuda:0``. An explicit index is kept. Every job picks its device here, so this is also
+    where TF32 is allowed for the fp32 matmuls and convolutions that remain on CUDA.
+    """
+    if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        n = torch.cuda.device_count()
+        if local >= n:
+            raise ValueError(f"LOCAL_RANK={local} but {n} CUDA device(s) are visible: start at most {n} "
+                             "processes per node, or choose the device (e.g. device=cpu)")
+        dev = torch.device("cuda", local)
+    if dev.type == "cuda":  # fp32 matmuls and convolutions left outside bf16 run on TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
+def set_deterministic(enabled: bool) -> None:
+    """``train.deterministic``: only deterministic kernels, or a ``RuntimeError`` naming the op.
+
+    On: ``torch.use_deterministic_algorithms(True, warn_only=False)``, cuDNN deterministic and
+    not benchmarking, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS reads it when its first
+    handle is made, so call this before any CUDA work; a value already set is kept). Off: the
+    default kernels (``use_deterministic_algorithms(False)``), so one process running several
+    jobs does not carry the mode over. CPU training is bit-exact either way; on CUDA exact resume
+    needs it, at a speed cost the GPU check measures (``bench/``).
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled, warn_only=False)
+    torch.backends.cudnn.deterministic = enabled
 
 
 def bf16_supported(device: str | torch.device | None = None) -> bool:
     """Whether ``device`` (default: :func:`resolve_device`) runs bf16 matmuls natively."""
     dev = resolve_device(device)
     if dev.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        if not torch.cuda.is_available():
+            return False
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # a torch without the argument: native bf16 is compute capability 8.0+
+            return torch.cuda.get_device_capability(dev) >= (8, 0)
     if dev.type == "cpu":
         return bool(cpu_bf16_flags())
     return False

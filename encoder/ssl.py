@@ -24,7 +24,7 @@ from encoder.heads import DINOHead
 from encoder.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from encoder.vit import ViTEncoder
 
-__all__ = ["SSLConfig", "SSLMetaArch"]
+__all__ = ["SSLConfig", "SSLMetaArch", "logs_to_host"]
 
 
 @dataclass
@@ -49,6 +49,23 @@ class SSLConfig:
             raise ValueError("loss weights must be >= 0")
         if self.dino_weight == 0 and self.ibot_weight == 0:
             raise ValueError("at least one of dino_weight and ibot_weight must be > 0")
+
+
+def _rows(tokens: Tensor, flat_idx: Tensor) -> Tensor:
+    """(V, N, C) tokens, (M,) flat indices into (V, N) -> (M, C): ``tokens[masks]`` without the
+    host read a boolean mask needs."""
+    return tokens.flatten(0, 1).index_select(0, flat_idx)
+
+
+def logs_to_host(logs: dict) -> dict:
+    """Tensor values of ``logs`` as Python floats, all in one device-to-host copy (others as they
+    are). A DTensor (FSDP's gradient norm) counts as its full value: every rank must call it then."""
+    keys = [k for k, v in logs.items() if torch.is_tensor(v)]
+    if not keys:
+        return dict(logs)
+    full = [logs[k].full_tensor() if hasattr(logs[k], "full_tensor") else logs[k] for k in keys]
+    vals = torch.stack([v.detach().double().reshape(()) for v in full]).tolist()
+    return {**logs, **dict(zip(keys, vals))}
 
 
 class SSLMetaArch(nn.Module):
@@ -88,8 +105,9 @@ class SSLMetaArch(nn.Module):
         return probs
 
     @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor, masks: Tensor, teacher_temp: float) -> dict:
-        """Teacher outputs on the 2B global crops: DINO probs (2B, K), iBOT probs (M, K')."""
+    def teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, teacher_temp: float) -> dict:
+        """Teacher outputs on the 2B global crops: DINO probs (2B, K), iBOT probs (M, K') at
+        ``mask_indices`` (M,), flat indices into (2B, N) (``masking.masked_indices``)."""
         self.teacher.eval()
         out = self.teacher["backbone"](global_crops)
         res: dict[str, Tensor] = {}
@@ -97,28 +115,33 @@ class SSLMetaArch(nn.Module):
             logits = self.teacher["dino_head"](out["cls"])  # (2B, K)
             res["dino"] = self._targets(self.dino_loss, logits, teacher_temp)
         if self.do_ibot:
-            masked = out["patches"][masks]  # (M, C), row-major over (2B, N)
+            masked = _rows(out["patches"], mask_indices)  # (M, C), row-major over (2B, N)
             logits = self._ibot_head(self.teacher)(masked) if masked.shape[0] else masked.new_zeros(
                 0, self.ibot_loss.out_dim)
             res["ibot"] = self._targets(self.ibot_loss, logits, teacher_temp) if masked.shape[0] else logits
         return res
 
-    def forward(self, batch: dict, teacher_temp: float) -> tuple[Tensor, dict[str, float]]:
-        """Total loss and a dict of its parts and collapse monitors.
+    def forward(self, batch: dict, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and a dict of its parts and collapse monitors, as detached 0-dim tensors.
 
-        ``batch``: ``global_crops`` (2B,3,g,g) crop-major, ``local_crops`` (L*B,3,l,l) or None,
-        ``masks`` (2B, N) bool.
+        ``batch`` (:func:`encoder.augment.collate_multicrop`): ``global_crops`` (2B,C,g,g)
+        crop-major, ``local_crops`` (L*B,C,l,l) or None, ``masks`` (2B, N) bool, and the masks'
+        ``mask_indices`` / ``mask_weights`` (M,) computed on the host. Nothing here reads a value
+        back from the device (the iBOT rows are picked by index, not by boolean mask, whose size
+        the host would have to wait for), so on a GPU the student's forward is queued right behind
+        the teacher's; callers read the logs once, after backward (:func:`logs_to_host`).
         """
         g = batch["global_crops"]
         masks = batch["masks"]
+        mask_idx = batch["mask_indices"]
         two_b = g.shape[0]
         B = two_b // 2
-        targets = self.teacher_targets(g, masks, teacher_temp)
+        targets = self.teacher_targets(g, mask_idx, teacher_temp)
 
         s_glob = self.student["backbone"](g, masks if self.do_ibot else None)
         s_loc = self.student["backbone"](batch["local_crops"]) if batch.get("local_crops") is not None else None
         total = g.new_zeros(())
-        logs: dict[str, float] = {}
+        logs: dict[str, Tensor] = {}
         if self.do_dino:
             crops = list(s_glob["cls"].chunk(2))  # 2 x (B, C)
             if s_loc is not None:
@@ -126,30 +149,31 @@ class SSLMetaArch(nn.Module):
             s_logits = [self.student["dino_head"](c) for c in crops]
             dino = self.dino_loss(s_logits, list(targets["dino"].chunk(2)))
             total = total + self.cfg.dino_weight * dino
-            logs["dino"] = dino.item()
+            logs["dino"] = dino.detach()
             t = targets["dino"]
             # collapse monitors: per-sample entropy (~ln K: uniform collapse) and entropy of
             # the batch-mean distribution (~0: every sample on the same prototype)
-            logs["teacher_entropy"] = float(-(t * (t + 1e-12).log()).sum(-1).mean())
+            logs["teacher_entropy"] = -(t * (t + 1e-12).log()).sum(-1).mean()
             tm = t.mean(0)
-            logs["teacher_batch_entropy"] = float(-(tm * (tm + 1e-12).log()).sum())
+            logs["teacher_batch_entropy"] = -(tm * (tm + 1e-12).log()).sum()
         if self.do_ibot:
-            masked = s_glob["patches"][masks]  # (M, C)
+            masked = _rows(s_glob["patches"], mask_idx)  # (M, C)
             if masked.shape[0]:
                 s_logits = self._ibot_head(self.student)(masked)
-                ibot = self.ibot_loss.forward_masked(s_logits, targets["ibot"], masks)
+                ibot = self.ibot_loss.forward_weighted(s_logits, targets["ibot"], batch["mask_weights"],
+                                                       masks.shape[0])
             else:
                 ibot = total.new_zeros(())
             total = total + self.cfg.ibot_weight * ibot
-            logs["ibot"] = ibot.item()
+            logs["ibot"] = ibot.detach()
         if self.do_koleo:
             koleo = sum(self.koleo_loss(c) for c in s_glob["cls"].chunk(2))
             total = total + self.cfg.koleo_weight * koleo
-            logs["koleo"] = float(koleo.detach())
+            logs["koleo"] = koleo.detach()
         with torch.no_grad():  # collapse monitor: spread of normalised CLS features over the batch
             z = nn.functional.normalize(s_glob["cls"].float(), dim=-1)
-            logs["cls_std"] = float(z.std(dim=0).mean())
-        logs["loss"] = total.item()
+            logs["cls_std"] = z.std(dim=0).mean()
+        logs["loss"] = total.detach()
         return total, logs
 
     @torch.no_grad()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import os
 import signal
 import sys
 import time
@@ -38,6 +37,7 @@ from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
 from encoder.distributed import (
     average_gradients,
     all_ranks_agree,
+    all_sum,
     broadcast_model,
     full_state,
     load_full_state,
@@ -48,13 +48,14 @@ from encoder.distributed import (
     sync_diff,
 )
 from encoder.guards import CollapseGuard, NonFiniteGuard, train_config_errors
+from encoder.inference import resolve_device, resolve_precision, set_deterministic
 from encoder.io import atomic_write_text
 from encoder.masking import MASK_STYLES
-from encoder.ssl import SSLConfig, SSLMetaArch
+from encoder.ssl import SSLConfig, SSLMetaArch, logs_to_host
 from encoder.vit import ViTConfig, ViTEncoder
 
 __all__ = ["train", "cosine_schedule", "build_param_groups", "collapse_flags", "Schedules",
-           "resolve_mask_style"]
+           "resolve_mask_style", "build_loader", "CollateMultiCrop"]
 
 CKPT_NAME = "checkpoint.pt"
 LOG_FIELDS = ["step", "epoch", "lr", "wd", "momentum", "teacher_temp", "loss", "dino", "ibot",
@@ -164,10 +165,11 @@ def _mix(*ints: int) -> int:
 
 
 class ResumableSampler(Sampler):
-    """Infinite stream of ``(data_epoch, index)`` for one rank, starting at micro-batch ``start``.
+    """Infinite stream of ``(data_epoch, index, k)`` for one rank, starting at micro-batch ``start``.
 
     Each data epoch is a seeded permutation; global micro-batch ``k`` is the permutation's
     ``k``-th chunk of ``batch * world`` indices, of which rank ``r`` takes the ``r``-th part.
+    ``k`` travels with each sample so collation in a worker can seed the batch's masks.
     """
 
     def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, start: int = 0):
@@ -183,7 +185,7 @@ class ResumableSampler(Sampler):
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
             lo = (j * self.world + self.rank) * self.batch
             for idx in perm[lo:lo + self.batch].tolist():
-                yield (epoch, idx)
+                yield (epoch, idx, k)
             k += 1
 
     def __len__(self) -> int:  # not meaningful for an infinite stream; DataLoader needs none
@@ -197,30 +199,53 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, idx = key
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        epoch, idx, k = key
         g = torch.Generator().manual_seed(_mix(self.seed, 1, epoch, idx))
-        return self.multicrop(self.images[idx], g)
+        return {**self.multicrop(self.images[idx], g), "micro_batch": k}
 
 
-def _list_collate(x):
-    return x
+class CollateMultiCrop:
+    """The DataLoader's ``collate_fn``: stacks the crops and draws micro-batch ``k``'s iBOT masks
+    from a generator seeded by ``(seed, k, rank)``, so it runs in the workers with the same
+    result as in the main process."""
+
+    def __init__(self, grid: tuple[int, int], mask_cfg: dict | None, seed: int, rank: int):
+        self.grid, self.mask_cfg, self.seed, self.rank = grid, mask_cfg, seed, rank
+
+    def __call__(self, samples: list[dict]) -> dict:
+        k = samples[0]["micro_batch"]
+        gen = torch.Generator().manual_seed(_mix(self.seed, 3, k, self.rank))
+        return collate_multicrop(samples, self.grid, self.mask_cfg, gen)
+
+
+def build_loader(images: Dataset, multicrop: MultiCrop, sampler: ResumableSampler, collate: CollateMultiCrop,
+                 batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """Crops and collation in ``num_workers`` processes (kept alive across epochs); batches land in
+    pinned memory on CUDA, so the copy to the GPU (``non_blocking``) overlaps the step."""
+    return DataLoader(CropDataset(images, multicrop, sampler.seed), batch_size=batch_size, sampler=sampler,
+                      collate_fn=collate, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=num_workers > 0,
+                      worker_init_fn=_worker_ignores_stop_signals if num_workers > 0 else None)
+
+
+def _worker_ignores_stop_signals(_: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which finishes the step and
+    checkpoints: a signal to the whole process group would otherwise kill them first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 def _device_and_precision(cfg: DictConfig) -> tuple[torch.device, str]:
-    want = cfg.train.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(want)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+    set_deterministic(bool(cfg.train.deterministic))  # before any CUDA work (cuBLAS reads its env var once)
+    device = resolve_device(str(cfg.train.device))
     prec = cfg.train.precision
     if prec == "auto":
-        prec = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # bf16 on GPUs that run it natively; CPU pretraining stays fp32 (its runs and tests are fp32)
+        prec = resolve_precision("auto", device) if device.type == "cuda" else "fp32"
     if prec == "fp16" and device.type != "cuda":
         raise ValueError("fp16 needs a GPU (use bf16 or fp32 on CPU)")
     if prec not in ("fp32", "bf16", "fp16"):
@@ -235,6 +260,7 @@ def build_model(cfg: DictConfig) -> SSLMetaArch:
                         num_register_tokens=m.num_register_tokens, drop_path_rate=m.drop_path_rate,
                         layerscale_init=m.layerscale_init)
     backbone = ViTEncoder(vit_cfg)
+    backbone.set_grad_checkpointing(bool(m.grad_checkpointing))  # student only in effect: the teacher runs without grad
     if m.init_from:
         from encoder.weights import load_dinov2_checkpoint, load_hf_dinov2
 
@@ -373,7 +399,8 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     model = build_model(cfg).to(device)
     broadcast_model(model, world)  # before sharding, so every rank shards the same weights
     if strategy == "fsdp":
-        shard_ssl_model(model, device)
+        # bf16: all-gather and compute in bf16, reduce-scatter gradients in fp32 (fp32 master shards)
+        shard_ssl_model(model, device, param_dtype=torch.bfloat16 if precision == "bf16" else None)
     groups = build_param_groups(model, o.layer_decay, o.patch_embed_lr_mult)
     opt = torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), weight_decay=0.0)
     params = [p for g in groups for p in g["params"]]
@@ -387,12 +414,6 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
         start = int(ckpt["step"])
         del ckpt
 
-    multicrop = _multicrop(cfg)
-    sampler = ResumableSampler(len(images), B, rank, world, cfg.seed, start=start * accum)
-    loader = DataLoader(CropDataset(images, multicrop, cfg.seed), batch_size=B, sampler=sampler,
-                        collate_fn=_list_collate, num_workers=cfg.data.num_workers,
-                        persistent_workers=cfg.data.num_workers > 0)
-    batches = iter(loader)
     grid = (cfg.crops.global_size // cfg.model.patch_size,) * 2
     mask_cfg = {"mask_ratio_range": tuple(cfg.masking.mask_ratio),
                 "mask_probability": float(cfg.masking.mask_probability),
@@ -400,6 +421,10 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
                 # DINOv2's default largest block is computed from the crop and patch size.
                 "img_size": int(cfg.crops.global_size),
                 "patch_size": int(cfg.model.patch_size)} if model.do_ibot else None
+    sampler = ResumableSampler(len(images), B, rank, world, cfg.seed, start=start * accum)
+    loader = build_loader(images, _multicrop(cfg), sampler, CollateMultiCrop(grid, mask_cfg, cfg.seed, rank), B,
+                          int(cfg.data.num_workers), device)
+    batches = iter(loader)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
@@ -450,20 +475,18 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
                 g["weight_decay"] = wd * g["wd_mult"]
             temp = float(sched.teacher_temp[step])
             model.student.train()
-            acc: dict[str, float] = {}
+            acc: dict = {}  # this step's logs, device tensors until read once after backward
             for micro in range(accum):
                 if strategy == "fsdp":  # reduce-scatter once, after the last micro-batch
                     set_gradient_sync(model, micro == accum - 1)
-                samples = next(batches)
-                gen = torch.Generator().manual_seed(_mix(cfg.seed, 3, step * accum + micro, rank))
-                batch = collate_multicrop(samples, grid, mask_cfg, gen)
+                batch = next(batches)  # collated (and its masks drawn) in the loader
                 batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, part = model(batch, temp)
                 loss = loss / accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 for k, v in part.items():
-                    acc[k] = acc.get(k, 0.0) + v / accum
+                    acc[k] = acc.get(k, 0.0) + v.double() / accum  # float64, as the floats it replaced
             if strategy == "ddp":
                 average_gradients(params, world)  # FSDP has already reduce-scattered them
             if scaler:
@@ -471,6 +494,8 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
             # The norm is needed anyway to catch an inf gradient behind a finite loss; with
             # max_norm=inf the gradients are multiplied by exactly 1.
             gnorm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad or float("inf"))
+            acc = logs_to_host({**acc, "_gnorm": gnorm})  # the step's one device-to-host read
+            gnorm = acc.pop("_gnorm")
             ok = NonFiniteGuard.finite(acc["loss"], 0.0 if scaler else gnorm)  # fp16: the scaler skips inf grads
             ok = all_ranks_agree(ok, device, world)
             if nonfinite.should_skip(ok, f"pretrain step {step}", kept()):
@@ -492,7 +517,10 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
                        momentum=float(sched.momentum[step]), teacher_temp=temp,
                        images_per_s=global_batch / max(now - t_last, 1e-9))
             acc["collapse"] = collapse_flags(acc, model.dino_loss.out_dim, 2 * B)
-            collapse.update(acc["collapse"], f"pretrain step {step}", kept())
+            flag = acc["collapse"]  # this rank's batch; a stop must be taken by every rank at the same step
+            if collapse.patience and all_sum(float(flag != "ok"), device, world) > 0 and flag == "ok":
+                flag = "flagged on another rank"
+            collapse.update(flag, f"pretrain step {step}", kept())
             if "teacher_entropy" in acc:
                 acc["teacher_info"] = acc["teacher_batch_entropy"] - acc["teacher_entropy"]
             t_last = now
@@ -508,7 +536,7 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
                             collapse=acc["collapse"], refresh=False)
             bar.update()
             done = step + 1
-            if pre.flag:
+            if all_sum(float(pre.flag), device, world) > 0:  # SIGTERM on any rank: all save and stop here
                 save(done, logs)
                 status = "preempted"
                 break

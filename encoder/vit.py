@@ -18,10 +18,16 @@ part of the config (``ViTConfig.pos_interp``, one of :data:`POS_INTERP`):
 * ``dinov2_offset``: the original DINOv2 (non-register) code: bicubic, no antialiasing, with the
   scale factors ``((h + 0.1) / g0, (w + 0.1) / g0)`` instead of the target size, which shifts the
   sampling grid slightly (the 0.1 was a work-around for a float issue in DINO, kept for parity).
+
+Under ``torch.use_deterministic_algorithms`` (``train.deterministic``) the resized grid keeps the
+same forward values, but its gradient is a matmul with the resampling matrix instead of the
+bicubic backward kernel, which CUDA computes with atomic adds (nondeterministic, so refused in
+that mode). See :func:`resample_pos_grid_deterministic_grad`.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -29,11 +35,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ViTConfig", "ViTEncoder", "ARCHS", "POS_INTERP", "build_vit", "resample_pos_grid",
-           "square_size"]
+__all__ = ["Block", "ViTConfig", "ViTEncoder", "ARCHS", "POS_INTERP", "build_vit", "resample_pos_grid",
+           "square_size", "resample_pos_grid_deterministic_grad"]
 
 # name -> (embed_dim, depth, num_heads)
 ARCHS: dict[str, tuple[int, int, int]] = {
@@ -85,6 +93,52 @@ def resample_pos_grid(grid: torch.Tensor, h: int, w: int, pos_interp: str = "bic
     else:
         raise ValueError(f"pos_interp must be one of {POS_INTERP}, got {pos_interp!r}")
     return out.to(grid.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _resample_matrix(g0: int, h: int, w: int, pos_interp: str, device: torch.device) -> torch.Tensor:
+    """(h*w, g0*g0) float32 ``M`` with ``resample(grid)[c] = M @ grid[c]`` (flattened), built on
+    the CPU by resampling each one-hot grid (the resampling is linear in the grid)."""
+    eye = torch.eye(g0 * g0).reshape(g0 * g0, 1, g0, g0)
+    m = resample_pos_grid(eye, h, w, pos_interp).reshape(g0 * g0, h * w).T.contiguous()
+    return m.to(device)
+
+
+class _DeterministicGradResample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grid: torch.Tensor, h: int, w: int, pos_interp: str) -> torch.Tensor:
+        ctx.meta = (grid.shape, grid.dtype, h, w, pos_interp)
+        return resample_pos_grid(grid, h, w, pos_interp)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (_, C, g0, _), dtype, h, w, pos_interp = ctx.meta
+        m = _resample_matrix(g0, h, w, pos_interp, grad.device)  # (h*w, g0*g0)
+        grad_in = grad.float().reshape(C, h * w) @ m  # the adjoint: M^T per channel
+        return grad_in.reshape(1, C, g0, g0).to(dtype), None, None, None
+
+
+def resample_pos_grid_deterministic_grad(grid: torch.Tensor, h: int, w: int,
+                                         pos_interp: str = "bicubic") -> torch.Tensor:
+    """:func:`resample_pos_grid` of a square (1, C, g0, g0) grid, same values, with a gradient
+    computed as ``grad @ M`` (``M`` the cached resampling matrix): deterministic on every device."""
+    return _DeterministicGradResample.apply(grid, h, w, pos_interp)
+
+
+class Block(TimmBlock):
+    """timm's transformer block; with ``grad_checkpointing`` (set by
+    :meth:`ViTEncoder.set_grad_checkpointing`) it keeps only its input for backward and recomputes
+    the rest there (``torch.utils.checkpoint``, non-reentrant, RNG preserved so drop-path
+    recomputes the same). The checkpoint sits inside the block's ``forward``, so FSDP2's hooks on
+    the block wrap it: the recompute runs while FSDP holds the block's parameters unsharded for
+    its backward, with no second all-gather."""
+
+    grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, *args, use_reentrant=False, **kwargs)
+        return super().forward(x, *args, **kwargs)
 
 
 @dataclass
@@ -146,7 +200,7 @@ class ViTEncoder(nn.Module):
             qkv_bias=cfg.qkv_bias, init_values=cfg.layerscale_init, class_token=False,
             pos_embed="none", global_pool="", num_classes=0, dynamic_img_size=True,
             drop_path_rate=cfg.drop_path_rate,
-            norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
+            norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps), block_fn=Block,
         )
         self.patch_embed = vit.patch_embed
         self.blocks = vit.blocks
@@ -163,6 +217,12 @@ class ViTEncoder(nn.Module):
             nn.init.normal_(self.register_tokens, std=1e-6)
 
     # ------------------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (see :class:`Block`): training memory falls to about
+        one block's activations plus each block's input, for one more forward of the blocks."""
+        for blk in self.blocks:
+            blk.grad_checkpointing = enable
+
     @property
     def embed_dim(self) -> int:
         return self.cfg.embed_dim
@@ -184,13 +244,21 @@ class ViTEncoder(nn.Module):
             return self.pos_embed
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         patch_pos = patch_pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2)  # (1, C, g0, g0)
-        patch_pos = resample_pos_grid(patch_pos, h, w, self.cfg.pos_interp)
+        if torch.are_deterministic_algorithms_enabled() and patch_pos.requires_grad:
+            patch_pos = resample_pos_grid_deterministic_grad(patch_pos, h, w, self.cfg.pos_interp)
+        else:
+            patch_pos = resample_pos_grid(patch_pos, h, w, self.cfg.pos_interp)
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
     def prepare_tokens(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,3,H,W) -> (B, 1 + R + N, C): [CLS, registers, patches] with positions added."""
-        B, _, H, W = images.shape
+        """(B,3,H,W) -> (B, 1 + R + N, C): [CLS, registers, patches] with positions added.
+
+        A grayscale batch (B,1,H,W) is expanded to the input channels here, on its device (a view:
+        the same numbers as a replicated copy, without moving three copies there)."""
+        B, c, H, W = images.shape
+        if c == 1 and self.cfg.in_chans != 1:
+            images = images.expand(-1, self.cfg.in_chans, -1, -1)
         x = self.patch_embed(images)  # (B, h, w, C) (timm NHWC with dynamic size)
         h, w = x.shape[1], x.shape[2]
         x = x.reshape(B, h * w, -1)  # (B, N, C)

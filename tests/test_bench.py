@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -246,3 +247,67 @@ def test_evaluate_speed_json_for_real(tmp_path):
     assert rows[0]["bench"] == "evaluate_speed" and rows[0]["ratio"] is None  # no 30 s target at 20 pairs
     assert rows[0]["value"] > 0 and rows[0]["unit"] == "s wall (CLI)"
     assert "20 pairs" in rows[0]["case"]
+
+
+def _gpu_check():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return gpu_check
+
+
+def test_gpu_check_sizes_are_the_recipe():
+    """The check's paper-recipe step measures what configs/encoder/rad_dino_vitb14.yaml trains."""
+    from radgen.config import load_config
+
+    c = load_config("encoder", ["rad_dino_vitb14"], ["out=x"])
+    r = _gpu_check().RAD_DINO
+    assert (r["arch"], r["img_size"], r["global_size"], r["local_size"], r["n_local"], r["batch"]) == (
+        c.model.arch, c.model.img_size, c.crops.global_size, c.crops.local_size, c.crops.n_local, c.optim.batch_size)
+    assert (r["out_dim"], r["hidden_dim"], r["bottleneck_dim"], r["grad_checkpointing"]) == (
+        c.ssl.out_dim, c.ssl.hidden_dim, c.ssl.bottleneck_dim, c.model.grad_checkpointing)
+
+
+def test_bench_gpu_runs_only_the_gpu_check(monkeypatch):
+    seen = {}
+
+    def fake_run(**kw):
+        seen.update(kw)
+        raise B.BenchError("stop here")
+
+    monkeypatch.setattr(B, "run_bench", fake_run)
+    assert main(["bench", "--gpu", "--quick"]) == 2
+    assert seen["only"] == ["gpu_check"] and seen["quick"] is True
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU check's CPU dry run (tiny sizes, ~25 s): every step runs in its own process and
+    reports, MFU is filled in, and the steps not built say why."""
+    md, js = tmp_path / "gpu.md", tmp_path / "gpu.json"
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--out", str(md),
+                          "--json", str(js)], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(js.read_text())
+    steps = {r["detail"]["step"]: r for r in rows}
+    assert set(_gpu_check().STEPS) <= set(steps)
+    assert all(r["detail"]["step_status"] == "ok" for r in rows if r["detail"]["step"] in _gpu_check().STEPS)
+    for step in ("ssl_vitb14_224", "ssl_rad_dino_vitb14", "generator_train"):
+        assert 0 < steps[step]["ratio"] < 1 and steps[step]["detail"]["flops_per_step"] > 0, step
+    assert {r["detail"]["matmul_peak"] for r in rows if r["detail"].get("matmul_peak")} == {"bf16", "fp32"}
+    assert {r["detail"]["step_status"] for r in rows if r["detail"]["step"] in _gpu_check().NOT_BUILT} == {"not built"}
+    assert md.read_text().startswith("# GPU check (dry run)") and "| generate |" in md.read_text()
+
+
+def test_gpu_check_records_a_failing_or_slow_step(tmp_path, monkeypatch):
+    gc = _gpu_check()
+    monkeypatch.setattr(gc.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(
+        subprocess.TimeoutExpired(a[0], k["timeout"])))
+    [r] = gc.run_step("matmul", True, 5, tmp_path)
+    assert r["detail"]["step_status"] == "timed out" and "5 s timeout" in r["notes"]
+    monkeypatch.setattr(gc.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a[0], 1, "", "boom\n"))
+    [r] = gc.run_step("matmul", True, 5, tmp_path)
+    assert r["detail"]["step_status"] == "failed" and "boom" in r["notes"]

@@ -32,7 +32,7 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     local_max = logits.amax() if logits.numel() else logits.new_tensor(float("-inf"))
     shift = all_reduce_max(local_max.clone())
     q = torch.exp((logits - shift) / teacher_temp).t()  # (K, N)
-    n_total = all_reduce_sum(logits.new_tensor(float(logits.shape[0])))  # global sample count
+    n_total = all_reduce_sum(logits.new_full((), float(logits.shape[0])))  # global sample count (a fill: no host copy)
 
     q /= all_reduce_sum(q.sum())
     for _ in range(n_iterations):
@@ -75,11 +75,13 @@ class CenteredTeacherLoss(nn.Module):
         """
         flat = teacher_logits.detach().float().reshape(-1, self.out_dim)  # (N, K)
         # Sum and count in one buffer so a single collective handles uneven per-rank sizes.
-        stats = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])  # (K + 1,)
+        stats = torch.cat([flat.sum(dim=0), flat.new_full((1,), float(flat.shape[0]))])  # (K + 1,)
         all_reduce_sum(stats)
-        count = stats[-1].item()
-        if count == 0:  # nothing to average (e.g. no masked patches anywhere): keep the centre
-            return
-        batch_mean = (stats[:-1] / count).unsqueeze(0)  # (1, K)
+        count = stats[-1]
+        batch_mean = (stats[:-1] / count.clamp(min=1)).unsqueeze(0)  # (1, K)
         m = self.center_momentum
+        old = self.center.clone()
         self.center.mul_(m).add_(batch_mean.to(self.center.dtype), alpha=1 - m)
+        # Nothing to average (e.g. no masked patches anywhere): keep the centre. Decided on the
+        # device, so the step does not wait here for the teacher's forward to finish.
+        self.center.copy_(torch.where(count > 0, self.center, old))

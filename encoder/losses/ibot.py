@@ -46,5 +46,11 @@ class IBOTPatchLoss(CenteredTeacherLoss):
             raise ValueError(f"{n_rows} masked rows given but masks select {int(counts.sum())}")
         # Each patch weighs 1/(masked patches of its image): reproduces the per-image mean.
         weights = (1.0 / counts.clamp(min=1).float()).unsqueeze(1).expand(masks.shape)[masks]  # (M,)
+        return self.forward_weighted(student_logits_masked, teacher_probs_masked, weights, masks.shape[0])
+
+    def forward_weighted(self, student_logits_masked: Tensor, teacher_probs_masked: Tensor, weights: Tensor,
+                         n_images: int) -> Tensor:
+        """:meth:`forward_masked` with the rows' weights given (``masking.masked_indices``, computed
+        with the masks on the host): no check and no host read, so it never waits for the device."""
         ce = soft_cross_entropy(student_logits_masked, teacher_probs_masked, self.student_temp)  # (M,)
-        return (ce * weights).sum() / masks.shape[0]
+        return (ce * weights).sum() / n_images

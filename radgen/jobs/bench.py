@@ -40,6 +40,7 @@ ORDER = ("encoder_forward", "pretrain_step", "train_speed", "evaluate_speed", "f
 ROW_KEYS = ("bench", "case", "ratio_kind", "ratio", "value", "unit", "notes", "detail")
 DEFAULT_TIMEOUT_S = {True: 900.0, False: 3600.0}  # per script, by --quick
 STDERR_TAIL_LINES = 12
+GPU_CHECK = "gpu_check"  # bench/gpu_check.py: `radgen bench --gpu` (its steps have their own timeouts)
 
 
 class BenchError(Exception):
@@ -415,12 +416,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="torch threads of every script (default: theirs)")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="seconds per script before it is stopped (default 900 with --quick, 3600 without)")
+    p.add_argument("--gpu", action="store_true",
+                   help="only bench/gpu_check.py, the one-command GPU check (minutes on one GPU; with --quick "
+                        "its CPU dry run at tiny sizes)")
     p.set_defaults(func=cmd_bench)
     return p
 
 
 def cmd_bench(args) -> int:
     only = [n for item in args.only for n in item.split(",") if n.strip()] or None
+    if args.gpu:
+        only = [GPU_CHECK]
     try:
         result = run_bench(quick=args.quick, out_dir=args.out, only=only, threads=args.threads,
                            timeout_s=args.timeout)

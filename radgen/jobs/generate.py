@@ -9,9 +9,11 @@ per input, appended and fsync'ed batch by batch (JSONL, or CSV when ``--out`` en
 
 An unreadable image gets an ``error`` record and the run goes on; the exit status is 3 when any
 input failed. ``--resume`` keeps the records already written (a torn last line from a kill is
-dropped) and does only the rest. Under ``torchrun`` each rank takes every ``world``-th input and
-writes a part file; rank 0 merges the parts in input order. Records never hold DICOM metadata:
-the id is the file's path relative to the input folder (or the manifest id).
+dropped) and does only the rest. Out of GPU memory, the batch is halved and the same rows are
+generated again (at batch 1 the job stops with an error); the summary records the back-offs.
+Under ``torchrun`` each rank takes every ``world``-th input and writes a part file; rank 0 merges
+the parts in input order. Records never hold DICOM metadata: the id is the file's path relative
+to the input folder (or the manifest id).
 """
 
 from __future__ import annotations
@@ -136,6 +138,37 @@ class _Writer:
 # ----------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------
+class _OOMBackoff:
+    """Generation in sub-batches of ``size`` rows; out of GPU memory halves ``size`` and retries the
+    same rows, and the size stays halved for the rest of the job."""
+
+    def __init__(self, size: int):
+        self.size, self.backoffs = int(size), 0
+
+    def run(self, generate, n: int) -> list[str]:
+        """``generate(lo, hi)`` -> texts of rows ``lo:hi``; the texts of all ``n`` rows in order."""
+        texts: list[str] = []
+        while len(texts) < n:
+            lo = len(texts)
+            hi = min(n, lo + self.size)
+            try:
+                texts += generate(lo, hi)
+                continue
+            except torch.OutOfMemoryError as exc:  # torch.cuda.OutOfMemoryError is the same class
+                if hi - lo == 1:
+                    raise GenerateError(f"out of GPU memory at batch size 1 ({str(exc).splitlines()[0]}); "
+                                        "try --precision bf16, fewer --max-new-tokens or --num-beams, or "
+                                        "a GPU with more memory (records so far are kept: --resume)") from None
+            # only after an out-of-memory error; outside the except block, so the failed attempt's
+            # tensors (held by the traceback) are freed before the retry
+            self.size = max(1, (hi - lo) // 2)
+            self.backoffs += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"generate: out of GPU memory at batch {hi - lo}: retrying at batch {self.size}", file=sys.stderr)
+        return texts
+
+
 def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike,
                  settings: dict | None = None, *, batch_size: int | None = None, split: str | None = None,
                  resume: bool = False, overwrite: bool = False, workers: int = 2,
@@ -150,9 +183,10 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
     from tqdm import tqdm
 
     from encoder.distributed import setup_distributed
+    from encoder.inference import resolve_device
 
     out = Path(out)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     rank, world = setup_distributed(dev)
     if precision not in ("fp32", "bf16"):
         raise GenerateError(f"precision must be fp32 or bf16, got {precision!r}")
@@ -193,6 +227,7 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
     n_ok = n_err = 0
     t0 = time.perf_counter()
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    backoff = _OOMBackoff(bs)
     try:
         with tqdm(total=len(mine), desc="generate", unit="report", disable=not (progress and rank == 0)) as bar:
             for k, b in enumerate(image_batches(mine, load_row, bs, workers)):
@@ -204,9 +239,14 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
                 if b.pixel_values is not None:
                     if gen.get("do_sample"):
                         torch.manual_seed(seed * 1_000_003 + rank * 10_007 + k)
-                    with ctx:
-                        pairs = generate_reports(built, [r.indication for r in b.rows], gen,
-                                                 pixel_values=b.pixel_values, with_stated=True)
+                    indications = [r.indication for r in b.rows]
+
+                    def generate(lo: int, hi: int, b=b, indications=indications) -> list:
+                        with ctx:
+                            return generate_reports(built, indications[lo:hi], gen,
+                                                    pixel_values=b.pixel_values[lo:hi], with_stated=True)
+
+                    pairs = backoff.run(generate, len(b.rows))
                     for row, (stated, text) in zip(b.rows, pairs):
                         records[row.id] = {"id": row.id, "image": _rel(row.image, root), "status": "ok",
                                            "findings": text, **({"stated": stated} if stated else {}),
@@ -231,7 +271,8 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
     n_records, n_failed_total = _count_records(out) if rank == 0 else (0, 0)
     return {"rank": rank, "world_size": world, "n_inputs": len(rows), "n_resumed": len(done),
             "n_ok": n_ok, "n_failed": n_err, "n_failed_total": n_failed_total,
-            "n_records": n_records, "seconds": round(seconds, 2),
+            "n_records": n_records, "seconds": round(seconds, 2), "batch_size": bs,
+            "batch_size_final": backoff.size, "oom_backoffs": backoff.backoffs,
             "reports_per_s": round((n_ok + n_err) / seconds, 3) if seconds > 0 else None, "out": str(out)}
 
 
@@ -358,6 +399,9 @@ def cmd_generate(args) -> int:
     print(f"generate: {s['n_ok']} report(s), {s['n_failed']} unreadable input(s) in {s['seconds']} s "
           f"({s['reports_per_s']} reports/s); {s['n_resumed']} kept from before; "
           f"{s['n_records']} records in {s['out']}")
+    if s["oom_backoffs"]:
+        print(f"generate: out of GPU memory {s['oom_backoffs']} time(s): batch {s['batch_size']} -> "
+              f"{s['batch_size_final']} (pass --batch-size {s['batch_size_final']} next time)")
     if s["n_failed_total"]:
         print(f"generate: {s['n_failed_total']} input(s) failed (status 'error' records in {s['out']})",
               file=sys.stderr)

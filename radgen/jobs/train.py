@@ -26,7 +26,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -39,7 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
 from encoder.guards import NonFiniteGuard, train_config_errors
-from encoder.distributed import setup_distributed
+from encoder.distributed import all_sum, setup_distributed, sum_gradients
+from encoder.inference import resolve_device, resolve_precision, set_deterministic
 from encoder.io import atomic_write_text
 from encoder.pixels import is_pixels_spec
 from encoder.train import cosine_schedule
@@ -58,8 +58,10 @@ STAGE_TASKS = ("report", "findings_list")  # what a stage trains on (training_ex
 STATE_FORMAT = "radgen-reportgen-state/1"
 STATE_FILE, LOG_FILE, SAMPLES_FILE, SKIPPED_FILE, SUMMARY_FILE = (
     "checkpoint.pt", "log.csv", "samples.jsonl", "skipped.jsonl", "summary.json")
-LOG_FIELDS = ["stage", "step", "total_steps", "epoch", "lr", "loss", "val_loss", "tokens",
-              "tokens_per_s", "seconds"]
+# tokens: target tokens trained on so far; input_tokens: every input position so far (prompt, image
+# and target tokens, padding excluded); tokens_per_s counts input tokens, target_tokens_per_s targets.
+LOG_FIELDS = ["stage", "step", "total_steps", "epoch", "lr", "loss", "val_loss", "tokens", "input_tokens",
+              "tokens_per_s", "target_tokens_per_s", "seconds"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,19 +138,9 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 def _autocast(device: torch.device, precision: str):
-    from encoder.inference import bf16_supported
-
-    use = precision == "bf16" or (precision == "auto" and bf16_supported(device))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use), ("bf16" if use else "fp32")
+    prec = resolve_precision(precision, device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16"), prec
 
 
 def _stage_seed(seed: int, stage: int, step: int, rank: int) -> int:
@@ -334,10 +326,9 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
     (a simulated kill, for tests)."""
     validate_config(cfg)
     out = Path(str(cfg.out))
-    device = _device(str(cfg.train.device))
+    set_deterministic(bool(cfg.train.deterministic))  # before any CUDA work (cuBLAS reads its env var once)
+    device = resolve_device(str(cfg.train.device))
     rank, world = setup_distributed(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     summary_path = out / SUMMARY_FILE
     if (out / MODEL_JSON).is_file() and summary_path.is_file() and not any(out.glob(STATE_FILE + "*")):
         summary = json.loads(summary_path.read_text())
@@ -409,11 +400,12 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
             params = _trainable(built, stage)
             opt = torch.optim.AdamW([p for _, p in params], lr=float(cfg[stage].lr),
                                     weight_decay=float(cfg[stage].weight_decay), betas=(0.9, 0.999))
-            start, tokens0 = 0, 0
+            start, tokens0 = 0, (0, 0)
             if state and state["stage"] == stage:
                 _load_trainable(built, state)
                 opt.load_state_dict(state["optimizer"])
-                start, tokens0 = int(state["step"]), int(state.get("tokens", 0))
+                start = int(state["step"])
+                tokens0 = (int(state.get("tokens", 0)), int(state.get("input_tokens", 0)))
                 log_rows = [r for r in log_rows if (STAGES.index(r["stage"]), int(r["step"])) <= (stage_i, start)]
                 _truncate_samples(out / SAMPLES_FILE, stage_i, start)
             elif state:
@@ -482,12 +474,12 @@ def _load_trainable(built: BuiltModel, state: dict) -> None:
 
 
 def _save_state(out: Path, built: BuiltModel, stage: str, step: int, opt, done_stages: list[str], cfg,
-                tokens: int) -> None:
+                tokens: tuple[int, int]) -> None:
     lora = {n: p.detach().cpu().clone() for n, p in built.model.llm.named_parameters() if "lora_" in n}
     save_checkpoint(out / STATE_FILE, {
         "stage": stage, "step": step, "stages_done": list(done_stages),
         "projector": {k: v.detach().cpu().clone() for k, v in built.model.projector.state_dict().items()},
-        "lora": lora, "optimizer": opt.state_dict(), "tokens": int(tokens),
+        "lora": lora, "optimizer": opt.state_dict(), "tokens": int(tokens[0]), "input_tokens": int(tokens[1]),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }, fmt=STATE_FORMAT, keep=int(cfg.train.keep_checkpoints))
 
@@ -499,29 +491,8 @@ def _kept(out: Path) -> str:
     return f"the last good checkpoint is kept at {out / STATE_FILE} (re-running resumes from it)"
 
 
-def _sum_grads(params, world: int) -> None:
-    """Sum gradients over ranks (the loss is already divided by the all-rank token count)."""
-    if world == 1:
-        return
-    grads = [p.grad for _, p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def _all_sum(x: float, device: torch.device, world: int) -> float:
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
 def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, params, opt, start: int,
-               tokens_seen: int, train_in: _VisionInputs, examples: list, val_in: _VisionInputs | None, device,
+               seen: tuple[int, int], train_in: _VisionInputs, examples: list, val_in: _VisionInputs | None, device,
                rank: int, world: int,
                out: Path, log_rows: list[dict], done_stages: list[str], stop: dict, show: bool,
                stop_at) -> str:
@@ -533,7 +504,8 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
     model.train()
     micro = int(st.batch_size)
     n = len(examples)
-    t_last, tok_last = time.perf_counter(), tokens_seen
+    tokens_seen, inputs_seen = seen  # target tokens, input tokens (all non-padding positions)
+    t_last, tok_last, in_last = time.perf_counter(), tokens_seen, inputs_seen
     bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not show)
     nonfinite = NonFiniteGuard(str(tr.on_nonfinite), int(tr.max_nonfinite_skips))
     tb = None
@@ -557,7 +529,8 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             encoded.append(built.tokens.train_batch([e.target for e in ex], [e.indication for e in ex],
                                                     [e.instruction for e in ex]))
         n_tok = sum(int((e["labels"][:, 1:] != -100).sum()) for e in encoded)
-        n_tok_all = _all_sum(float(n_tok), device, world)
+        n_tok_all = all_sum(float(n_tok), device, world)
+        n_in_all = all_sum(float(sum(int(e["attention_mask"].sum()) for e in encoded)), device, world)
         loss_total = 0.0
         for b, e in zip(batches, encoded):
             ctx, _ = _autocast(device, str(tr.precision))
@@ -567,14 +540,17 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             loss = res["loss_sum"] / max(n_tok_all, 1.0)
             loss.backward()
             loss_total += float(loss.detach())
-        _sum_grads(params, world)
+        # the loss is already divided by the all-rank token count; a rank that loaded no row adds zeros
+        sum_gradients([p for _, p in params], world)
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], float(st.grad_clip))
-        loss_total = _all_sum(loss_total, device, world)
-        ok = _all_sum(0.0 if NonFiniteGuard.finite(loss_total, gnorm) else 1.0, device, world) == 0
-        if not nonfinite.should_skip(ok, f"{stage} step {step + 1}", _kept(out)):
+        loss_total = all_sum(loss_total, device, world)
+        ok = all_sum(0.0 if NonFiniteGuard.finite(loss_total, gnorm) else 1.0, device, world) == 0
+        # no rank loaded a row: no update (as one process, whose parameters then have no gradient)
+        if not nonfinite.should_skip(ok, f"{stage} step {step + 1}", _kept(out)) and n_tok_all > 0:
             opt.step()
         opt.zero_grad(set_to_none=True)
         tokens_seen += int(n_tok_all)
+        inputs_seen += int(n_in_all)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_total:.3f}")
@@ -583,9 +559,10 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             now = time.perf_counter()
             row = {"stage": stage, "step": done, "total_steps": total, "epoch": round(done / plan["per_epoch"], 3),
                    "lr": float(plan["lr"][step]), "loss": loss_total, "tokens": tokens_seen,
-                   "tokens_per_s": (tokens_seen - tok_last) / max(now - t_last, 1e-9),
+                   "input_tokens": inputs_seen, "tokens_per_s": (inputs_seen - in_last) / max(now - t_last, 1e-9),
+                   "target_tokens_per_s": (tokens_seen - tok_last) / max(now - t_last, 1e-9),
                    "seconds": round(now - t_last, 3)}
-            t_last, tok_last = now, tokens_seen
+            t_last, tok_last, in_last = now, tokens_seen, inputs_seen
         evaluate = (int(tr.eval_every) > 0 and done % int(tr.eval_every) == 0) or done == total
         if evaluate and val_in is not None:
             row = row or {"stage": stage, "step": done, "total_steps": total,
@@ -596,14 +573,14 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             log_rows.append({k: _fmt(v) for k, v in row.items()})
             _write_log(out / LOG_FILE, log_rows)
             if tb is not None:
-                for key in ("loss", "val_loss", "lr", "tokens_per_s"):
+                for key in ("loss", "val_loss", "lr", "tokens_per_s", "target_tokens_per_s"):
                     if row.get(key) is not None:
                         tb.add_scalar(f"{stage}/{key}", float(row[key]), done)
                 tb.flush()
-        stopping = _all_sum(1.0 if stop["flag"] else 0.0, device, world) > 0  # every rank stops together
+        stopping = all_sum(1.0 if stop["flag"] else 0.0, device, world) > 0  # every rank stops together
         ckpt = (done % max(1, int(tr.checkpoint_every)) == 0) or done == total or stopping
         if ckpt and rank == 0:
-            _save_state(out, built, stage, done, opt, done_stages, cfg, tokens_seen)
+            _save_state(out, built, stage, done, opt, done_stages, cfg, (tokens_seen, inputs_seen))
         if ckpt:
             _barrier(world)
         if stop_at is not None and stop_at == (stage, done):

@@ -47,11 +47,10 @@ def test_output_shapes_and_dtypes_default_config():
     out = MultiCrop(MultiCropConfig())(torch.rand(1, 256, 240), _gen(0))
     assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == 8
     for t in out["global_crops"]:
-        assert t.shape == (3, 224, 224) and t.dtype == torch.float32
+        assert t.shape == (1, 224, 224) and t.dtype == torch.float32  # grayscale: the encoder expands it
     for t in out["local_crops"]:
-        assert t.shape == (3, 98, 98) and t.dtype == torch.float32
+        assert t.shape == (1, 98, 98) and t.dtype == torch.float32
     for t in out["global_crops"] + out["local_crops"]:
-        assert torch.equal(t[0], t[1]) and torch.equal(t[0], t[2])  # replicated grayscale
         assert torch.isfinite(t).all()
         # Values come from [0, 1] pixels, so they stay in the normalised image of [0, 1].
         assert t.min() >= (0 - MEAN) / STD - 1e-5 and t.max() <= (1 - MEAN) / STD + 1e-5
@@ -164,7 +163,7 @@ def test_collate_order_and_masks():
     mask_cfg = {"mask_ratio_range": (0.1, 0.5), "mask_probability": 0.5}
     batch = collate_multicrop(samples, grid, mask_cfg, _gen(0))
     g, loc = batch["global_crops"], batch["local_crops"]
-    assert g.shape == (2 * B, 3, 32, 32) and loc.shape == (L * B, 3, 16, 16)
+    assert g.shape == (2 * B, 1, 32, 32) and loc.shape == (L * B, 1, 16, 16)
     for k in range(2):
         for i in range(B):
             assert torch.equal(g[k * B + i], samples[i]["global_crops"][k])

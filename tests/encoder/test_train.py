@@ -88,6 +88,23 @@ def test_exact_resume(tmp_path: Path):
     assert enc(torch.zeros(1, 3, 56, 56))["cls"].shape == (1, 48)
 
 
+def test_deterministic_mode_trains_the_same(tmp_path: Path):
+    """``train.deterministic=true`` runs the whole SSL step on the CPU under
+    ``torch.use_deterministic_algorithms`` (no op refuses) and follows the same trajectory: the
+    first loss identical (the forward is unchanged), later ones to float rounding (the position
+    grid's gradient is summed in another order)."""
+    images = _images()
+    try:
+        train(_cfg(tmp_path / "det", "optim.max_steps=3", "train.deterministic=true"), images)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    train(_cfg(tmp_path / "def", "optim.max_steps=3"), images)
+    a, b = _log(tmp_path / "det"), _log(tmp_path / "def")
+    assert a[0]["loss"] == b[0]["loss"]
+    for ra, rb in zip(a, b):
+        assert abs(float(ra["loss"]) - float(rb["loss"])) <= 1e-5 * max(1.0, abs(float(rb["loss"])))
+
+
 def test_last_layer_frozen_in_first_epoch(tmp_path: Path):
     out = tmp_path / "f"
     cfg = _cfg(out, "optim.max_steps=3")
@@ -147,12 +164,47 @@ def test_sigterm_saves_checkpoint(tmp_path: Path):
     assert step >= 1 and len(_log(out)) == step
 
 
+def test_sigterm_to_process_group_with_workers(tmp_path: Path):
+    """SIGTERM to the whole process group (SLURM, timeout, kill -- -PGID) reaches the DataLoader
+    workers too: they ignore it, so the main process finishes the step, checkpoints and exits 143."""
+    import signal
+    import time
+
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i, im in enumerate(_images(16)):
+        Image.fromarray((im[0].numpy() * 255).astype(np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / "p"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "radgen"), "pretrain-encoder", "--data", str(data),
+                             "--out", str(out), *TINY, "optim.epochs=1000", "data.num_workers=2", "train.device=cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "log.csv").is_file() and
+                                              len((out / "log.csv").read_text().splitlines()) >= 2):
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+    assert "preempted" in stdout
+    step = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert step >= 1 and len(_log(out)) == step
+
+
 def _torchrun(data: Path, out: Path, *extra: str) -> None:
+    """2 ranks on the CPU (gloo) whatever GPUs the machine has (with auto, rank 1 needs a second GPU)."""
     bindir = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([str(bindir / "torchrun"), "--standalone", "--nproc_per_node=2",
                           str(bindir / "radgen"), "pretrain-encoder", "--data", str(data), "--out", str(out),
-                          *TINY, "train.verify_sync=true", "optim.batch_size=2", *extra],
+                          *TINY, "train.verify_sync=true", "optim.batch_size=2", "train.device=cpu", *extra],
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("pretrain-encoder:") == 1  # rank 0 alone prints the summary
@@ -230,3 +282,96 @@ def test_load_full_state_accepts_position_keyed_optimizer_state():
     _, again = full_state(m2, opt2)
     for k, st in by_name["state"].items():
         torch.testing.assert_close(again["state"][k]["exp_avg"], st["exp_avg"])
+
+
+# Two ranks started by hand (what torchrun sets up), so the test can signal one of them and read
+# each one's outcome. Rank 0 alone sees the stop: SIGTERM from the test, or a collapse flag faked
+# on rank 0 only (rank 1's is faked 'ok'). Each rank prints its outcome as one JSON line.
+_RANK_SCRIPT = r"""
+import json, sys
+import torch
+import torch.distributed as dist
+import encoder.train as et
+from encoder.guards import TrainingStopped
+from radgen.config import load_config
+
+mode, out, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+images = list(torch.nn.functional.interpolate(torch.rand(16, 1, 6, 6, generator=g), size=64,
+                                              mode="bicubic").clamp(0, 1))
+rank = int(__import__("os").environ["RANK"])
+if mode == "collapse":
+    et.collapse_flags = lambda *a: "dominant" if rank == 0 else "ok"
+try:
+    s = et.train(load_config("encoder", [], [f"out={out}", *overrides]), images)
+    res = {"status": s["status"], "steps": s["steps"]}
+except TrainingStopped as exc:
+    res = {"status": "stopped", "message": str(exc).split(":")[0]}
+print(json.dumps({"rank": rank, **res}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _two_ranks(tmp_path: Path, mode: str, overrides: list[str]) -> list[subprocess.Popen]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    import json
+
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(script), mode, str(tmp_path / "out"), json.dumps(overrides)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _outcomes(procs: list[subprocess.Popen], timeout: float = 120) -> list[dict]:
+    import json
+
+    res = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, err[-3000:]
+            res.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ranks_stop_together_on_sigterm(tmp_path: Path, strategy: str):
+    """SIGTERM reaches rank 0 only: both ranks stop after the same step and the checkpoint (a
+    collective under FSDP) is written at that step."""
+    import signal
+    import time
+
+    over = [*TINY, "optim.batch_size=2", "optim.epochs=1000", "train.device=cpu", f"train.strategy={strategy}"]
+    procs = _two_ranks(tmp_path, "sigterm", over)
+    log = tmp_path / "out" / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    procs[0].send_signal(signal.SIGTERM)
+    a, b = _outcomes(procs)
+    assert a["status"] == b["status"] == "preempted" and a["steps"] == b["steps"] >= 2
+    assert load_checkpoint(tmp_path / "out" / "checkpoint.pt")["step"] == a["steps"]
+
+
+@pytest.mark.slow
+def test_ranks_stop_together_on_collapse(tmp_path: Path):
+    """The collapse monitor flags on rank 0 only: both ranks stop at the same step."""
+    over = [*TINY, "optim.batch_size=2", "optim.max_steps=8", "train.device=cpu", "train.stop_on_collapse=2"]
+    a, b = _outcomes(_two_ranks(tmp_path, "collapse", over))
+    assert a == {"rank": 0, "status": "stopped", "message": "pretrain step 1"}
+    assert b == {"rank": 1, "status": "stopped", "message": "pretrain step 1"}

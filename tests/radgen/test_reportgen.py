@@ -192,7 +192,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, synth, llm_dir, kill_a
     a, b = _trained_state(tmp_path / "full"), _trained_state(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the curves continue exactly: same log rows (losses, val losses) as the uninterrupted run
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "seconds")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "target_tokens_per_s", "seconds")}
+                         for r in rows]
     import csv
 
     rows_a = strip(csv.DictReader((tmp_path / "full" / "log.csv").open()))
@@ -224,6 +225,36 @@ def test_stage1_trains_only_the_projector(tmp_path, synth, llm_dir, one_thread):
     base = {n: p for n, p in built.model.llm.named_parameters() if "lora_" not in n}
     base0 = {n: p for n, p in fresh.model.llm.named_parameters() if "lora_" not in n}
     assert base.keys() == base0.keys() and all(torch.equal(base[n], base0[n]) for n in base)
+
+
+def test_logged_token_counts(tmp_path, synth, llm_dir, one_thread, monkeypatch):
+    """log.csv counts every input position (prompt + image + target, padding excluded) and the
+    target tokens apart: ``input_tokens`` is the running attention-mask sum of the training batches,
+    ``tokens_per_s`` / ``target_tokens_per_s`` their rates over the same interval."""
+    from radgen.model.prompt import ReportTokenizer
+
+    sums = []  # (attention-mask sum, predicted target tokens) of each training micro-batch
+    orig = ReportTokenizer.train_batch
+
+    def spy(self, *a, **k):
+        b = orig(self, *a, **k)
+        sums.append((int(b["attention_mask"].sum()), int((b["labels"][:, 1:] != IGNORE_INDEX).sum())))
+        return b
+
+    monkeypatch.setattr(ReportTokenizer, "train_batch", spy)
+    out = tmp_path / "run"
+    run_train(_cfg(out, synth, llm_dir, "stage1.max_steps=3", "stage2.max_steps=0", "stage1.batch_size=2",
+                   "stage1.accum_steps=2", "data.val_split=null", "data.max_train_samples=8"), progress=False)
+    import csv
+
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert len(rows) == 3 and len(sums) == 6
+    steps = [(sums[2 * i][0] + sums[2 * i + 1][0], sums[2 * i][1] + sums[2 * i + 1][1]) for i in range(3)]
+    assert [int(r["input_tokens"]) for r in rows] == list(np.cumsum([s[0] for s in steps]))
+    assert [int(r["tokens"]) for r in rows] == list(np.cumsum([s[1] for s in steps]))
+    for r, (n_in, n_tgt) in zip(rows, steps):
+        assert n_in - n_tgt > 4 * 16  # the prompt and the 16 image tokens of each of the 4 rows count
+        assert float(r["tokens_per_s"]) / float(r["target_tokens_per_s"]) == pytest.approx(n_in / n_tgt, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,21 +353,23 @@ def test_generate_on_shared_radiographs_and_dicoms(tmp_path, small_run):
 # ---------------------------------------------------------------------------------------------
 # torchrun: DDP training equals one process with the same global batch; sharded generation merges
 # ---------------------------------------------------------------------------------------------
-def _torchrun(args: list[str], tmp_path: Path) -> None:
+def _torchrun(args: list[str], tmp_path: Path, timeout: int = 600) -> None:
+    """2 ranks; the callers pass a CPU device (with auto, rank 1 needs a second GPU)."""
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "radgen.cli", *args]
-    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     assert res.returncode in (0, 3), res.stdout[-2000:] + res.stderr[-4000:]
 
 
 @pytest.mark.slow
 def test_torchrun_ddp_training_and_sharded_generation(tmp_path, synth, llm_dir, one_thread):
     common = ["stage1.max_steps=2", "stage2.max_steps=2", "data.val_split=null", "data.max_train_samples=8",
-              "generate.max_new_tokens=5", "train.precision=fp32", "data.workers=0", "lora.dropout=0.0"]
+              "generate.max_new_tokens=5", "train.precision=fp32", "data.workers=0", "lora.dropout=0.0",
+              "train.device=cpu"]
     single = _cfg(tmp_path / "one", synth, llm_dir, *common, "stage1.batch_size=4", "stage2.batch_size=4")
     assert run_train(single, progress=False)["status"] == "complete"
     _torchrun(["train", "--quiet", "--data", str(synth), "--encoder", ENCODER, "--out", str(tmp_path / "ddp"),
@@ -345,13 +378,39 @@ def test_torchrun_ddp_training_and_sharded_generation(tmp_path, synth, llm_dir, 
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # same global batch, same update
     # two ranks generate disjoint shards; rank 0 merges them into one file in input order
-    ref = run_generate(tmp_path / "one", synth / "images", tmp_path / "one.jsonl", progress=False, workers=0)
+    ref = run_generate(tmp_path / "one", synth / "images", tmp_path / "one.jsonl", progress=False, workers=0,
+                       device="cpu")
     _torchrun(["generate", "--quiet", "--model", str(tmp_path / "one"), "--images", str(synth / "images"),
-               "--out", str(tmp_path / "two.jsonl"), "--workers", "0"], tmp_path)
+               "--out", str(tmp_path / "two.jsonl"), "--workers", "0", "--device", "cpu"], tmp_path)
     one, two = read_records(tmp_path / "one.jsonl"), read_records(tmp_path / "two.jsonl")
     assert ref["n_ok"] == len(one) == len(two) == 24
     assert [(r["id"], r["findings"]) for r in one] == [(r["id"], r["findings"]) for r in two]
     assert not list(tmp_path.glob("two.jsonl.part*"))
+
+
+@pytest.mark.slow
+def test_torchrun_rank_without_loadable_images(tmp_path, synth, llm_dir, one_thread):
+    """One good image among four unreadable ones (uncached): at every step that has the good row, the
+    other rank loads nothing and does no backward. It still joins the gradient all-reduce (with
+    zeros), so the 2-rank run finishes and equals one process with the same global batch."""
+    rows = [json.loads(line) for line in (synth / "manifest.jsonl").open()]
+    rows = [r for r in rows if r["findings"]][:4]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    manifest = tmp_path / "manifest.jsonl"
+    with manifest.open("w") as fh:
+        for i, r in enumerate(rows):
+            fh.write(json.dumps({"id": r["id"], "image": str(synth / r["image"]) if i == 0 else str(bad),
+                                 "findings": r["findings"], "split": "train"}) + "\n")
+    common = ["stage1.max_steps=2", "stage2.max_steps=2", "data.val_split=null", "data.cache_vision=false",
+              "train.precision=fp32", "data.workers=0", "lora.dropout=0.0", "train.device=cpu"]
+    single = _cfg(tmp_path / "one", manifest, llm_dir, *common, "stage1.batch_size=2", "stage2.batch_size=2")
+    assert run_train(single, progress=False)["status"] == "complete"
+    _torchrun(["train", "--quiet", "--data", str(manifest), "--encoder", ENCODER, "--out", str(tmp_path / "ddp"),
+               f"llm.path={llm_dir}", *common, "stage1.batch_size=1", "stage2.batch_size=1"], tmp_path, timeout=300)
+    a, b = _trained_state(tmp_path / "one"), _trained_state(tmp_path / "ddp")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
 def test_loss_on_target_positions_equals_full_logits_loss(synth, llm_dir):
@@ -367,3 +426,36 @@ def test_loss_on_target_positions_equals_full_logits_loss(synth, llm_dir):
     ref, n = token_loss_sum(full, batch["labels"])
     assert fast["n_tokens"] == n > 0
     assert torch.allclose(fast["loss_sum"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_halves_the_batch_when_out_of_memory(tmp_path, synth, small_run, monkeypatch):
+    """A GPU that holds at most 2 reports at once (faked: generate_reports raises torch's
+    out-of-memory error above 2): the same rows are retried at 4, then 2, every record is written,
+    the texts equal an unconstrained run's, and the summary says what happened."""
+    import radgen.jobs.generate as g
+
+    ref = run_generate(small_run, synth, tmp_path / "ref.jsonl", split="train", progress=False, workers=0,
+                       batch_size=8)
+    real, sizes = g.generate_reports, []
+
+    def small_gpu(built, indications, settings, **kw):
+        sizes.append(len(indications))
+        if len(indications) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+        return real(built, indications, settings, **kw)
+
+    monkeypatch.setattr(g, "generate_reports", small_gpu)
+    s = run_generate(small_run, synth, tmp_path / "oom.jsonl", split="train", progress=False, workers=0,
+                     batch_size=8)
+    assert s["n_ok"] == ref["n_ok"] > 4 and s["n_records"] == ref["n_records"]
+    assert (s["batch_size"], s["batch_size_final"], s["oom_backoffs"]) == (8, 2, 2)
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) == 2  # halved once each, then kept at 2
+    assert read_records(tmp_path / "oom.jsonl") == read_records(tmp_path / "ref.jsonl")
+
+    def no_gpu(built, indications, settings, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+
+    monkeypatch.setattr(g, "generate_reports", no_gpu)
+    with pytest.raises(g.GenerateError, match="out of GPU memory at batch size 1"):
+        run_generate(small_run, synth, tmp_path / "none.jsonl", split="train", progress=False, workers=0,
+                     batch_size=4)

@@ -1,0 +1,396 @@
+"""The one-command GPU check (issue 21): matmul peaks, the SSL step, the generator's LLM step and
+generation, on one GPU in a few minutes, as one table.
+
+    python bench/gpu_check.py --out runs/gpu_check.md     # on a GPU
+    radgen bench --gpu                                    # the same, through radgen bench
+    python bench/gpu_check.py --dry-run                   # CPU, tiny sizes, seconds (the test suite runs it)
+
+Each step runs in its own process (``--step NAME``) under its own timeout; a step that fails or
+times out is recorded with the reason and the next one runs. Steps:
+
+* ``matmul``: torch.mm peaks in bf16, TF32 and fp32, measured in this run (MFU is against the
+  bf16 one);
+* ``ssl_vitb14_224``: the SSL step (DINO + iBOT + KoLeo, AdamW, EMA) of ViT-B/14 at 224 px
+  (2 global 224 + 8 local 98 crops, 65,536 prototypes), bf16 autocast: images/s, model FLOPs per
+  step (counted with ``FlopCounterMode`` on 2 images, scaled to the batch), MFU, peak memory;
+* ``ssl_rad_dino_vitb14``: the same for the paper recipe (``configs/encoder/rad_dino_vitb14.yaml``:
+  518 px, 8 local 224 crops, batch 40 per GPU, activation checkpointing): does it fit 80 GB?
+* ``generator_train``: a training step of a randomly initialised LLM of SmolLM2-135M's shape
+  (transformers ``LlamaConfig``; no weights needed), every token trained, bf16: tokens/s, MFU.
+  Only the LLM's share of ``radgen train`` (no frozen encoder, projector or LoRA);
+* ``generate``: greedy generation with that LLM, every report run to ``max_new_tokens``
+  (random weights): reports/s.
+
+What the issue also asks and this script does not build yet is listed in the table as "not
+built" with the reason (pretraining on phantoms with SIGTERM, the probe, ``radgen features`` vs
+the model card's loop). Needs torch, timm and transformers only (what the lent GPU machines have).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere in the repo
+
+from _common import RATIO_PEAK, add_json_arg, row, write_json  # noqa: E402  (bench/ is sys.path[0])
+
+BENCH = "gpu_check"
+GIB = 2**30
+
+# Sizes of each step, on a GPU and in the CPU dry run. The rad_dino_vitb14 values are those of
+# configs/encoder/rad_dino_vitb14.yaml (tests/test_bench.py checks they agree).
+RAD_DINO = {"arch": "vit_base", "img_size": 518, "global_size": 518, "local_size": 224, "n_local": 8,
+            "batch": 40, "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "grad_checkpointing": True}
+SIZES = {
+    "gpu": {
+        "matmul_n": 8192, "tries": 5, "reps": 10, "steps": 5, "warmup": 2,
+        "ssl_vitb14_224": {**RAD_DINO, "img_size": 224, "global_size": 224, "local_size": 98, "batch": 64,
+                           "grad_checkpointing": False},
+        "ssl_rad_dino_vitb14": RAD_DINO,
+        # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json)
+        "llm": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+                "rope_theta": 100000.0, "tie_word_embeddings": True},
+        "train_batch": 16, "train_seq": 1536,  # a LLaVA-Rad row: 1,369 image tokens + prompt + findings
+        "gen_batch": 32, "gen_prompt": 400, "gen_new": 128,
+    },
+    "dry": {
+        "matmul_n": 256, "tries": 2, "reps": 2, "steps": 2, "warmup": 1,
+        "ssl_vitb14_224": {"arch": "vit_tiny", "img_size": 56, "global_size": 56, "local_size": 28, "n_local": 2,
+                           "batch": 2, "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32,
+                           "grad_checkpointing": False, "depth": 2},
+        "ssl_rad_dino_vitb14": {"arch": "vit_tiny", "img_size": 56, "global_size": 56, "local_size": 28,
+                                "n_local": 2, "batch": 2, "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32,
+                                "grad_checkpointing": True, "depth": 2},
+        "llm": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+                "rope_theta": 100000.0, "tie_word_embeddings": True},
+        "train_batch": 2, "train_seq": 64, "gen_batch": 2, "gen_prompt": 16, "gen_new": 8,
+    },
+}
+TIMEOUT_S = {"matmul": 90, "ssl_vitb14_224": 150, "ssl_rad_dino_vitb14": 210, "generator_train": 120,
+             "generate": 120}
+NOT_BUILT = {
+    "pretrain_phantoms": "radgen pretrain-encoder on tens of thousands of phantoms (images/s, GPU busy "
+                         "fraction, SIGTERM -> 143 + checkpoint): needs the synthetic data built first",
+    "probe": "radgen probe of that encoder against its random init: needs the pretrained encoder",
+    "features_vs_card": "radgen features against the rad-dino model card's loop: needs the model card weights",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and counting
+# ----------------------------------------------------------------------------------------------
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(fn, dev: torch.device, steps: int, warmup: int, best: bool = False) -> float:
+    """Median (or with ``best`` the least) seconds of ``fn()`` over ``steps`` runs after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return min(times) if best else sorted(times)[len(times) // 2]
+
+
+def _flops(fn) -> int:
+    """FLOPs of one ``fn()`` as ``FlopCounterMode`` counts them (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from _peak import CPU_SDPA_FLOPS
+
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+def _memory(dev: torch.device) -> dict:
+    if dev.type != "cuda":
+        return {}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(dev) / GIB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(dev) / GIB}
+
+
+def _amp(dev: torch.device) -> torch.dtype | None:
+    """bf16 autocast on the GPU; the CPU dry run stays fp32 (emulated bf16 is slow)."""
+    return torch.bfloat16 if dev.type == "cuda" else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps (each returns rows in the shape of bench/_common.py)
+# ----------------------------------------------------------------------------------------------
+def step_matmul(dev: torch.device, sz: dict) -> list[dict]:
+    n, rows = sz["matmul_n"], []
+    for prec, dtype, tf32 in (("bf16", torch.bfloat16, False), ("tf32", torch.float32, True),
+                              ("fp32", torch.float32, False)):
+        if prec == "tf32" and dev.type != "cuda":
+            continue  # TF32 is a tensor-core mode
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+
+        def mm():
+            for _ in range(sz["reps"]):
+                torch.mm(a, b)
+
+        t = _timed(mm, dev, sz["tries"], 1, best=True)
+        rows.append(row(BENCH, f"matmul peak {prec} ({n}³ torch.mm, best of {sz['tries']})",
+                        value=2.0 * n**3 * sz["reps"] / t / 1e9, unit="GFLOP/s", matmul_peak=prec, when="start",
+                        step="matmul"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return rows
+
+
+def _ssl_model(c: dict, dev: torch.device, grad_checkpointing: bool):
+    from encoder.ssl import SSLConfig, SSLMetaArch
+    from encoder.vit import ViTConfig, ViTEncoder
+
+    torch.manual_seed(0)
+    vit = ViTEncoder(ViTConfig(arch=c["arch"], depth=c.get("depth"), img_size=c["img_size"], patch_size=14,
+                               drop_path_rate=0.1, layerscale_init=1e-5))
+    vit.set_grad_checkpointing(grad_checkpointing)
+    return SSLMetaArch(vit, SSLConfig(out_dim=c["out_dim"], hidden_dim=c["hidden_dim"],
+                                      bottleneck_dim=c["bottleneck_dim"])).to(dev)
+
+
+def _ssl_batch(c: dict, B: int, dev: torch.device) -> dict:
+    """Random 1-channel crops and DINOv2 masks, as the loader collates them."""
+    from encoder.masking import masked_indices, sample_masks
+
+    g, gl, ll = torch.Generator().manual_seed(0), c["global_size"], c["local_size"]
+    grid = (gl // 14, gl // 14)
+    masks = sample_masks(2 * B, grid, generator=g, img_size=gl, patch_size=14)
+    idx, w = masked_indices(masks)
+    batch = {"global_crops": torch.randn(2 * B, 1, gl, gl, generator=g),
+             "local_crops": torch.randn(c["n_local"] * B, 1, ll, ll, generator=g) if c["n_local"] else None,
+             "masks": masks, "mask_indices": idx, "mask_weights": w, "n_masked": int(idx.numel())}
+    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _ssl_step_fn(model, batch: dict, dev: torch.device):
+    opt = torch.optim.AdamW([p for p in model.student.parameters() if p.requires_grad], lr=1e-4)
+    amp = _amp(dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, _ = model(batch, 0.07)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.student.parameters(), 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_teacher(0.996)
+
+    return step
+
+
+def _step_ssl(name: str, dev: torch.device, sz: dict) -> list[dict]:
+    c = sz[name]
+    B = c["batch"]
+    # Model FLOPs: counted on 2 images without checkpointing (no recompute), scaled to the batch.
+    counted = min(B, 2)
+    small = _ssl_model(c, dev, grad_checkpointing=False)
+    flops = _flops(_ssl_step_fn(small, _ssl_batch(c, counted, dev), dev)) * B / counted
+    del small
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    model = _ssl_model(c, dev, c["grad_checkpointing"])
+    t = _timed(_ssl_step_fn(model, _ssl_batch(c, B, dev), dev), dev, sz["steps"], sz["warmup"])
+    mem = _memory(dev)
+    fits = (f"; fits 80 GB: {'yes' if mem['peak_reserved_gib'] * GIB < 80e9 * 0.95 else 'no'} "
+            f"(peak reserved {mem['peak_reserved_gib']:.1f} GiB)") if mem else ""
+    case = (f"SSL step {c['arch']} {c['global_size']} px + {c['n_local']}x{c['local_size']}, batch {B}, "
+            f"K={c['out_dim']}{', grad ckpt' if c['grad_checkpointing'] else ''}")
+    return [row(BENCH, case, RATIO_PEAK, None, value=B / t, unit="images/s",
+                notes=f"{t * 1e3:.0f} ms/step, {flops / 1e9:,.1f} GFLOP/step (model FLOPs){fits}",
+                step=name, flops_per_step=flops, seconds_per_step=t,
+                precision="bf16" if _amp(dev) else "fp32", **mem)]
+
+
+def step_ssl_vitb14_224(dev, sz):
+    return _step_ssl("ssl_vitb14_224", dev, sz)
+
+
+def step_ssl_rad_dino_vitb14(dev, sz):
+    return _step_ssl("ssl_rad_dino_vitb14", dev, sz)
+
+
+def _llm(sz: dict, dev: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**sz["llm"], attn_implementation="sdpa")).to(dev)
+
+
+def step_generator_train(dev: torch.device, sz: dict) -> list[dict]:
+    model = _llm(sz, dev)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    amp = _amp(dev)
+    V = sz["llm"]["vocab_size"]
+
+    def make_step(B: int):
+        ids = torch.randint(0, V, (B, sz["train_seq"]), device=dev)
+
+        def step():
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    B = sz["train_batch"]
+    flops = _flops(make_step(1)) * B
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t = _timed(make_step(B), dev, sz["steps"], sz["warmup"])
+    tokens = B * sz["train_seq"]
+    return [row(BENCH, f"LLM train step, SmolLM2-135M shape (random init), {B} x {sz['train_seq']} tokens",
+                RATIO_PEAK, None, value=tokens / t, unit="tokens/s",
+                notes=f"{t * 1e3:.0f} ms/step, {flops / 1e9:,.1f} GFLOP/step; full fine-tune of the LLM only "
+                      "(no encoder, projector or LoRA)",
+                step="generator_train", flops_per_step=flops, seconds_per_step=t,
+                precision="bf16" if amp else "fp32", **_memory(dev))]
+
+
+def step_generate(dev: torch.device, sz: dict) -> list[dict]:
+    model = _llm(sz, dev)
+    if dev.type == "cuda":
+        model = model.to(torch.bfloat16)
+    model.eval()
+    B, P, N = sz["gen_batch"], sz["gen_prompt"], sz["gen_new"]
+    ids = torch.randint(0, sz["llm"]["vocab_size"], (B, P), device=dev)
+
+    def gen():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=N,
+                                 min_new_tokens=N, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == P + N
+
+    t = _timed(gen, dev, max(1, sz["steps"] // 2), 1)
+    return [row(BENCH, f"generate, SmolLM2-135M shape (random init), batch {B}, prompt {P}, {N} new tokens",
+                None, None, value=B / t, unit="reports/s",
+                notes=f"{t:.2f} s per batch; every report runs to max_new_tokens (random weights), greedy, KV cache",
+                step="generate", seconds_per_batch=t, precision="bf16" if dev.type == "cuda" else "fp32",
+                **_memory(dev))]
+
+
+STEPS = {"matmul": step_matmul, "ssl_vitb14_224": step_ssl_vitb14_224,
+         "ssl_rad_dino_vitb14": step_ssl_rad_dino_vitb14, "generator_train": step_generator_train,
+         "generate": step_generate}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: every step in its own process, then MFU and the table
+# ----------------------------------------------------------------------------------------------
+def _status_row(step: str, status: str, reason: str) -> dict:
+    return row(BENCH, f"{step}: {status}", notes=reason, step=step, step_status=status)
+
+
+def run_step(step: str, dry_run: bool, timeout_s: float, work: Path) -> list[dict]:
+    """``python gpu_check.py --step STEP`` under ``timeout_s``; its rows, or one status row."""
+    out = work / f"{step}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--json", str(out)]
+    cmd += ["--dry-run"] if dry_run else []
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        return [_status_row(step, "timed out", f"stopped after its {timeout_s:.0f} s timeout")]
+    if proc.returncode != 0 or not out.is_file():
+        last = [ln for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()][-1:] or ["no output"]
+        return [_status_row(step, "failed", f"exit code {proc.returncode}: {last[0][-300:]}")]
+    rows = json.loads(out.read_text())
+    for r in rows:
+        r["detail"].update(step_status="ok", step_seconds=round(time.perf_counter() - t0, 1))
+    return rows
+
+
+def add_mfu(rows: list[dict]) -> None:
+    """ratio = achieved FLOP/s / measured matmul peak of the step's precision (bf16 on a GPU)."""
+    peaks = {r["detail"]["matmul_peak"]: r["value"] * 1e9 for r in rows if r["detail"].get("matmul_peak")}
+    for r in rows:
+        d = r["detail"]
+        if d.get("flops_per_step") and d.get("seconds_per_step") and peaks.get(d.get("precision")):
+            r["ratio"] = d["flops_per_step"] / d["seconds_per_step"] / peaks[d["precision"]]
+
+
+def format_table(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| step | case | status | value | MFU | peak memory | notes |", "|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        d = r["detail"]
+        value = "" if r["value"] is None else f"{r['value']:,.1f} {r['unit']}"
+        mfu = "" if r["ratio"] is None else f"{100 * r['ratio']:.1f} %"
+        mem = f"{d['peak_allocated_gib']:.1f} GiB" if d.get("peak_allocated_gib") is not None else ""
+        lines.append(f"| {d.get('step', '')} | {r['case']} | {d.get('step_status', '')} | {value} | {mfu} | {mem} "
+                     f"| {r['notes']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_all(dry_run: bool) -> tuple[list[dict], str]:
+    device = "cpu (dry run, tiny sizes)" if dry_run else (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")
+    header = (f"# GPU check ({'dry run' if dry_run else 'full'})\n\n* device: {device}\n* torch {torch.__version__}"
+              f"\n* MFU: model FLOPs per step / step time / the bf16 matmul peak measured here "
+              f"(dry run: the fp32 CPU peak)")
+    rows: list[dict] = []
+    if not dry_run and not torch.cuda.is_available():
+        rows = [_status_row(s, "skipped", "no CUDA device (--dry-run checks the script on the CPU)") for s in STEPS]
+    else:
+        with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+            for step in STEPS:
+                print(f"gpu_check: {step} ...", flush=True)
+                rows += run_step(step, dry_run, TIMEOUT_S[step] * (0.5 if dry_run else 1.0), Path(tmp))
+        add_mfu(rows)
+    rows += [_status_row(s, "not built", reason) for s, reason in NOT_BUILT.items()]
+    return rows, format_table(rows, header)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script in seconds")
+    ap.add_argument("--quick", action="store_true", help="the same as --dry-run (radgen bench --quick passes it)")
+    ap.add_argument("--out", metavar="FILE.md", help="write the markdown table here")
+    ap.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)  # one step, in a child process
+    ap.add_argument("--threads", type=int, help="torch threads (radgen bench passes it)")
+    add_json_arg(ap)
+    args = ap.parse_args()
+    dry = args.dry_run or args.quick
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.step:
+        dev = torch.device("cpu" if dry else "cuda")
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        write_json(args.json, STEPS[args.step](dev, SIZES["dry" if dry else "gpu"]))
+        return
+    rows, table = run_all(dry)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+    write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    main()
