@@ -241,16 +241,16 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
                         torch.manual_seed(seed * 1_000_003 + rank * 10_007 + k)
                     indications = [r.indication for r in b.rows]
 
-                    def generate(lo: int, hi: int, b=b, indications=indications) -> list[str]:
+                    def generate(lo: int, hi: int, b=b, indications=indications) -> list:
                         with ctx:
                             return generate_reports(built, indications[lo:hi], gen,
-                                                    pixel_values=b.pixel_values[lo:hi])
+                                                    pixel_values=b.pixel_values[lo:hi], with_stated=True)
 
-                    texts = backoff.run(generate, len(b.rows))
-                    for row, text in zip(b.rows, texts):
+                    pairs = backoff.run(generate, len(b.rows))
+                    for row, (stated, text) in zip(b.rows, pairs):
                         records[row.id] = {"id": row.id, "image": _rel(row.image, root), "status": "ok",
-                                           "findings": text, **_ref(row), "model_sha256": mhash,
-                                           "settings": rec_settings}
+                                           "findings": text, **({"stated": stated} if stated else {}),
+                                           **_ref(row), "model_sha256": mhash, "settings": rec_settings}
                 batch_rows = b.rows + [f[0] for f in b.failures]
                 writer.write([records[r.id] for r in sorted(batch_rows, key=lambda r: order[r.id])])
                 n_ok += len(b.rows)

@@ -710,8 +710,9 @@ nothing about real radiographs.</li>
 RadCliQ need local model weights and are left out without them. <code>radgraph_proxy_f1</code> is an
 approximation and is named as one.</li>
 <li>The demo's generator reads its encoder's patch grid average-pooled to 4 x 4 tokens
-(<code>encoder.pool=4</code>, so it trains in minutes on a CPU). transformers' LLaVA has no pooling step, so
-<code>radgen export</code> refuses this run; a generator trained with <code>--config cpu_smollm2</code> and no
+(<code>encoder.pool=4</code>, so it trains in minutes on a CPU), and its findings line is stated by a findings
+head (a linear reader of those tokens, <code>tasks.findings_head</code>). transformers' LLaVA has neither step,
+so <code>radgen export</code> refuses this run; a generator trained with <code>--config cpu_smollm2</code> and no
 <code>encoder.pool</code> (every patch token) exports to a plain LLaVA folder.</li>
 </ul>"""
 

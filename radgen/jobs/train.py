@@ -118,6 +118,9 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
             errors.append(f"{name}.task {st.task!r}: choose one of {list(STAGE_TASKS)}")
     if int(cfg.tasks.repeat_abnormal) < 1:
         errors.append("tasks.repeat_abnormal must be >= 1")
+    if cfg.tasks.get("findings_head") and not cfg.tasks.findings_first:
+        errors.append("tasks.findings_head states the findings line the LLM writes on after: it needs "
+                      "tasks.findings_first=true (the LLM trained to continue from that line)")
     errors += train_config_errors(cfg.train)
     if int(cfg.prompt.max_target_tokens) < 2:
         errors.append("prompt.max_target_tokens must be >= 2")
@@ -294,6 +297,32 @@ class _VisionInputs:
         return None if b.pixel_values is None else {"pixel_values": b.pixel_values, "rows": b.rows}
 
 
+def _fit_head(cfg: DictConfig, built: BuiltModel, train_in: "_VisionInputs", device: torch.device,
+              show: bool) -> None:
+    """Fit the findings head (:mod:`radgen.model.findings_head`) on the training films' image
+    tokens and labels; a deterministic fit of seconds, so a resumed run fits it again."""
+    from radgen.model.findings_head import fit_findings_head
+
+    tokens = train_in.tokens
+    if tokens is None:  # uncached training: encode the training films once for the head
+        tokens = _VisionInputs(built, train_in.rows, True, device, train_in.workers, [], show,
+                               "encode train (findings head)").tokens
+    rows = [train_in.rows[i] for i in train_in.ok]
+    labelled = [k for k, r in enumerate(rows) if r.labels and any(v is not None for v in r.labels.values())]
+    if not labelled:
+        raise ConfigError("tasks.findings_head needs CheXpert label columns in the training manifest; none found")
+    t0 = time.perf_counter()
+    fa = cfg.tasks.get("findings_head_max_false_alarm")
+    head, report = fit_findings_head(tokens[labelled], [rows[k].labels for k in labelled], seed=int(cfg.seed),
+                                     max_false_alarm=None if fa is None else float(fa))
+    built.head = head.to(device).eval()
+    built.info["findings_head"] = {**report, "seconds": round(time.perf_counter() - t0, 1)}
+    if show:
+        f1 = {f: e["f1"] for f, e in report["findings"].items() if "f1" in e}
+        print(f"findings head: {len(labelled)} films, {len(f1)} findings, out-of-fold F1 "
+              + ", ".join(f"{f} {v:.2f}" for f, v in f1.items()), file=sys.stderr)
+
+
 def _read_log(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -370,6 +399,8 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
                             skipped, show, "encode val") if rows_val else None)
     if rank == 0:
         atomic_write_text(out / SKIPPED_FILE, "".join(json.dumps(r) + "\n" for r in skipped))
+    if cfg.tasks.get("findings_head"):
+        _fit_head(cfg, built, train_in, device, show)
     ctx_precision = _autocast(device, str(cfg.train.precision))[1]
 
     log_rows = _read_log(out / LOG_FILE) if state else []

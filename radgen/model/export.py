@@ -107,11 +107,14 @@ def llava_feature_layer(layer: int, depth: int) -> int:
 
 def export_problems(features: VisionFeatures, projector: str, vit: ViTConfig | Mapping | None = None,
                     image_size: int | None = None, generate: Mapping | None = None,
-                    llm_dtype: str = "float32") -> list[str]:
+                    llm_dtype: str = "float32", findings_head: bool = False) -> list[str]:
     """Why a model with these choices would not give radgen's outputs as a plain LLaVA folder
     (empty: exportable). ``vit`` (the encoder's config) and ``image_size`` enable the
     encoder-dependent checks; without them only the config choices are checked."""
     problems: list[str] = []
+    if findings_head:
+        problems.append("tasks.findings_head: a classifier on the image tokens states the findings line the LLM "
+                        "writes on after; a LLaVA folder holds no such step (train with tasks.findings_head=false)")
     if features.pool:
         problems.append(f"encoder.pool={features.pool}: radgen average-pools the patch grid to "
                         f"{features.pool}x{features.pool} tokens, LLaVA passes every token of the chosen "
@@ -166,8 +169,9 @@ def config_problems(cfg: Any) -> list[str]:
     features = VisionFeatures(layer=int(enc["layer"]), select=str(enc["select"]), norm=bool(enc["norm"]),
                               pool=None if enc["pool"] is None else int(enc["pool"]))
     generate = dict(cfg["generate"]) if "generate" in cfg and cfg["generate"] is not None else {}
+    tasks = cfg.get("tasks") or {}
     return export_problems(features, str(cfg["projector"]["name"]), generate=generate,
-                           llm_dtype=str(cfg["llm"]["dtype"]))
+                           llm_dtype=str(cfg["llm"]["dtype"]), findings_head=bool(tasks.get("findings_head")))
 
 
 def run_problems(info: Mapping, settings: Mapping | None = None) -> list[str]:
@@ -177,7 +181,8 @@ def run_problems(info: Mapping, settings: Mapping | None = None) -> list[str]:
     generate.update({k: v for k, v in (settings or {}).items() if v is not None})
     return export_problems(VisionFeatures(**info["vision"]), str(info["projector"]["name"]),
                            vit=info["encoder"]["vit_config"], image_size=info.get("image_size"),
-                           generate=generate, llm_dtype=str(info["llm"].get("dtype", "float32")))
+                           generate=generate, llm_dtype=str(info["llm"].get("dtype", "float32")),
+                           findings_head=bool(info.get("findings_head")))
 
 
 def check_exportable(problems: list[str], what: str = "this model") -> None:

@@ -118,9 +118,18 @@ class ReportTokenizer:
                 return i + 1
         return 0
 
-    def generation_batch(self, indications: list[str | None]) -> dict[str, Tensor]:
-        """Left-padded prompts (B, L) for batched generation."""
-        return pad_batch([self.prompt_ids(ind) for ind in indications], self.pad_id, side="left")
+    def generation_batch(self, indications: list[str | None], stated: list[str] | None = None) -> dict[str, Tensor]:
+        """Left-padded prompts (B, L) for batched generation; ``stated`` lines (a findings head's)
+        are appended as the start of the answer, so the model writes on after them."""
+        prompts = [self.prompt_ids(ind) for ind in indications]
+        if stated is not None:
+            prompts = [p + self.stated_ids(line) for p, line in zip(prompts, stated)]
+        return pad_batch(prompts, self.pad_id, side="left")
+
+    def stated_ids(self, line: str) -> list[int]:
+        """The ids of a stated findings line and its newline, as they begin a findings-first
+        target (the line's tokens never merge across the newline: tested for the built-in LLM)."""
+        return self.tokenizer(line.strip() + FIRST_LINE_END, add_special_tokens=False)["input_ids"]
 
     def report_target(self, text: str, labels: dict | None = None) -> str:
         """The target the model learns for a report: the findings text, or with ``findings_first``

@@ -8,6 +8,8 @@ A run folder holds only what was trained plus what rebuilds the rest:
 * ``projector.safetensors``: the projector's weights;
 * ``adapter/``: the LoRA adapter in peft's own format (``adapter_config.json`` +
   ``adapter_model.safetensors``);
+* ``findings_head.safetensors`` (runs trained with ``tasks.findings_head``): the classifier whose
+  decisions are the stated findings line (:mod:`radgen.model.findings_head`);
 * ``config.yaml``: the resolved training config.
 
 :func:`load_run` rebuilds the model from these and the two frozen parts on disk, checking their
@@ -26,18 +28,20 @@ from safetensors.torch import load_file
 
 from encoder.checkpoint import weights_sha256
 from encoder.io import atomic_write_bytes, atomic_write_text
+from radgen.model.findings_head import FindingsHead
 from radgen.model.llm import SYSTEM_DEFAULT, add_image_token, apply_lora, folder_sha256, load_llm, resolve_llm_path
 from radgen.model.model import ReportGenerator
 from radgen.model.oracle import OracleVision, is_oracle_spec, oracle_tokens
 from radgen.model.projector import build_projector
-from radgen.model.prompt import PromptConfig, ReportTokenizer
+from radgen.model.prompt import PromptConfig, ReportTokenizer, findings_list_text
 from radgen.model.vision import FrozenVision, VisionFeatures
 
 __all__ = ["FORMAT", "RunError", "BuiltModel", "build_model", "save_trained", "load_run",
-           "weights_sha256", "MODEL_JSON", "PROJECTOR_FILE", "ADAPTER_DIR"]
+           "weights_sha256", "MODEL_JSON", "PROJECTOR_FILE", "ADAPTER_DIR", "HEAD_FILE"]
 
 FORMAT = "radgen-reportgen/1"
 MODEL_JSON, PROJECTOR_FILE, ADAPTER_DIR = "model.json", "projector.safetensors", "adapter"
+HEAD_FILE = "findings_head.safetensors"
 
 
 class RunError(ValueError):
@@ -47,8 +51,10 @@ class RunError(ValueError):
 class BuiltModel:
     """A model with its tokenizer helper and the description ``model.json`` stores."""
 
-    def __init__(self, model: ReportGenerator, tokens: ReportTokenizer, info: dict):
+    def __init__(self, model: ReportGenerator, tokens: ReportTokenizer, info: dict,
+                 head: FindingsHead | None = None):
         self.model, self.tokens, self.info = model, tokens, info
+        self.head = head  # with tasks.findings_head: decides the stated findings line
 
     @property
     def image_size(self) -> int:
@@ -167,6 +173,9 @@ def save_trained(built: BuiltModel, run_dir: str | os.PathLike, stage: str, extr
     from safetensors.torch import save as st_save
 
     atomic_write_bytes(run_dir / PROJECTOR_FILE, st_save(sd, metadata={"format": FORMAT}))
+    if built.head is not None:
+        head_sd = {k: v.detach().cpu().contiguous() for k, v in built.head.state_dict().items()}
+        atomic_write_bytes(run_dir / HEAD_FILE, st_save(head_sd, metadata={"format": FORMAT}))
     llm = built.model.llm
     if hasattr(llm, "peft_config"):
         tmp = run_dir / f".{ADAPTER_DIR}.tmp"
@@ -229,6 +238,13 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", che
         if not (adapter / "adapter_config.json").is_file():
             raise RunError(f"{run_dir}: {ADAPTER_DIR}/ is missing or incomplete")
         built.model.llm = PeftModel.from_pretrained(built.model.llm, str(adapter), is_trainable=False)
+    if info.get("findings_head"):
+        if not (run_dir / HEAD_FILE).is_file():
+            raise RunError(f"{run_dir}: {HEAD_FILE} is missing (the run states its findings with a findings head)")
+        head_sd = load_file(str(run_dir / HEAD_FILE))
+        built.head = FindingsHead(*head_sd["basis"].shape)
+        built.head.load_state_dict(head_sd)
+        built.head.to(device).eval()
     built.info = {**built.info, **{k: info[k] for k in ("stage", "lora") if k in info}}
     built.info.update({k: v for k, v in info.items() if k not in built.info})
     built.model.to(device).eval()
@@ -254,11 +270,24 @@ def generation_kwargs(settings: dict, tokens: ReportTokenizer) -> dict:
 
 def generate_reports(built: BuiltModel, indications: list[str | None], settings: dict,
                      pixel_values: torch.Tensor | None = None,
-                     vision_tokens: torch.Tensor | None = None) -> list[str]:
-    """Findings text for a batch of images (left-padded prompts, KV cache, one ``generate`` call)."""
+                     vision_tokens: torch.Tensor | None = None, with_stated: bool = False) -> list:
+    """Findings text for a batch of images (left-padded prompts, KV cache, one ``generate`` call).
+
+    A run with a findings head states each film's findings line from its image tokens
+    (:meth:`~radgen.model.findings_head.FindingsHead.decide`) and the LLM writes on after that
+    line; otherwise the LLM writes the whole target. ``with_stated``: ``(stated line or None,
+    findings)`` pairs instead of the findings alone.
+    """
     model = built.model
     device = next(model.projector.parameters()).device
-    batch = built.tokens.generation_batch(indications)
+    stated = None
+    if built.head is not None:
+        if vision_tokens is None:
+            with torch.no_grad():
+                vision_tokens = model.vision(pixel_values.to(device))
+            pixel_values = None
+        stated = [findings_list_text(d) for d in built.head.decide(vision_tokens.to(device))]
+    batch = built.tokens.generation_batch(indications, stated)
     was_training = model.training
     model.eval()
     try:
@@ -268,4 +297,9 @@ def generate_reports(built: BuiltModel, indications: list[str | None], settings:
                              **generation_kwargs(settings, built.tokens))
     finally:
         model.train(was_training)
-    return [built.tokens.decode(row) for row in out]
+    if stated is None:  # the LLM wrote the stated line itself (findings_first) or none
+        pairs = [built.tokens.split_output(built.tokens.tokenizer.decode(row, skip_special_tokens=True))
+                 for row in out]
+    else:
+        pairs = [(line, built.tokens.decode(row)) for line, row in zip(stated, out)]
+    return pairs if with_stated else [text for _, text in pairs]
