@@ -303,11 +303,12 @@ def _fit_head(cfg: DictConfig, built: BuiltModel, train_in: "_VisionInputs", dev
     tokens and labels; a deterministic fit of seconds, so a resumed run fits it again."""
     from radgen.model.findings_head import fit_findings_head
 
-    tokens = train_in.tokens
-    if tokens is None:  # uncached training: encode the training films once for the head
-        tokens = _VisionInputs(built, train_in.rows, True, device, train_in.workers, [], show,
-                               "encode train (findings head)").tokens
-    rows = [train_in.rows[i] for i in train_in.ok]
+    src = train_in
+    if src.tokens is None:  # uncached training: encode the training films once for the head
+        src = _VisionInputs(built, train_in.rows, True, device, train_in.workers, [], show,
+                            "encode train (findings head)")
+    tokens = src.tokens  # (films that loaded, N, C), in the order of src.ok
+    rows = [src.rows[i] for i in src.ok]
     labelled = [k for k, r in enumerate(rows) if r.labels and any(v is not None for v in r.labels.values())]
     if not labelled:
         raise ConfigError("tasks.findings_head needs CheXpert label columns in the training manifest; none found")

@@ -85,7 +85,8 @@ def test_stated_line_ids_begin_the_findings_first_target(tmp_path):
 
 
 @pytest.mark.slow
-def test_generator_with_findings_head_states_the_oracle_findings(tmp_path_factory, one_thread):
+@pytest.mark.parametrize("cache", ["true", "false"])  # false: the head encodes the training films itself
+def test_generator_with_findings_head_states_the_oracle_findings(tmp_path_factory, one_thread, cache):
     """End to end on oracle tokens and the tiny LLM: the head is fit before training, saved in the
     run folder, and generation writes after the line it states, which on oracle tokens is the film's
     own findings line (every finding with enough training positives); the run is not exportable."""
@@ -103,7 +104,8 @@ def test_generator_with_findings_head_states_the_oracle_findings(tmp_path_factor
     cfg = load_config("reportgen", ["cpu_smollm2"], [
         f"out={out}", f"data.path={data}", "encoder.spec=oracle", f"llm.path={llm}", "train.precision=fp32",
         "data.workers=0", "data.val_split=null", "stage1.max_steps=0", "stage2.max_steps=4", "train.eval_every=0",
-        "tasks.findings_head=true", "prompt.max_target_tokens=64", "generate.max_new_tokens=24"])
+        "tasks.findings_head=true", "prompt.max_target_tokens=64", "generate.max_new_tokens=24",
+        f"data.cache_vision={cache}"])
     summary = run_train(cfg, progress=False)
     assert summary["status"] == "complete" and (out / HEAD_FILE).is_file()
     info = json.loads((out / "model.json").read_text())
