@@ -146,7 +146,7 @@ def _poison_loss(monkeypatch, at_calls: set[int]):
         calls["n"] += 1
         if k in at_calls:
             loss = loss * float("nan")
-            part = {**part, "loss": float("nan")}
+            part = {**part, "loss": part["loss"] * float("nan")}  # logs are device tensors until read
         return loss, part
 
     monkeypatch.setattr(SSLMetaArch, "forward", forward)
