@@ -254,12 +254,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _close_process_group() -> None:
-    """Tear down a torchrun job's process group before the interpreter exits: left to the
-    interpreter's shutdown, gloo's threads can abort the process ("terminate called without an
-    active exception", seen once in the 2-rank pretraining test), failing a run that succeeded."""
+    """Tear down a torchrun job's process group before the interpreter exits, the ranks together.
+
+    Left to the interpreter's shutdown, or torn down by one rank while another still talks to it,
+    gloo's threads can abort the process ("terminate called without an active exception", seen in
+    the 2-rank pretraining test under load), failing a run that succeeded. So gloo ranks first meet
+    at a barrier, bounded in time so that a rank whose peer died still exits."""
+    from datetime import timedelta
+
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+    except Exception:  # a peer that failed or left: nothing to wait for
+        pass
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
