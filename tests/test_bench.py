@@ -284,8 +284,10 @@ def test_bench_gpu_runs_only_the_gpu_check(monkeypatch):
 
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
-    """The GPU check's CPU dry run (tiny sizes, ~25 s): every step runs in its own process and
-    reports, MFU is filled in, and the steps not built say why."""
+    """The GPU check's CPU dry run (tiny sizes, ~70 s on 2 cores): every step runs
+    in its own process and reports, MFU is filled in, and the steps that run radgen's commands on
+    phantoms get their flags right: pretraining ends on SIGTERM with exit 143 and a checkpoint, the
+    probe and radgen features read that checkpoint."""
     md, js = tmp_path / "gpu.md", tmp_path / "gpu.json"
     res = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--out", str(md),
                           "--json", str(js)], capture_output=True, text=True, timeout=300, cwd=REPO,
@@ -298,8 +300,16 @@ def test_gpu_check_dry_run(tmp_path):
     for step in ("ssl_vitb14_224", "ssl_rad_dino_vitb14", "generator_train"):
         assert 0 < steps[step]["ratio"] < 1 and steps[step]["detail"]["flops_per_step"] > 0, step
     assert {r["detail"]["matmul_peak"] for r in rows if r["detail"].get("matmul_peak")} == {"bf16", "fp32"}
-    assert {r["detail"]["step_status"] for r in rows if r["detail"]["step"] in _gpu_check().NOT_BUILT} == {"not built"}
-    assert md.read_text().startswith("# GPU check (dry run)") and "| generate |" in md.read_text()
+    train, sigterm = [r for r in rows if r["detail"]["step"] == "pretrain_phantoms"]
+    assert train["value"] > 0 and train["unit"] == "images/s" and train["detail"]["steps"] >= 3
+    assert 0 < train["detail"]["model_step_share"] and "model step alone" in train["notes"]
+    assert sigterm["detail"]["sigterm_exit"] == 143 and sigterm["detail"]["sigterm_checkpoint"] is True
+    assert ["logistic" in r["case"] for r in rows if r["detail"]["step"] == "probe"] == [True, False]
+    feat = steps["features_vs_card"]
+    assert feat["ratio"] > 0 and feat["detail"]["card_images_per_s"] > 0
+    assert feat["detail"]["features_meta"]["n_features"] == 40
+    text = md.read_text()
+    assert text.startswith("# GPU check (dry run)") and "| generate |" in text and "| features_vs_card |" in text
 
 
 def test_gpu_check_records_a_failing_or_slow_step(tmp_path, monkeypatch):
@@ -311,3 +321,11 @@ def test_gpu_check_records_a_failing_or_slow_step(tmp_path, monkeypatch):
     monkeypatch.setattr(gc.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a[0], 1, "", "boom\n"))
     [r] = gc.run_step("matmul", True, 5, tmp_path)
     assert r["detail"]["step_status"] == "failed" and "boom" in r["notes"]
+
+
+def test_gpu_check_reads_only_complete_log_rows(tmp_path):
+    """The pretraining log is read while it is written: a half-written last line is not a step."""
+    log = tmp_path / "log.csv"
+    log.write_text("step,images_per_s,nonfinite_skipped\n0,10.5,0\n1,11.0,0\n2,1")
+    assert [r["step"] for r in _gpu_check()._log_rows(log)] == ["0", "1"]
+    assert _gpu_check()._log_rows(tmp_path / "absent.csv") == []
