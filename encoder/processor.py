@@ -35,7 +35,11 @@ class RadDinoProcessor:
 
     def one(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(H, W) or (1|3, H, W) float in [0, 1] -> (3, crop, crop) normalised."""
-        x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image).float()
+        x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image)
+        if not x.is_floating_point():  # a PIL image or uint8 array would clamp to a constant image
+            raise ValueError(f"RadDinoProcessor expects float pixels in [0, 1], got {x.dtype} (divide 8-bit "
+                             "images by 255, or read them with radgen.data.images.load_image)")
+        x = x.float()
         if x.dim() == 2:
             x = x[None]
         if x.shape[0] == 1:

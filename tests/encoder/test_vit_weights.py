@@ -153,3 +153,14 @@ def test_processor_matches_rad_dino_preprocessing():
     # PIL resamples in 8 bits; we resample in float: differences stay at the 8-bit level.
     diff = (ours - ref).abs()
     assert diff.mean() < 0.02 and diff.max() < 0.2
+
+
+def test_processor_refuses_integer_pixels():
+    """8-bit pixels would be clamped to [0, 1] and come out as a constant image: refused, with how."""
+    from encoder.processor import RadDinoProcessor
+
+    img8 = np.full((32, 32), 200, dtype=np.uint8)
+    with pytest.raises(ValueError, match="float pixels in \\[0, 1\\].*uint8"):
+        RadDinoProcessor(28, 28).one(img8)
+    out = RadDinoProcessor(28, 28).one(img8 / 255.0)  # the same image as floats is fine
+    assert out.shape == (3, 28, 28) and float(out.std()) < 1e-5  # flat input, flat output
