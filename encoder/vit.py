@@ -155,7 +155,7 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     num_register_tokens: int = 0
-    layerscale_init: float | None = 1e-5  # None disables LayerScale
+    layerscale_init: float | None = 1e-5  # None disables LayerScale; 0.0 keeps it, starting at zero
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     # position-embedding resizing (POS_INTERP); set by the loaders from where the weights came from
@@ -197,11 +197,19 @@ class ViTEncoder(nn.Module):
         vit = VisionTransformer(
             img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
             embed_dim=C, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-            qkv_bias=cfg.qkv_bias, init_values=cfg.layerscale_init, class_token=False,
+            # timm builds no LayerScale for a falsy init value, but a LayerScale that starts at 0
+            # (HF Dinov2's layerscale_value: 0.0) is still a trained parameter: built at 1, zeroed below
+            qkv_bias=cfg.qkv_bias, init_values=1.0 if cfg.layerscale_init == 0 else cfg.layerscale_init,
+            class_token=False,
             pos_embed="none", global_pool="", num_classes=0, dynamic_img_size=True,
             drop_path_rate=cfg.drop_path_rate,
             norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps), block_fn=Block,
         )
+        if cfg.layerscale_init == 0:
+            with torch.no_grad():
+                for blk in vit.blocks:
+                    blk.ls1.gamma.zero_()
+                    blk.ls2.gamma.zero_()
         self.patch_embed = vit.patch_embed
         self.blocks = vit.blocks
         self.norm = vit.norm

@@ -262,6 +262,24 @@ def test_export_without_layerscale(tmp_path: Path):
         assert _max_diff(back.forward_tokens(x), m.forward_tokens(x)) <= TOL
 
 
+@pytest.mark.parametrize("perturb", [False, True])
+def test_hf_folder_with_zero_layerscale_value(tmp_path: Path, perturb: bool):
+    """``layerscale_value: 0.0`` only sets the gammas' initial value: transformers' Dinov2 still has
+    them (trained to anything), so the folder loads with them (it was refused: unexpected
+    ``blocks.0.ls1.gamma``, timm building no LayerScale for a falsy init value)."""
+    torch.manual_seed(0)
+    hf = Dinov2Model(Dinov2Config(**{**TINY, "layerscale_value": 0.0}))
+    hf = _perturb(hf) if perturb else hf.eval()
+    folder = _save(hf, tmp_path / "ls0")
+    ours = load_hf_dinov2(folder).eval()
+    assert ours.cfg.layerscale_init == 0.0 and all(hasattr(b.ls1, "gamma") for b in ours.blocks)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _max_diff(ours.forward_tokens(x), hf(pixel_values=x).last_hidden_state) <= TOL
+    fresh = ViTEncoder(ViTConfig(arch="vit_tiny", img_size=56, depth=1, layerscale_init=0.0))
+    assert fresh.blocks[0].ls1.gamma.abs().sum() == 0 and fresh.blocks[0].ls2.gamma.abs().sum() == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. HF folders saved with use_mask_token=False
 # ----------------------------------------------------------------------------------------------
