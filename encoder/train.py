@@ -261,8 +261,10 @@ def build_model(cfg: DictConfig) -> SSLMetaArch:
                         layerscale_init=m.layerscale_init)
     backbone = ViTEncoder(vit_cfg)
     backbone.set_grad_checkpointing(bool(m.grad_checkpointing))  # student only in effect: the teacher runs without grad
+    training_sd = None  # a dinov2 training checkpoint: student, teacher and heads, loaded below
     if m.init_from:
-        from encoder.weights import load_dinov2_checkpoint, load_hf_dinov2
+        from encoder.ssl_checkpoint import HEAD_RISK, is_training_checkpoint
+        from encoder.weights import _read_state_dict, load_dinov2_state, load_hf_dinov2
 
         src = Path(m.init_from)
         if src.is_dir():
@@ -274,7 +276,16 @@ def build_model(cfg: DictConfig) -> SSLMetaArch:
                 sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], backbone.pos_embed.shape[1] - 1)
             backbone.load_state_dict(sd)
         else:
-            load_dinov2_checkpoint(backbone, src)
+            if not src.is_file():
+                raise FileNotFoundError(f"model.init_from: {src}: no such file or folder")
+            sd = _read_state_dict(src)
+            if is_training_checkpoint(sd):
+                training_sd = sd
+            else:
+                load_dinov2_state(backbone, sd, str(src))
+        if training_sd is None:
+            warnings.warn(f"model.init_from={src} holds a backbone only: the DINO and iBOT heads start at "
+                          f"random; {HEAD_RISK}", stacklevel=2)
     s = cfg.ssl
     ssl_cfg = SSLConfig(out_dim=s.out_dim, hidden_dim=s.hidden_dim, bottleneck_dim=s.bottleneck_dim,
                         nlayers=s.nlayers, ibot_separate_head=s.ibot_separate_head,
@@ -282,7 +293,15 @@ def build_model(cfg: DictConfig) -> SSLMetaArch:
                         ibot_weight=s.ibot_weight, koleo_weight=s.koleo_weight,
                         centering=s.centering, student_temp=s.student_temp,
                         center_momentum=s.center_momentum)
-    return SSLMetaArch(backbone, ssl_cfg)
+    meta = SSLMetaArch(backbone, ssl_cfg)
+    if training_sd is not None:
+        from encoder.ssl_checkpoint import load_training_state
+
+        report = load_training_state(meta, training_sd, str(m.init_from))
+        print(f"model.init_from: loaded {', '.join(report['loaded'])} from {m.init_from}", file=sys.stderr)
+        for note in report["notes"]:
+            warnings.warn(f"model.init_from: {note}", stacklevel=2)
+    return meta
 
 
 def _multicrop(cfg: DictConfig) -> MultiCrop:
@@ -298,6 +317,8 @@ def validate_config(cfg: DictConfig) -> None:
     errors = []
     if not cfg.out:
         errors.append("'out' (output folder) is required")
+    if cfg.model.init_from and not Path(str(cfg.model.init_from)).exists():
+        errors.append(f"model.init_from: {cfg.model.init_from}: no such file or folder")
     if cfg.crops.global_size % cfg.model.patch_size or cfg.crops.local_size % cfg.model.patch_size:
         errors.append(f"crop sizes ({cfg.crops.global_size}, {cfg.crops.local_size}) must be "
                       f"multiples of the patch size {cfg.model.patch_size}")

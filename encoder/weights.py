@@ -38,6 +38,7 @@ __all__ = [
     "load_hf_dinov2",
     "save_hf_dinov2",
     "load_dinov2_checkpoint",
+    "load_dinov2_state",
     "hf_to_ours",
     "ours_to_hf",
     "resize_pos_embed",
@@ -304,7 +305,12 @@ def load_dinov2_checkpoint(model: ViTEncoder, path: str | os.PathLike, strict: b
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: file not found")
-    sd = _read_state_dict(path)
+    return load_dinov2_state(model, _read_state_dict(path), str(path), strict=strict, pos_interp=pos_interp)
+
+
+def load_dinov2_state(model: ViTEncoder, sd: dict[str, torch.Tensor], where: str, strict: bool = True,
+                      pos_interp: str | None = None) -> ViTEncoder:
+    """:func:`load_dinov2_checkpoint` on a state dict already read (``where`` names it in errors)."""
     sd = {re.sub(r"^(backbone|module|student\.backbone|teacher\.backbone)\.", "", k): v for k, v in sd.items()}
     sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}  # FSDP chunks
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.", "dino_head", "ibot_head"))}
@@ -327,7 +333,7 @@ def load_dinov2_checkpoint(model: ViTEncoder, path: str | os.PathLike, strict: b
         if pe.shape[1] != model.pos_embed.shape[1]:
             pe = resize_pos_embed(pe, model.pos_embed.shape[1] - 1, pos_interp)
         sd["pos_embed"] = pe
-    return _load_strict(model, sd, where=str(path), strict=strict)
+    return _load_strict(model, sd, where=where, strict=strict)
 
 
 def _is_square(n: int) -> bool:
