@@ -46,7 +46,7 @@ from encoder.train import cosine_schedule
 from radgen.config import ConfigError, save_config
 from radgen.data.batching import epoch_batches
 from radgen.data.reports import ReportRow, image_batches, read_report_rows
-from radgen.model.prompt import findings_list_text, positive_findings
+from radgen.model.prompt import findings_list_text, normal_sentences, positive_findings
 from radgen.model.oracle import OracleError, check_oracle_labels, is_oracle_spec
 from radgen.model.run import (ADAPTER_DIR, MODEL_JSON, BuiltModel, build_model, generate_reports,
                               save_trained)
@@ -118,6 +118,9 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
             errors.append(f"{name}.task {st.task!r}: choose one of {list(STAGE_TASKS)}")
     if int(cfg.tasks.repeat_abnormal) < 1:
         errors.append("tasks.repeat_abnormal must be >= 1")
+    for key in ("first_line_weight", "finding_sentence_weight"):
+        if float(cfg.tasks[key]) < 0:
+            errors.append(f"tasks.{key} must be >= 0")
     if cfg.tasks.get("findings_head") and not cfg.tasks.findings_first:
         errors.append("tasks.findings_head states the findings line the LLM writes on after: it needs "
                       "tasks.findings_first=true (the LLM trained to continue from that line)")
@@ -413,6 +416,9 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
     status = "complete"
     t_start = time.perf_counter()
     try:
+        if float(cfg.tasks.finding_sentence_weight) != 1.0:  # the sentences no normal training report has
+            built.tokens.set_normal_sentences(normal_sentences(
+                [(train_in.rows[i].text, train_in.rows[i].labels) for i in train_in.ok]))
         for stage_i, stage in enumerate(STAGES):
             if stage in done_stages:
                 continue

@@ -9,6 +9,7 @@ the findings text followed by the end-of-sequence token, which is what generatio
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,7 +20,8 @@ from eval.chexpert import CHEXPERT_14, NO_FINDING
 from radgen.model.llm import chat_prompt
 from radgen.model.splice import build_example, expand_image_placeholder, pad_batch
 
-__all__ = ["PromptConfig", "ReportTokenizer", "findings_list_text", "positive_findings", "FIRST_LINE_END"]
+__all__ = ["PromptConfig", "ReportTokenizer", "findings_list_text", "positive_findings", "FIRST_LINE_END",
+           "sentence_spans", "normal_sentences"]
 
 FIRST_LINE_END = "\n"  # ends the stated findings line of a findings-first target
 
@@ -36,6 +38,30 @@ def findings_list_text(labels: dict | None) -> str | None:
         return None
     pos = positive_findings(labels)
     return ("Positive: " + ", ".join(pos) + ".") if pos else "No finding."
+
+
+def sentence_spans(text: str, start: int = 0) -> list[tuple[int, int]]:
+    """``(begin, end)`` character spans of the sentences of ``text[start:]`` (split after ``.``,
+    ``!`` or ``?`` followed by white space), as offsets into ``text``."""
+    spans, pos = [], start
+    for sent in re.split(r"(?<=[.!?])\s+", text[start:]):
+        if not sent:
+            continue
+        b = text.index(sent, pos)
+        pos = b + len(sent)
+        spans.append((b, pos))
+    return spans
+
+
+def normal_sentences(reports: list[tuple[str, dict | None]]) -> frozenset[str]:
+    """Every sentence of the reports of films labelled with no finding (``(text, labels)`` pairs;
+    rows without labels are left out): the sentences that say nothing about a finding."""
+    out = set()
+    for text, labels in reports:
+        if labels and any(v is not None for v in labels.values()) and not positive_findings(labels):
+            text = text.strip()
+            out.update(text[b:e] for b, e in sentence_spans(text))
+    return frozenset(out)
 
 
 @dataclass
@@ -59,7 +85,8 @@ class ReportTokenizer:
     """Turns (indication, findings) pairs into model inputs for one tokenizer and image length."""
 
     def __init__(self, tokenizer, prompt: PromptConfig, image_token_id: int, n_image_tokens: int,
-                 max_target_tokens: int = 256, findings_first: bool = False, first_line_weight: float = 1.0):
+                 max_target_tokens: int = 256, findings_first: bool = False, first_line_weight: float = 1.0,
+                 finding_sentence_weight: float = 1.0):
         if tokenizer.eos_token_id is None:
             raise ValueError("the LLM's tokenizer has no end-of-sequence token")
         self.tokenizer = tokenizer
@@ -69,6 +96,10 @@ class ReportTokenizer:
         self.max_target_tokens = int(max_target_tokens)
         self.findings_first = bool(findings_first)
         self.first_line_weight = float(first_line_weight)
+        # loss weight of the sentences no normal report contains; the set comes from the training
+        # reports (set_normal_sentences): without it every sentence weighs 1
+        self.finding_sentence_weight = float(finding_sentence_weight)
+        self.normal_sentences: frozenset[str] = frozenset()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._prompt_cache: dict[str | None, list[int]] = {}
 
@@ -101,14 +132,38 @@ class ReportTokenizer:
         tgts = [self.target_ids(t) for t in targets]
         pairs = [build_example(p, t) for p, t in zip(prompts, tgts)]
         batch = pad_batch([p[0] for p in pairs], self.pad_id, side="right", labels=[p[1] for p in pairs])
-        if self.findings_first and self.first_line_weight != 1.0:
-            # the stated findings line of report targets weighs more in the loss (see first_line_tokens)
+        by_line = self.findings_first and self.first_line_weight != 1.0
+        by_sentence = self.finding_sentence_weight != 1.0 and bool(self.normal_sentences)
+        if by_line or by_sentence:  # report targets only: another task's target weighs 1 throughout
             w = torch.ones(batch["labels"].shape)
-            for b, (p, t, ins) in enumerate(zip(prompts, tgts, instructions)):
-                if ins is None:
+            for b, (p, t, text, ins) in enumerate(zip(prompts, tgts, targets, instructions)):
+                if ins is not None:
+                    continue
+                if by_sentence:
+                    for i in self.finding_token_positions(text):
+                        w[b, len(p) + i] = self.finding_sentence_weight
+                if by_line:  # the stated findings line (see first_line_tokens)
                     w[b, len(p):len(p) + self.first_line_tokens(t)] = self.first_line_weight
             batch["label_weights"] = w
         return batch
+
+    def set_normal_sentences(self, sentences: frozenset[str]) -> None:
+        """The sentences of normal reports (:func:`normal_sentences` of the training rows): with
+        ``finding_sentence_weight`` the target tokens of every other sentence weigh that much."""
+        self.normal_sentences = frozenset(sentences)
+
+    def finding_token_positions(self, text: str) -> list[int]:
+        """Positions in :meth:`target_ids` of ``text`` of the tokens that belong to a sentence of
+        the findings that no normal report contains (the stated line of a findings-first target
+        is not a sentence of the findings). A token that straddles a sentence boundary counts."""
+        text = text.strip()[: 64 * self.max_target_tokens]  # as target_ids cuts it
+        start = text.index(FIRST_LINE_END) + 1 if self.findings_first and FIRST_LINE_END in text else 0
+        spans = [(b, e) for b, e in sentence_spans(text, start) if text[b:e] not in self.normal_sentences]
+        if not spans:
+            return []
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return [i for i, (a, z) in enumerate(offsets[: self.max_target_tokens - 1])
+                if any(a < e and z > b for b, e in spans)]
 
     def first_line_tokens(self, target_ids: list[int]) -> int:
         """How many leading target tokens make up the stated findings line (up to and including the

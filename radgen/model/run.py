@@ -141,7 +141,8 @@ def build_model(cfg, encoder=None, with_lora: bool = True) -> BuiltModel:
     tokens = ReportTokenizer(tokenizer, prompt, image_token_id, vision.num_tokens(image_size),
                              max_target_tokens=int(cfg.prompt.max_target_tokens),
                              findings_first=bool(tasks.get("findings_first", False)),
-                             first_line_weight=float(tasks.get("first_line_weight", 1.0)))
+                             first_line_weight=float(tasks.get("first_line_weight", 1.0)),
+                             finding_sentence_weight=float(tasks.get("finding_sentence_weight", 1.0)))
     info = {
         "format": FORMAT,
         "encoder": encoder_info,
