@@ -15,9 +15,14 @@ times out is recorded with the reason and the next one runs. Steps:
   step (counted with ``FlopCounterMode`` on 2 images, scaled to the batch), MFU, peak memory;
 * ``ssl_rad_dino_vitb14``: the same for the paper recipe (``configs/encoder/rad_dino_vitb14.yaml``:
   518 px, 8 local 224 crops, batch 40 per GPU, activation checkpointing): does it fit 80 GB?
+* ``ssl_deterministic``: the ``ssl_vitb14_224`` step with the default kernels and then under
+  ``train.deterministic`` (what exact resume on CUDA needs), in one process: the time ratio;
 * ``generator_train``: a training step of a randomly initialised LLM of SmolLM2-135M's shape
   (transformers ``LlamaConfig``; no weights needed), every token trained, bf16: tokens/s, MFU.
   Only the LLM's share of ``radgen train`` (no frozen encoder, projector or LoRA);
+* ``generator_lora``: ``radgen train``'s own step (``ReportGenerator``): a frozen ViT-B/14 at 518 px
+  (1,369 patch tokens, random weights) -> mlp2x_gelu -> LoRA r=16 on that LLM, loss on 128 target
+  tokens per row, bf16: tokens/s, MFU (encoder forward + LLM forward and backward);
 * ``generate``: greedy generation with that LLM, every report run to ``max_new_tokens``
   (random weights): reports/s;
 * ``pretrain_phantoms``: ``radgen synth`` (20,000 phantoms, 128 px), then ``radgen
@@ -34,8 +39,9 @@ times out is recorded with the reason and the next one runs. Steps:
   + ``AutoModel``, one image at a time: open, preprocess, forward, on the same device).
 
 The last three run radgen's own commands (``python -m radgen ...``), each in its own process group
-with its own timeout. The first five need torch, timm and transformers only (what the lent GPU
-machines have); the last three need radgen's dependencies too (omegaconf, scikit-learn, ...).
+with its own timeout. The others need torch, timm and transformers only (what the lent GPU machines
+have), except ``generator_lora`` (peft) and the last three (radgen's dependencies: omegaconf,
+scikit-learn, ...).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere in the repo
 
-from _common import RATIO_OURS_VS_CARD, RATIO_PEAK, add_json_arg, row, write_json  # noqa: E402  (bench/ is sys.path[0])
+from _common import RATIO_OURS_VS_CARD, RATIO_PEAK, RATIO_WHAT_IF, add_json_arg, row, write_json  # noqa: E402  (bench/ is sys.path[0])
 
 BENCH = "gpu_check"
 GIB = 2**30
@@ -76,6 +82,7 @@ SIZES = {
                 "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
                 "rope_theta": 100000.0, "tie_word_embeddings": True},
         "train_batch": 16, "train_seq": 1536,  # a LLaVA-Rad row: 1,369 image tokens + prompt + findings
+        "generator_lora": {"arch": "vit_base", "img_size": 518, "prompt": 16, "target": 128, "batch": 16},
         "gen_batch": 32, "gen_prompt": 400, "gen_new": 128,
         # radgen pretrain-encoder --config cpu_tiny with these (the keys of the SSL steps above)
         "pretrain": {"arch": "vit_tiny", "img_size": 112, "global_size": 112, "local_size": 56, "n_local": 4,
@@ -97,6 +104,7 @@ SIZES = {
                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
                 "rope_theta": 100000.0, "tie_word_embeddings": True},
         "train_batch": 2, "train_seq": 64, "gen_batch": 2, "gen_prompt": 16, "gen_new": 8,
+        "generator_lora": {"arch": "vit_tiny", "depth": 2, "img_size": 56, "prompt": 8, "target": 8, "batch": 2},
         "pretrain": {"arch": "vit_tiny", "depth": 2, "img_size": 56, "global_size": 56, "local_size": 28,
                      "n_local": 2, "batch": 8, "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32,
                      "grad_checkpointing": False},
@@ -105,7 +113,8 @@ SIZES = {
                      "synth_timeout": 60, "run_timeout": 90},
     },
 }
-TIMEOUT_S = {"matmul": 90, "ssl_vitb14_224": 150, "ssl_rad_dino_vitb14": 210, "generator_train": 120,
+TIMEOUT_S = {"matmul": 90, "ssl_vitb14_224": 150, "ssl_rad_dino_vitb14": 210, "ssl_deterministic": 150,
+             "generator_train": 120, "generator_lora": 150,
              "generate": 120, "pretrain_phantoms": 480, "probe": 420, "features_vs_card": 420}
 # (pretrain_phantoms: plus --pretrain-seconds; the dry run halves these, as the others)
 
@@ -290,6 +299,86 @@ def step_generator_train(dev: torch.device, sz: dict) -> list[dict]:
                 notes=f"{t * 1e3:.0f} ms/step, {flops / 1e9:,.1f} GFLOP/step; full fine-tune of the LLM only "
                       "(no encoder, projector or LoRA)",
                 step="generator_train", flops_per_step=flops, seconds_per_step=t,
+                precision="bf16" if amp else "fp32", **_memory(dev))]
+
+
+def step_ssl_deterministic(dev: torch.device, sz: dict) -> list[dict]:
+    """The ``ssl_vitb14_224`` step with default kernels, then under ``train.deterministic``
+    (:func:`encoder.inference.set_deterministic`), in one process: the cost of exact resume."""
+    from encoder.inference import set_deterministic
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS handle
+    c = sz["ssl_vitb14_224"]
+    B = c["batch"]
+    model = _ssl_model(c, dev, c["grad_checkpointing"])
+    batch = _ssl_batch(c, B, dev)
+    times = {}
+    for mode in (False, True):
+        set_deterministic(mode)
+        times[mode] = _timed(_ssl_step_fn(model, batch, dev), dev, sz["steps"], sz["warmup"])
+    set_deterministic(False)
+    return [row(BENCH, f"SSL step {c['arch']} {c['global_size']} px, batch {B}: train.deterministic on / off",
+                RATIO_WHAT_IF, times[False] / times[True], value=B / times[True], unit="images/s",
+                notes=f"{times[False] * 1e3:.0f} ms/step default kernels, {times[True] * 1e3:.0f} ms/step "
+                      "deterministic (same process, same batch; ratio < 1: deterministic is slower)",
+                step="ssl_deterministic", seconds_default=times[False], seconds_deterministic=times[True],
+                precision="bf16" if _amp(dev) else "fp32")]
+
+
+def step_generator_lora(dev: torch.device, sz: dict) -> list[dict]:
+    """radgen's own training step: frozen ViT-B/14 (random, RAD-DINO's shape and image size) ->
+    mlp2x_gelu projector -> LoRA (r=16, all linear layers) on an LLM of SmolLM2-135M's shape,
+    loss on the target tokens only (:class:`radgen.model.model.ReportGenerator`), bf16 autocast."""
+    from encoder.vit import ViTConfig, ViTEncoder
+    from radgen.model.llm import apply_lora
+    from radgen.model.model import ReportGenerator
+    from radgen.model.projector import build_projector
+    from radgen.model.splice import IGNORE_INDEX
+    from radgen.model.vision import FrozenVision, VisionFeatures
+
+    c = sz["generator_lora"]
+    torch.manual_seed(0)
+    vit = ViTEncoder(ViTConfig(arch=c["arch"], depth=c.get("depth"), img_size=c["img_size"], patch_size=14))
+    vision = FrozenVision(vit, VisionFeatures(layer=-1, select="patch", norm=False))
+    llm = apply_lora(_llm(sz, dev), r=16, alpha=32, dropout=0.05)
+    V, hidden = sz["llm"]["vocab_size"], sz["llm"]["hidden_size"]
+    image_id = V - 1
+    model = ReportGenerator(vision, build_projector("mlp2x_gelu", vit.embed_dim, hidden), llm, image_id).to(dev)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    amp = _amp(dev)
+    n_img, P, T = vision.num_tokens(c["img_size"]), c["prompt"], c["target"]
+
+    def make_step(B: int):
+        g = torch.Generator().manual_seed(0)
+        text = torch.randint(0, V - 1, (B, P + T), generator=g)
+        ids = torch.cat([text[:, :4], torch.full((B, n_img), image_id), text[:, 4:]], dim=1).to(dev)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, -T:] = ids[:, -T:]
+        pixels = torch.randn(B, 3, c["img_size"], c["img_size"], generator=g).to(dev)
+        mask = torch.ones_like(ids)
+
+        def step():
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = model(ids, mask, pixel_values=pixels, labels=labels)
+            (out["loss_sum"] / out["n_tokens"]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    B = c["batch"]
+    flops = _flops(make_step(1)) * B
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t = _timed(make_step(B), dev, sz["steps"], sz["warmup"])
+    L = n_img + P + T
+    return [row(BENCH, f"radgen train step: frozen {c['arch']}/14 at {c['img_size']} px ({n_img} image tokens) -> "
+                       f"mlp2x_gelu -> LoRA r=16 on SmolLM2-135M shape, {B} x {L} tokens ({T} target)",
+                RATIO_PEAK, None, value=B * L / t, unit="tokens/s",
+                notes=f"{t * 1e3:.0f} ms/step, {flops / 1e9:,.1f} GFLOP/step (encoder forward + LLM forward and "
+                      f"backward); {B * T / t:,.0f} target tokens/s",
+                step="generator_lora", flops_per_step=flops, seconds_per_step=t,
                 precision="bf16" if amp else "fp32", **_memory(dev))]
 
 
@@ -523,7 +612,8 @@ def step_features_vs_card(dev: torch.device, sz: dict) -> list[dict]:
 
 
 STEPS = {"matmul": step_matmul, "ssl_vitb14_224": step_ssl_vitb14_224,
-         "ssl_rad_dino_vitb14": step_ssl_rad_dino_vitb14, "generator_train": step_generator_train,
+         "ssl_rad_dino_vitb14": step_ssl_rad_dino_vitb14, "ssl_deterministic": step_ssl_deterministic,
+         "generator_train": step_generator_train, "generator_lora": step_generator_lora,
          "generate": step_generate, "pretrain_phantoms": step_pretrain_phantoms, "probe": step_probe,
          "features_vs_card": step_features_vs_card}
 

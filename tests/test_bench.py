@@ -297,8 +297,10 @@ def test_gpu_check_dry_run(tmp_path):
     steps = {r["detail"]["step"]: r for r in rows}
     assert set(_gpu_check().STEPS) <= set(steps)
     assert all(r["detail"]["step_status"] == "ok" for r in rows if r["detail"]["step"] in _gpu_check().STEPS)
-    for step in ("ssl_vitb14_224", "ssl_rad_dino_vitb14", "generator_train"):
+    for step in ("ssl_vitb14_224", "ssl_rad_dino_vitb14", "generator_train", "generator_lora"):
         assert 0 < steps[step]["ratio"] < 1 and steps[step]["detail"]["flops_per_step"] > 0, step
+    det = steps["ssl_deterministic"]["detail"]
+    assert det["seconds_default"] > 0 and det["seconds_deterministic"] > 0 and steps["ssl_deterministic"]["ratio"] > 0
     assert {r["detail"]["matmul_peak"] for r in rows if r["detail"].get("matmul_peak")} == {"bf16", "fp32"}
     train, sigterm = [r for r in rows if r["detail"]["step"] == "pretrain_phantoms"]
     assert train["value"] > 0 and train["unit"] == "images/s" and train["detail"]["steps"] >= 3
