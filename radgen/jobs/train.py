@@ -118,6 +118,9 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
             errors.append(f"{name}.task {st.task!r}: choose one of {list(STAGE_TASKS)}")
     if int(cfg.tasks.repeat_abnormal) < 1:
         errors.append("tasks.repeat_abnormal must be >= 1")
+    for key in ("findings_head_max_false_alarm", "findings_head_min_precision"):
+        if cfg.tasks.get(key) is not None and not 0 <= float(cfg.tasks[key]) <= 1:
+            errors.append(f"tasks.{key} must be between 0 and 1 (or null)")
     for key in ("first_line_weight", "finding_sentence_weight"):
         if float(cfg.tasks[key]) < 0:
             errors.append(f"tasks.{key} must be >= 0")
@@ -316,9 +319,10 @@ def _fit_head(cfg: DictConfig, built: BuiltModel, train_in: "_VisionInputs", dev
     if not labelled:
         raise ConfigError("tasks.findings_head needs CheXpert label columns in the training manifest; none found")
     t0 = time.perf_counter()
-    fa = cfg.tasks.get("findings_head_max_false_alarm")
+    fa, prec = cfg.tasks.get("findings_head_max_false_alarm"), cfg.tasks.get("findings_head_min_precision")
     head, report = fit_findings_head(tokens[labelled], [rows[k].labels for k in labelled], seed=int(cfg.seed),
-                                     max_false_alarm=None if fa is None else float(fa))
+                                     max_false_alarm=None if fa is None else float(fa),
+                                     min_precision=None if prec is None else float(prec))
     built.head = head.to(device).eval()
     built.info["findings_head"] = {**report, "seconds": round(time.perf_counter() - t0, 1)}
     if show:

@@ -91,13 +91,14 @@ def _fit(x: Tensor, y: Tensor, l2: float, max_iter: int = 200) -> tuple[Tensor, 
 
 
 def _best_threshold(scores: Tensor, y: Tensor, normal: Tensor | None = None,
-                    max_false_alarm: float | None = None) -> tuple[float, dict]:
+                    max_false_alarm: float | None = None, min_precision: float | None = None) -> tuple[float, dict]:
     """The logit threshold with the best F1 of ``scores (n,)`` against ``y (n,)`` (ties: the higher
     threshold, fewer false alarms), with that F1, precision, recall and false-alarm rate.
 
     ``normal (n,)`` marks the films with no finding at all; with ``max_false_alarm`` only thresholds
-    that name the finding on at most that share of them are allowed. When none is (or none finds a
-    positive), the threshold is ``inf``: the finding is never stated.
+    that name the finding on at most that share of them are allowed; with ``min_precision`` only
+    those whose precision is at least that. When none is (or none finds a positive), the threshold
+    is ``inf``: the finding is never stated.
     """
     order = torch.argsort(scores, descending=True)
     s, t = scores[order], y[order]
@@ -111,6 +112,8 @@ def _best_threshold(scores: Tensor, y: Tensor, normal: Tensor | None = None,
         fa = torch.cumsum(normal[order].to(s.dtype), 0) / normal.sum()
         if max_false_alarm is not None:
             ok &= fa <= max_false_alarm + 1e-9
+    if min_precision is not None:
+        ok &= tp / k >= min_precision - 1e-9
     ok &= tp > 0
     if not ok.any():
         return math.inf, {"f1": 0.0, "precision": None, "recall": 0.0, "false_alarm": 0.0}
@@ -122,13 +125,14 @@ def _best_threshold(scores: Tensor, y: Tensor, normal: Tensor | None = None,
 
 
 def fit_findings_head(tokens: Tensor, labels: list[dict | None], *, folds: int = 5, min_positives: int = 5,
-                      max_false_alarm: float | None = None, l2_grid: tuple[float, ...] = L2_GRID,
-                      seed: int = 0) -> tuple[FindingsHead, dict]:
+                      max_false_alarm: float | None = None, min_precision: float | None = None,
+                      l2_grid: tuple[float, ...] = L2_GRID, seed: int = 0) -> tuple[FindingsHead, dict]:
     """Fit a :class:`FindingsHead` on the training films' image tokens ``(n, N, C)`` and labels.
 
     The L2 penalty is the one of ``l2_grid`` with the lowest out-of-fold log-loss; each finding's
     threshold maximises its out-of-fold F1, among those that name it on at most
-    ``max_false_alarm`` of the films without any finding (None: no limit). Findings with fewer than
+    ``max_false_alarm`` of the films without any finding and, with ``min_precision``, are right at
+    least that often out of fold (None: no limit). Findings with fewer than
     ``min_positives`` positive films, or without an allowed threshold, are never stated. Returns the head (fit on all films) and a report: the penalty, and per
     finding the number of positives and the out-of-fold F1, precision and recall at its threshold.
     """
@@ -168,14 +172,14 @@ def fit_findings_head(tokens: Tensor, labels: list[dict | None], *, folds: int =
     w, b = _fit(xs, y, l2)
     normal = y.sum(1) == 0
     head = FindingsHead(x.shape[1], basis.shape[1])
-    report = {"l2": l2, "max_false_alarm": max_false_alarm, "rank": int(basis.shape[1]), "oof_log_loss": {str(k): round(v, 4) for k, v in losses.items()},
+    report = {"l2": l2, "max_false_alarm": max_false_alarm, "min_precision": min_precision, "rank": int(basis.shape[1]), "oof_log_loss": {str(k): round(v, 4) for k, v in losses.items()},
               "n_films": n, "folds": folds, "findings": {}}
     thresholds = torch.full((len(FINDINGS),), math.inf)
     for j, f in enumerate(FINDINGS):
         n_pos = int(y[:, j].sum())
         entry = {"positives": n_pos}
         if n_pos >= min_positives:
-            thr, stats = _best_threshold(oofs[l2][:, j], y[:, j], normal, max_false_alarm)
+            thr, stats = _best_threshold(oofs[l2][:, j], y[:, j], normal, max_false_alarm, min_precision)
             thresholds[j] = thr
             entry.update({k: None if v is None else round(v, 4) for k, v in stats.items()})
         report["findings"][f] = entry

@@ -29,6 +29,15 @@ def test_best_threshold_by_hand():
     assert thr == pytest.approx(0.5) and stats["f1"] == pytest.approx(0.8) and stats["false_alarm"] == 0.5
     thr, stats = _best_threshold(scores, y, normal, max_false_alarm=0.25)
     assert thr == pytest.approx(2.5) and stats["f1"] == pytest.approx(2 / 3) and stats["false_alarm"] == 0.0
+    # a precision floor: scores 4 3 2 1 for labels 1 0 1 0; best F1 (0.8, precision 2/3) cuts at 1.5,
+    # a floor of 0.9 leaves only the first cut (precision 1, F1 2/3), a floor above 1 none at all
+    scores, y = torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    thr, stats = _best_threshold(scores, y)
+    assert thr == pytest.approx(1.5) and stats["precision"] == pytest.approx(2 / 3)
+    thr, stats = _best_threshold(scores, y, min_precision=0.9)
+    assert thr == pytest.approx(3.5) and stats["precision"] == 1.0 and stats["f1"] == pytest.approx(2 / 3)
+    thr, _ = _best_threshold(scores, y, min_precision=1.01)
+    assert math.isinf(thr)
     # the normal film scores highest: every cut that finds the positive names it too -> never stated
     thr, stats = _best_threshold(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1, 0]).bool(), 0.0)
     assert math.isinf(thr) and stats["recall"] == 0.0
