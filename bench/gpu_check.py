@@ -262,6 +262,29 @@ def step_ssl_rad_dino_vitb14(dev, sz):
     return _step_ssl("ssl_rad_dino_vitb14", dev, sz)
 
 
+def _train_step(dev: torch.device, opt, loss_fn):
+    """One training step as a function: ``loss_fn()`` under bf16 autocast on the GPU, backward,
+    optimiser step."""
+    amp = _amp(dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _flops_and_time(make_step, B: int, dev: torch.device, sz: dict) -> tuple[float, float]:
+    """Model FLOPs of ``make_step(B)`` (counted at batch 1, scaled) and its median seconds."""
+    flops = _flops(make_step(1)) * B
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    return flops, _timed(make_step(B), dev, sz["steps"], sz["warmup"])
+
+
 def _llm(sz: dict, dev: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -279,20 +302,10 @@ def step_generator_train(dev: torch.device, sz: dict) -> list[dict]:
     def make_step(B: int):
         ids = torch.randint(0, V, (B, sz["train_seq"]), device=dev)
 
-        def step():
-            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
+        return _train_step(dev, opt, lambda: model(input_ids=ids, labels=ids).loss)
 
     B = sz["train_batch"]
-    flops = _flops(make_step(1)) * B
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    t = _timed(make_step(B), dev, sz["steps"], sz["warmup"])
+    flops, t = _flops_and_time(make_step, B, dev, sz)
     tokens = B * sz["train_seq"]
     return [row(BENCH, f"LLM train step, SmolLM2-135M shape (random init), {B} x {sz['train_seq']} tokens",
                 RATIO_PEAK, None, value=tokens / t, unit="tokens/s",
@@ -358,20 +371,14 @@ def step_generator_lora(dev: torch.device, sz: dict) -> list[dict]:
         pixels = torch.randn(B, 3, c["img_size"], c["img_size"], generator=g).to(dev)
         mask = torch.ones_like(ids)
 
-        def step():
-            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                out = model(ids, mask, pixel_values=pixels, labels=labels)
-            (out["loss_sum"] / out["n_tokens"]).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        def loss():
+            out = model(ids, mask, pixel_values=pixels, labels=labels)
+            return out["loss_sum"] / out["n_tokens"]
 
-        return step
+        return _train_step(dev, opt, loss)
 
     B = c["batch"]
-    flops = _flops(make_step(1)) * B
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    t = _timed(make_step(B), dev, sz["steps"], sz["warmup"])
+    flops, t = _flops_and_time(make_step, B, dev, sz)
     L = n_img + P + T
     return [row(BENCH, f"radgen train step: frozen {c['arch']}/14 at {c['img_size']} px ({n_img} image tokens) -> "
                        f"mlp2x_gelu -> LoRA r=16 on SmolLM2-135M shape, {B} x {L} tokens ({T} target)",
