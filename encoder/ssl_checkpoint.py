@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from encoder.ssl import SSLMetaArch
-from encoder.weights import WeightsError, _read_state_dict, load_dinov2_state
+from encoder.weights import WeightsError, read_state_dict, load_dinov2_state
 
 __all__ = ["is_training_checkpoint", "load_training_checkpoint", "load_training_state", "HEAD_RISK"]
 
@@ -84,7 +84,7 @@ def load_training_checkpoint(meta: SSLMetaArch, path: str | os.PathLike,
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: file not found")
-    return load_training_state(meta, _read_state_dict(path), str(path), pos_interp)
+    return load_training_state(meta, read_state_dict(path), str(path), pos_interp)
 
 
 def load_training_state(meta: SSLMetaArch, sd: dict, path: str, pos_interp: str | None = None) -> dict:

@@ -264,7 +264,7 @@ def build_model(cfg: DictConfig) -> SSLMetaArch:
     training_sd = None  # a dinov2 training checkpoint: student, teacher and heads, loaded below
     if m.init_from:
         from encoder.ssl_checkpoint import HEAD_RISK, is_training_checkpoint
-        from encoder.weights import _read_state_dict, load_dinov2_state, load_hf_dinov2
+        from encoder.weights import read_state_dict, load_dinov2_state, load_hf_dinov2
 
         src = Path(m.init_from)
         if src.is_dir():
@@ -278,7 +278,7 @@ def build_model(cfg: DictConfig) -> SSLMetaArch:
         else:
             if not src.is_file():
                 raise FileNotFoundError(f"model.init_from: {src}: no such file or folder")
-            sd = _read_state_dict(src)
+            sd = read_state_dict(src)
             if is_training_checkpoint(sd):
                 training_sd = sd
             else:

@@ -39,6 +39,7 @@ __all__ = [
     "save_hf_dinov2",
     "load_dinov2_checkpoint",
     "load_dinov2_state",
+    "read_state_dict",
     "hf_to_ours",
     "ours_to_hf",
     "resize_pos_embed",
@@ -80,7 +81,9 @@ class WeightsError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Reading state dicts safely
 # ----------------------------------------------------------------------------------------------
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file or a ``torch.save`` file (``weights_only``), unwrapped
+    from a ``teacher`` / ``model`` / ``state_dict`` entry when the file holds one."""
     if path.suffix == ".safetensors":
         return load_file(str(path))
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -105,7 +108,7 @@ def _read_hf_folder(folder: Path) -> dict[str, torch.Tensor]:
         return sd
     binf = folder / "pytorch_model.bin"
     if binf.is_file():
-        return _read_state_dict(binf)
+        return read_state_dict(binf)
     raise WeightsError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -305,7 +308,7 @@ def load_dinov2_checkpoint(model: ViTEncoder, path: str | os.PathLike, strict: b
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: file not found")
-    return load_dinov2_state(model, _read_state_dict(path), str(path), strict=strict, pos_interp=pos_interp)
+    return load_dinov2_state(model, read_state_dict(path), str(path), strict=strict, pos_interp=pos_interp)
 
 
 def load_dinov2_state(model: ViTEncoder, sd: dict[str, torch.Tensor], where: str, strict: bool = True,
