@@ -40,7 +40,7 @@ def run_export(model_dir: str | os.PathLike, out: str | os.PathLike, settings: d
     The run is checked from its ``model.json`` before anything is loaded; ``settings``
     (``max_new_tokens``, ``num_beams``, ``repetition_penalty``) override its generation defaults.
     """
-    from radgen.jobs.generate import model_sha256
+    from radgen.model.run import model_sha256
     from radgen.model.run import load_run
 
     check_exportable(check_run(model_dir, settings), what=f"the run {model_dir}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import os
@@ -34,7 +33,7 @@ from encoder.io import atomic_write_text
 from radgen.data.reports import ReportRow, image_batches, read_report_rows
 from radgen.model.oracle import OracleError, check_oracle_labels
 from radgen.model.run import (GENERATION_KEYS, BuiltModel, RunError, generate_reports, generation_kwargs,
-                              load_run)
+                              load_run, model_sha256)
 
 __all__ = ["run_generate", "read_records", "merge_lora", "add_generate_parser", "cmd_generate",
            "GenerateError", "EXIT_FAILURES"]
@@ -45,19 +44,6 @@ CSV_FIELDS = ["id", "image", "status", "findings", "reference", "error", "reason
 
 class GenerateError(ValueError):
     """Bad arguments or an unusable output file; the message says which."""
-
-
-def model_sha256(run_dir: str | os.PathLike) -> str:
-    """Hash of what a run folder trained (model.json, projector, adapter files)."""
-    run_dir = Path(run_dir)
-    h = hashlib.sha256()
-    files = [run_dir / "model.json", run_dir / "projector.safetensors"]
-    files += sorted((run_dir / "adapter").glob("*")) if (run_dir / "adapter").is_dir() else []
-    files += sorted((run_dir / "llm").glob("*")) if (run_dir / "llm").is_dir() else []  # merged runs
-    for f in files:
-        if f.is_file():
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

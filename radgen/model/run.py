@@ -18,6 +18,7 @@ hashes, so a moved or changed encoder / LLM is an error rather than silently dif
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -37,7 +38,7 @@ from radgen.model.prompt import PromptConfig, ReportTokenizer, findings_list_tex
 from radgen.model.vision import FrozenVision, VisionFeatures
 
 __all__ = ["FORMAT", "RunError", "BuiltModel", "build_model", "save_trained", "load_run",
-           "weights_sha256", "MODEL_JSON", "PROJECTOR_FILE", "ADAPTER_DIR", "HEAD_FILE"]
+           "weights_sha256", "model_sha256", "MODEL_JSON", "PROJECTOR_FILE", "ADAPTER_DIR", "HEAD_FILE"]
 
 FORMAT = "radgen-reportgen/1"
 MODEL_JSON, PROJECTOR_FILE, ADAPTER_DIR = "model.json", "projector.safetensors", "adapter"
@@ -254,6 +255,20 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", che
 
 GENERATION_KEYS = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p",
                    "repetition_penalty")
+
+
+def model_sha256(run_dir: str | os.PathLike) -> str:
+    """Hash of what a run folder trained: model.json, the projector, the findings head, the LoRA
+    adapter (or a merged run's LLM folder)."""
+    run_dir = Path(run_dir)
+    h = hashlib.sha256()
+    files = [run_dir / MODEL_JSON, run_dir / PROJECTOR_FILE, run_dir / HEAD_FILE]
+    files += sorted((run_dir / ADAPTER_DIR).glob("*")) if (run_dir / ADAPTER_DIR).is_dir() else []
+    files += sorted((run_dir / "llm").glob("*")) if (run_dir / "llm").is_dir() else []  # merged runs
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def generation_kwargs(settings: dict, tokens: ReportTokenizer) -> dict:

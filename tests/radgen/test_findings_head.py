@@ -135,3 +135,15 @@ def test_generator_with_findings_head_states_the_oracle_findings(tmp_path_factor
         assert not r["findings"].startswith(("Positive:", "No finding"))  # the line is not in the findings
     loaded = load_run(out)
     assert loaded.head is not None and torch.equal(loaded.head.threshold, load_run(out).head.threshold)
+
+
+def test_model_hash_covers_the_findings_head(tmp_path):
+    """Generation records model_sha256 with every report: a run's head decides the stated lines, so
+    a different head is a different model."""
+    from radgen.model.run import HEAD_FILE, MODEL_JSON, PROJECTOR_FILE, model_sha256
+
+    for name in (MODEL_JSON, PROJECTOR_FILE, HEAD_FILE):
+        (tmp_path / name).write_bytes(b"a")
+    before = model_sha256(tmp_path)
+    (tmp_path / HEAD_FILE).write_bytes(b"b")
+    assert model_sha256(tmp_path) != before
