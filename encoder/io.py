@@ -4,11 +4,13 @@ UTF-8 reading that says where a bad byte is."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["CheckpointError", "NotUTF8Error", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "read_utf8"]
+__all__ = ["CheckpointError", "NotUTF8Error", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "install_folder",
+           "read_utf8"]
 
 
 class CheckpointError(ValueError):
@@ -39,6 +41,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes,
         raise
     fsync_dir(path.parent)
     return path
+
+
+def install_folder(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Put the finished folder ``tmp`` at ``target`` (same file system) by renaming it. An empty
+    ``target`` is removed first; any other is renamed into a fresh stale folder beside it and
+    deleted afterwards, so a crash leaves the old folder or the new one, never a half-written one."""
+    tmp, target = Path(tmp), Path(target)
+    if target.exists():
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        else:
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+            os.replace(target, stale / target.name)
+            shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    return target
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from encoder.io import atomic_write_text
+from encoder.io import atomic_write_text, install_folder
 from radgen.data.reports import ReportRow, image_batches, read_report_rows
 from radgen.model.oracle import OracleError, check_oracle_labels
 from radgen.model.run import (GENERATION_KEYS, BuiltModel, RunError, generate_reports, generation_kwargs,
@@ -296,7 +296,7 @@ def merge_lora(model_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     import shutil
 
     from radgen.model.llm import folder_sha256
-    from radgen.model.run import MODEL_JSON, PROJECTOR_FILE
+    from radgen.model.run import HEAD_FILE, MODEL_JSON, PROJECTOR_FILE
 
     model_dir, dest = Path(model_dir), Path(dest)
     if dest.exists() and any(dest.iterdir()):
@@ -312,6 +312,8 @@ def merge_lora(model_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     llm.save_pretrained(str(tmp / "llm"))
     built.tokens.tokenizer.save_pretrained(str(tmp / "llm"))
     shutil.copy2(model_dir / PROJECTOR_FILE, tmp / PROJECTOR_FILE)
+    if (model_dir / HEAD_FILE).is_file():  # the run states its findings with a head: it goes along
+        shutil.copy2(model_dir / HEAD_FILE, tmp / HEAD_FILE)
     shutil.copy2(model_dir / "config.yaml", tmp / "config.yaml")
     info = json.loads((model_dir / MODEL_JSON).read_text())
     info["lora"] = None
@@ -319,8 +321,7 @@ def merge_lora(model_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     info["llm"] = {**info["llm"], "path": str((dest / "llm").resolve()), "sha256": folder_sha256(tmp / "llm"),
                    "merged_lora": True}
     atomic_write_text(tmp / MODEL_JSON, json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, dest)
-    return dest
+    return install_folder(tmp, dest)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from encoder.io import atomic_write_text
+from encoder.io import atomic_write_text, install_folder
 from encoder.vit import ViTConfig
 from encoder.weights import HF_POS_INTERP, preprocessor_for, save_hf_dinov2
 from radgen.model.llm import _TEMPLATE_VARS, PLAIN_PROMPT, SYSTEM_DEFAULT, chat_prompt
@@ -498,23 +498,11 @@ def export_llava(built, out: str | os.PathLike, *, settings: Mapping | None = No
         atomic_write_text(tmp / "README.md", _readme(manifest))
         for f in tmp.iterdir():  # temp-file writers leave 0600; the folder is meant to be shared
             f.chmod(0o666 & ~umask)
-        _install(tmp, out)
+        install_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``, moving an existing ``out`` aside first."""
-    if out.exists():
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.stale-", dir=out.parent))
-            os.replace(out, stale / out.name)
-            shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tmp, out)
 
 
 def _probe_image(size: int, seed: int = 0):

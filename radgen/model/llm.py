@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from encoder.io import atomic_write_text
+from encoder.io import atomic_write_text, install_folder
 
 if TYPE_CHECKING:  # heavy imports stay out of module import time (`radgen info`, CLI start-up)
     from peft import PeftModel
@@ -322,15 +322,11 @@ def builtin_llm_folder(cache_dir: str | os.PathLike | None = None, progress: boo
 def _install_folder(tmp: Path, target: Path, gguf: Path) -> None:
     """Rename ``tmp`` to ``target``, moving a stale ``target`` aside first. If another process
     installed a current folder meanwhile, keep theirs and drop ours."""
-    if target.exists():
-        if _manifest_is_current(target, gguf):
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-        os.replace(target, stale / target.name)
-        shutil.rmtree(stale, ignore_errors=True)
+    if target.exists() and _manifest_is_current(target, gguf):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     try:
-        os.replace(tmp, target)
+        install_folder(tmp, target)
     except OSError:
         if not _manifest_is_current(target, gguf):  # lost a race to a broken writer: should not happen
             raise

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from encoder.checkpoint import weights_sha256
-from encoder.io import atomic_write_bytes, atomic_write_text
+from encoder.io import atomic_write_bytes, atomic_write_text, install_folder
 from radgen.model.findings_head import FindingsHead
 from radgen.model.llm import SYSTEM_DEFAULT, add_image_token, apply_lora, folder_sha256, load_llm, resolve_llm_path
 from radgen.model.model import ReportGenerator
@@ -188,12 +188,7 @@ def save_trained(built: BuiltModel, run_dir: str | os.PathLike, stage: str, extr
         # The resized embedding rows are rebuilt deterministically (zeros) from the LLM path, so
         # the adapter holds only LoRA weights (peft would otherwise save the whole embedding).
         llm.save_pretrained(str(tmp), save_embedding_layers=False)
-        final = run_dir / ADAPTER_DIR
-        if final.exists():
-            import shutil
-
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        install_folder(tmp, run_dir / ADAPTER_DIR)
     info = {**built.info, "stage": stage, **(extra or {})}
     atomic_write_text(run_dir / MODEL_JSON, json.dumps(info, indent=2) + "\n")
     built.info = info

@@ -98,7 +98,8 @@ def test_stated_line_ids_begin_the_findings_first_target(tmp_path):
 def test_generator_with_findings_head_states_the_oracle_findings(tmp_path_factory, one_thread, cache):
     """End to end on oracle tokens and the tiny LLM: the head is fit before training, saved in the
     run folder, and generation writes after the line it states, which on oracle tokens is the film's
-    own findings line (every finding with enough training positives); the run is not exportable."""
+    own findings line (every finding with enough training positives); the run is not exportable,
+    and a merged copy of it (merge_lora) keeps the head."""
     from radgen.jobs.generate import read_records, run_generate
     from radgen.jobs.train import run_train
     from radgen.model.export import run_problems
@@ -135,6 +136,11 @@ def test_generator_with_findings_head_states_the_oracle_findings(tmp_path_factor
         assert not r["findings"].startswith(("Positive:", "No finding"))  # the line is not in the findings
     loaded = load_run(out)
     assert loaded.head is not None and torch.equal(loaded.head.threshold, load_run(out).head.threshold)
+    if cache == "true":  # a merged run keeps its head (it states the lines its reports follow)
+        from radgen.jobs.generate import merge_lora
+
+        merged = load_run(merge_lora(out, data.parent / "merged"))
+        assert merged.head is not None and torch.equal(merged.head.threshold, loaded.head.threshold)
 
 
 def test_model_hash_covers_the_findings_head(tmp_path):
