@@ -36,6 +36,7 @@ __all__ = [
     "UnsupportedImageError",
     "UnreadableFileError",
     "load_image",
+    "pixel_features",
     "sniff_format",
 ]
 
@@ -461,3 +462,16 @@ def _safe_age(age: str) -> str:
 def image_to_uint8(image: np.ndarray) -> np.ndarray:
     """[0, 1] float image -> uint8 (for writing PNGs and previews)."""
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def pixel_features(paths: list[str], size: int = 32, progress: bool = False) -> np.ndarray:
+    """(N, size*size) float32: each image loaded (:func:`load_image`), box-downsampled to
+    size x size, flattened: the raw-pixel baseline's features."""
+    from tqdm import tqdm
+
+    out = np.empty((len(paths), size * size), np.float32)
+    for i, p in enumerate(tqdm(paths, desc="pixels", disable=not progress)):
+        img, _ = load_image(p)
+        small = Image.fromarray(img).resize((size, size), Image.BOX)
+        out[i] = np.asarray(small, np.float32).ravel()
+    return out

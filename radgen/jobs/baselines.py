@@ -9,26 +9,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
 from eval.chexpert.observations import CHEXPERT_14
 from eval.probes.classify import binary_labels
 from eval.probes.linear import ProbeResult, logistic_probe
-from radgen.data.images import load_image
+from radgen.data.images import pixel_features
 from radgen.data.manifest import read_manifest
 
-__all__ = ["binary_targets", "pixel_features", "pixel_baseline", "format_probe_table"]
-
-
-def pixel_features(paths: list[str], size: int = 32, progress: bool = False) -> np.ndarray:
-    """(N, size*size) float32: each image loaded, box-downsampled to size x size, flattened."""
-    out = np.empty((len(paths), size * size), np.float32)
-    for i, p in enumerate(tqdm(paths, desc="pixels", disable=not progress)):
-        img, _ = load_image(p)
-        small = Image.fromarray(img).resize((size, size), Image.BOX)
-        out[i] = np.asarray(small, np.float32).ravel()
-    return out
+__all__ = ["binary_targets", "pixel_baseline", "format_probe_table"]
 
 
 def binary_targets(ds) -> dict[str, np.ndarray]:

@@ -43,9 +43,8 @@ from eval.probes.classify import UNCERTAIN_RULES, binary_labels, knn_probe, logi
 from eval.probes.regress import ridge_probe
 from eval.probes.result import HIGHER_IS_BETTER, ProbeScore
 from eval.probes.segment import position_features, segmentation_probe
-from radgen.data.images import ImageLoadError, load_image
+from radgen.data.images import ImageLoadError, load_image, pixel_features
 from radgen.data.manifest import ManifestError, read_manifest
-from radgen.jobs.baselines import pixel_features
 from radgen.jobs.features import (FeatureJobError, encoder_config, extract_features,
                                  random_like_spec)
 
