@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from encoder.ssl import SSLMetaArch
-from encoder.weights import WeightsError, read_state_dict, load_dinov2_state
+from encoder.weights import WeightsError, load_dinov2_state, load_strict, read_state_dict
 
 __all__ = ["is_training_checkpoint", "load_training_checkpoint", "load_training_state", "HEAD_RISK"]
 
@@ -57,18 +57,11 @@ def _head_state(sd: dict) -> dict:
 
 
 def _load_head(head: torch.nn.Module, sd: dict, where: str) -> None:
-    own = head.state_dict()
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if bad or missing or unexpected:
-        raise WeightsError(
-            f"{where}: the checkpoint's head does not fit the configured one ("
-            + "; ".join(x for x in [("shapes " + ", ".join(bad[:3])) if bad else "",
-                                    f"missing {missing[:3]}" if missing else "",
-                                    f"unexpected {unexpected[:3]}" if unexpected else ""] if x)
-            + "): set ssl.out_dim, ssl.hidden_dim, ssl.bottleneck_dim and ssl.nlayers to the checkpoint's "
-            "(dinov2 ViT-B/14: 65536, 2048, 256, 3)")
-    head.load_state_dict(sd)
+    try:
+        load_strict(head, sd, where)
+    except WeightsError as exc:
+        raise WeightsError(f"{exc}: set ssl.out_dim, ssl.hidden_dim, ssl.bottleneck_dim and ssl.nlayers to the "
+                           "checkpoint's (dinov2 ViT-B/14: 65536, 2048, 256, 3)") from None
 
 
 def load_training_checkpoint(meta: SSLMetaArch, path: str | os.PathLike,

@@ -40,6 +40,7 @@ __all__ = [
     "load_dinov2_checkpoint",
     "load_dinov2_state",
     "read_state_dict",
+    "load_strict",
     "hf_to_ours",
     "ours_to_hf",
     "resize_pos_embed",
@@ -262,7 +263,7 @@ def load_hf_dinov2(folder: str | os.PathLike) -> ViTEncoder:
         # saved without one (Dinov2Config(use_mask_token=False)): keep our (zero) init, which
         # only matters for masked inputs (iBOT pretraining from these weights)
         sd["mask_token"] = model.mask_token.detach().clone()
-    _load_strict(model, sd, where=str(folder))
+    load_strict(model, sd, where=str(folder))
     return model
 
 
@@ -336,7 +337,7 @@ def load_dinov2_state(model: ViTEncoder, sd: dict[str, torch.Tensor], where: str
         if pe.shape[1] != model.pos_embed.shape[1]:
             pe = resize_pos_embed(pe, model.pos_embed.shape[1] - 1, pos_interp)
         sd["pos_embed"] = pe
-    return _load_strict(model, sd, where=where, strict=strict)
+    return load_strict(model, sd, where=where, strict=strict)
 
 
 def _is_square(n: int) -> bool:
@@ -352,7 +353,9 @@ def resize_pos_embed(pe: torch.Tensor, n_new: int, pos_interp: str = "bicubic") 
     return torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g1 * g1, -1)], dim=1)
 
 
-def _load_strict(model: ViTEncoder, sd: dict, where: str, strict: bool = True) -> ViTEncoder:
+def load_strict(model: torch.nn.Module, sd: dict, where: str, strict: bool = True) -> torch.nn.Module:
+    """Load ``sd`` into ``model`` by name; with ``strict``, a missing, unexpected or misshapen key
+    raises :class:`WeightsError` naming the first few (``where`` says which file)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))

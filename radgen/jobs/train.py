@@ -46,7 +46,7 @@ from encoder.train import cosine_schedule
 from radgen.config import ConfigError, save_config
 from radgen.data.batching import epoch_batches
 from radgen.data.reports import ReportRow, image_batches, read_report_rows
-from radgen.model.prompt import findings_list_text, normal_sentences, positive_findings
+from radgen.model.prompt import findings_list_text, has_labels, normal_sentences, positive_findings
 from radgen.model.oracle import OracleError, check_oracle_labels, is_oracle_spec
 from radgen.model.run import (ADAPTER_DIR, MODEL_JSON, BuiltModel, build_model, generate_reports,
                               save_trained)
@@ -315,7 +315,7 @@ def _fit_head(cfg: DictConfig, built: BuiltModel, train_in: "_VisionInputs", dev
                             "encode train (findings head)")
     tokens = src.tokens  # (films that loaded, N, C), in the order of src.ok
     rows = [src.rows[i] for i in src.ok]
-    labelled = [k for k, r in enumerate(rows) if r.labels and any(v is not None for v in r.labels.values())]
+    labelled = [k for k, r in enumerate(rows) if has_labels(r.labels)]
     if not labelled:
         raise ConfigError("tasks.findings_head needs CheXpert label columns in the training manifest; none found")
     t0 = time.perf_counter()

@@ -21,9 +21,14 @@ from radgen.model.llm import chat_prompt
 from radgen.model.splice import build_example, expand_image_placeholder, pad_batch
 
 __all__ = ["PromptConfig", "ReportTokenizer", "findings_list_text", "positive_findings", "FIRST_LINE_END",
-           "sentence_spans", "normal_sentences"]
+           "sentence_spans", "normal_sentences", "has_labels"]
 
 FIRST_LINE_END = "\n"  # ends the stated findings line of a findings-first target
+
+
+def has_labels(labels: dict | None) -> bool:
+    """Whether a row carries any CheXpert label (a blank column is not a label)."""
+    return bool(labels) and any(v is not None for v in labels.values())
 
 
 def positive_findings(labels: dict | None) -> list[str]:
@@ -34,7 +39,7 @@ def positive_findings(labels: dict | None) -> list[str]:
 def findings_list_text(labels: dict | None) -> str | None:
     """The target of the findings-list task: ``"Positive: Cardiomegaly, Pleural Effusion."``
     (:func:`positive_findings`) or ``"No finding."``; ``None`` for a row without labels."""
-    if not labels or all(v is None for v in labels.values()):
+    if not has_labels(labels):
         return None
     pos = positive_findings(labels)
     return ("Positive: " + ", ".join(pos) + ".") if pos else "No finding."
@@ -58,7 +63,7 @@ def normal_sentences(reports: list[tuple[str, dict | None]]) -> frozenset[str]:
     rows without labels are left out): the sentences that say nothing about a finding."""
     out = set()
     for text, labels in reports:
-        if labels and any(v is not None for v in labels.values()) and not positive_findings(labels):
+        if has_labels(labels) and not positive_findings(labels):
             text = text.strip()
             out.update(text[b:e] for b, e in sentence_spans(text))
     return frozenset(out)
@@ -100,6 +105,7 @@ class ReportTokenizer:
         # reports (set_normal_sentences): without it every sentence weighs 1
         self.finding_sentence_weight = float(finding_sentence_weight)
         self.normal_sentences: frozenset[str] = frozenset()
+        self._finding_positions: dict[str, list[int]] = {}  # per target text, for the current normal set
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._prompt_cache: dict[str | None, list[int]] = {}
 
@@ -151,11 +157,17 @@ class ReportTokenizer:
         """The sentences of normal reports (:func:`normal_sentences` of the training rows): with
         ``finding_sentence_weight`` the target tokens of every other sentence weigh that much."""
         self.normal_sentences = frozenset(sentences)
+        self._finding_positions.clear()
 
     def finding_token_positions(self, text: str) -> list[int]:
         """Positions in :meth:`target_ids` of ``text`` of the tokens that belong to a sentence of
         the findings that no normal report contains (the stated line of a findings-first target
         is not a sentence of the findings). A token that straddles a sentence boundary counts."""
+        if text not in self._finding_positions:
+            self._finding_positions[text] = self._finding_positions_uncached(text)
+        return list(self._finding_positions[text])
+
+    def _finding_positions_uncached(self, text: str) -> list[int]:
         text = text.strip()[: 64 * self.max_target_tokens]  # as target_ids cuts it
         start = text.index(FIRST_LINE_END) + 1 if self.findings_first and FIRST_LINE_END in text else 0
         spans = [(b, e) for b, e in sentence_spans(text, start) if text[b:e] not in self.normal_sentences]
