@@ -581,7 +581,7 @@ def step_features_vs_card(dev: torch.device, sz: dict) -> list[dict]:
     from transformers import AutoImageProcessor, AutoModel
 
     from encoder.weights import save_hf_dinov2
-    from radgen.jobs.features import load_encoder_spec
+    from encoder.specs import load_encoder_spec
 
     ph, work = sz["phantoms"], sz["work"]
     hf = save_hf_dinov2(load_encoder_spec(str(_checkpoint(sz))), work / "encoder_hf")  # the teacher

@@ -131,11 +131,10 @@ def load_encoder(path: str | os.PathLike, which: str = "teacher") -> ViTEncoder:
     ``which`` picks the teacher (default; DINOv2 evaluates the teacher) or the student.
     """
     spec = str(path)
-    if spec.startswith("random:"):
-        parts = spec.split(":")[1:]
-        arch, size, seed = (parts + ["vit_small", "224", "0"][len(parts):])[:3]
-        torch.manual_seed(int(seed))
-        return ViTEncoder(ViTConfig(arch=arch, img_size=int(size)))
+    if spec.startswith("random:"):  # parsed in one place (encoder/specs.py), the caller's RNG untouched
+        from encoder.specs import parse_random, random_encoder
+
+        return random_encoder(*parse_random(spec))
     p = Path(path)
     if p.is_dir():
         from encoder.weights import load_hf_dinov2

@@ -407,6 +407,7 @@ def cmd_demo(args) -> int:
     preset = "quick" if args.quick else "full" if args.full else None
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
     from encoder.checkpoint import CheckpointError
+    from encoder.specs import EncoderSpecError
     from radgen.jobs.features import FeatureJobError
     from radgen.jobs.generate import GenerateError
     from radgen.jobs.probe import ProbeStudyError
@@ -415,7 +416,8 @@ def cmd_demo(args) -> int:
     try:
         cfg = load_demo_config(preset, args.config, overrides)
         summary = run_demo(cfg, force=args.force, progress=not args.quiet)
-    except (DemoError, CheckpointError, FeatureJobError, GenerateError, ProbeStudyError, BaselinesError) as exc:
+    except (DemoError, CheckpointError, EncoderSpecError, FeatureJobError, GenerateError, ProbeStudyError,
+            BaselinesError) as exc:
         print(f"radgen demo: error: {exc}", file=sys.stderr)
         return 2
     except DemoInterrupted as exc:

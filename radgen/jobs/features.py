@@ -20,16 +20,13 @@ A later call with the same ``out`` whose ``meta.json`` matches (same encoder *we
 and image files by path/size/mtime, split, image size, pool, layers, resolved precision) loads the
 files instead of recomputing; a cache written before precision was recorded counts as fp32.
 
-Encoder specs (:func:`load_encoder_spec`): a checkpoint file or HF Dinov2 folder (as
-:func:`encoder.checkpoint.load_encoder`), ``random:<arch>:<img_size>:<seed>``, or
-``random-like:<spec>:<seed>``, a seeded random init with exactly the ``ViTConfig`` of ``<spec>``
-(arch, patch size, img_size, registers, ...): the fair untrained control for a pretrained encoder.
+Encoder specs (checkpoint files, HF Dinov2 folders, ``random:``, ``random-like:``, ``pixels``) are
+read by :mod:`encoder.specs`; :func:`image_encoder` adds the refusal of the ``oracle`` control.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -46,21 +43,20 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from encoder.checkpoint import CheckpointError, load_checkpoint, load_encoder, weights_sha256
+from encoder.checkpoint import CheckpointError, weights_sha256
 from encoder.features import POOLS, encode, feature_dim, resolve_layers
 from encoder.inference import (PRECISIONS, bf16_supported, default_batch_size, prepare_encoder,
                                resolve_device, resolve_precision)
 from encoder.io import atomic_write_bytes, atomic_write_text
-from encoder.pixels import is_pixels_spec, parse_pixels_spec, pixel_encoder
 from encoder.processor import RadDinoProcessor
-from encoder.vit import ViTConfig, ViTEncoder
+from encoder.specs import EncoderSpecError, load_encoder_spec
+from encoder.vit import ViTEncoder
 from radgen.data.images import ImageLoadError, load_image
 from radgen.data.manifest import ManifestError, image_folder_dataset, read_manifest
 
 __all__ = [
     "FORMAT", "FeatureJobError", "FeatureSet", "extract_features", "load_features",
-    "load_encoder_spec", "encoder_config", "random_encoder", "random_like_spec",
-    "read_rows", "iter_image_batches", "ImageBatch", "LOADERS", "add_features_parser",
+    "image_encoder", "read_rows", "iter_image_batches", "ImageBatch", "LOADERS", "add_features_parser",
     "cmd_features",
 ]
 
@@ -97,100 +93,18 @@ class FeatureSet(tuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoders from specs
+# Encoders from specs (encoder/specs.py); the features of an image need an image encoder
 # ----------------------------------------------------------------------------------------------
-def random_encoder(cfg: ViTConfig | dict, seed: int = 0) -> ViTEncoder:
-    """A randomly initialised ``ViTEncoder(cfg)``; same seed and config -> same weights.
-
-    Seeds a forked RNG, so the caller's global torch RNG is untouched. Equal to what
-    ``load_encoder("random:<arch>:<size>:<seed>")`` builds for the same config.
-    """
-    if isinstance(cfg, dict):
-        cfg = ViTConfig(**cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return ViTEncoder(cfg)
-
-
-def _parse_random(spec: str) -> tuple[ViTConfig, int]:
-    parts = spec.split(":")[1:]
-    if len(parts) > 3:
-        raise FeatureJobError(f"bad encoder spec {spec!r} (expected random:<arch>:<img_size>:<seed>)")
-    defaults = ["vit_small", "224", "0"]
-    parts = [part or default for part, default in zip(parts + defaults[len(parts):], defaults)]
-    try:
-        return ViTConfig(arch=parts[0], img_size=int(parts[1])).resolved(), int(parts[2])
-    except ValueError as exc:
-        raise FeatureJobError(f"bad encoder spec {spec!r}: {exc}") from None
-
-
-def _parse_random_like(spec: str) -> tuple[str, int]:
-    body = spec[len("random-like:"):]
-    source, sep, seed = body.rpartition(":")
-    if not sep or not source or not seed.lstrip("-").isdigit():
-        raise FeatureJobError(f"bad encoder spec {spec!r} (expected random-like:<spec>:<seed>)")
-    return source, int(seed)
-
-
-def _parse_pixels(spec: str) -> tuple[int, int]:
-    try:
-        return parse_pixels_spec(spec)
-    except ValueError as exc:
-        raise FeatureJobError(str(exc)) from None
-
-
-def random_like_spec(source: str, seed: int) -> str:
-    """The spec of a seeded random init with the same ``ViTConfig`` as the encoder ``source``."""
-    return f"random-like:{source}:{int(seed)}"
-
-
-_CONFIG_MEMO: dict[tuple[str, int, int], ViTConfig] = {}
-
-
-def encoder_config(spec: str) -> ViTConfig:
-    """The (resolved) ``ViTConfig`` an encoder spec builds, reading as little as possible."""
-    spec = str(spec)
-    if spec.startswith("random-like:"):
-        return encoder_config(_parse_random_like(spec)[0])
-    if spec.startswith("random:"):
-        return _parse_random(spec)[0]
-    if is_pixels_spec(spec):
-        return pixel_encoder(*_parse_pixels(spec)).cfg
-    p = Path(spec)
-    if p.is_file():
-        st = p.stat()
-        memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-        if memo not in _CONFIG_MEMO:  # training checkpoints are big: read each once
-            ckpt = load_checkpoint(p)
-            if "vit_config" not in ckpt:
-                raise CheckpointError(f"{p}: checkpoint has no vit_config")
-            _CONFIG_MEMO[memo] = ViTConfig(**ckpt["vit_config"]).resolved()
-        return copy.deepcopy(_CONFIG_MEMO[memo])
-    if p.is_dir():
-        return load_encoder(p).cfg
-    raise FeatureJobError(f"encoder {spec!r}: no such checkpoint file or folder "
-                          "(or use random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed> / pixels[:<patch>])")
-
-
-def load_encoder_spec(spec: str, which: str = "teacher") -> ViTEncoder:
-    """An encoder from a spec: checkpoint file, HF folder, ``random:...``, ``random-like:...`` or
-    ``pixels[:<patch>[:<img_size>]]`` (the frozen pixel control, :mod:`encoder.pixels`)."""
-    spec = str(spec)
-    if spec.startswith("random-like:"):
-        source, seed = _parse_random_like(spec)
-        return random_encoder(encoder_config(source), seed)
-    if spec.startswith("random:"):
-        cfg, seed = _parse_random(spec)
-        return random_encoder(cfg, seed)
-    if is_pixels_spec(spec):
-        return pixel_encoder(*_parse_pixels(spec))
-    if spec == "oracle":
+def image_encoder(spec: str, which: str = "teacher") -> ViTEncoder:
+    """:func:`encoder.specs.load_encoder_spec`, refusing the report generator's ``oracle`` control
+    (it has no image features)."""
+    if str(spec) == "oracle":
         raise FeatureJobError("encoder 'oracle' is the report generator's labels control (radgen train, "
                               "radgen demo controls): it has no image features to extract, probe or retrieve by")
-    if not Path(spec).exists():
-        raise FeatureJobError(f"encoder {spec!r}: no such checkpoint file or folder "
-                              "(or use random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed> / pixels[:<patch>])")
-    return load_encoder(spec, which=which)
+    try:
+        return load_encoder_spec(spec, which=which)
+    except EncoderSpecError as exc:
+        raise FeatureJobError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,7 +310,7 @@ def extract_features(
 
     Args:
         encoder_spec: checkpoint file, HF Dinov2 folder, ``random:<arch>:<img_size>:<seed>`` or
-            ``random-like:<spec>:<seed>`` (see :func:`load_encoder_spec`).
+            ``random-like:<spec>:<seed>`` or ``pixels[:<patch>]`` (see :mod:`encoder.specs`).
         data: a manifest file, a folder holding ``manifest.jsonl``/``manifest.csv``, or a plain
             folder of images (every image under it; no splits). Each row's first image is used.
         out: folder for the outputs and cache (see the module docstring); ``None``: memory only.
@@ -437,7 +351,7 @@ def extract_features(
     ds = read_rows(data, split=split)
     ids = [str(i) for i in ds["id"]]
     paths = [imgs[0] if imgs else "" for imgs in ds["images"]]
-    model = load_encoder_spec(encoder_spec)
+    model = image_encoder(encoder_spec)
     try:
         blocks = resolve_layers(model, layers)
     except ValueError as exc:

@@ -33,7 +33,7 @@ from encoder.io import atomic_write_text, install_folder
 from radgen.data.reports import ReportRow, image_batches, read_report_rows
 from radgen.model.oracle import OracleError, check_oracle_labels
 from radgen.model.run import (GENERATION_KEYS, BuiltModel, RunError, generate_reports, generation_kwargs,
-                              load_run, model_sha256)
+                              line_guidance_scale, load_run, model_sha256)
 
 __all__ = ["run_generate", "read_records", "merge_lora", "add_generate_parser", "cmd_generate",
            "GenerateError", "EXIT_FAILURES"]
@@ -164,7 +164,7 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
     """Generate findings for every image of ``images`` into ``out``; returns a summary dict.
 
     ``settings`` override the run's generation defaults (``max_new_tokens``, ``num_beams``,
-    ``do_sample``, ``temperature``, ``top_p``, ``repetition_penalty``).
+    ``do_sample``, ``temperature``, ``top_p``, ``repetition_penalty``, ``line_guidance``).
     """
     from tqdm import tqdm
 
@@ -194,7 +194,9 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
     mhash = model_sha256(model_dir)
     effective = {k: v for k, v in generation_kwargs(gen, built.tokens).items()
                  if k not in ("pad_token_id", "eos_token_id")}
-    rec_settings = {**effective, "precision": precision, **({"seed": seed} if gen.get("do_sample") else {})}
+    guidance = line_guidance_scale(gen, headed=built.head is not None)  # checked before any work
+    rec_settings = {**effective, "precision": precision, **({"seed": seed} if gen.get("do_sample") else {}),
+                    **({"line_guidance": guidance} if guidance != 1.0 else {})}
 
     part = out if world == 1 else out.with_name(f"{out.name}.part{rank}-of-{world}")
     if rank == 0 and overwrite and not resume:
@@ -343,6 +345,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--line-guidance", type=float, metavar="S",
+                   help="runs with a findings head: guide the writer on the stated line with scale S "
+                        "(1: off; classifier-free guidance against the line 'No finding.')")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="fp32 (default; batched text equals one-at-a-time) or bf16 autocast")
@@ -373,7 +378,8 @@ def cmd_generate(args) -> int:
             raise GenerateError("--out is required")
         settings = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
                     "do_sample": True if args.sample else None, "temperature": args.temperature,
-                    "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
+                    "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+                    "line_guidance": args.line_guidance}
         s = run_generate(model_dir, args.images, args.out, settings, batch_size=args.batch_size,
                          split=args.split, resume=args.resume, overwrite=args.overwrite,
                          workers=args.workers, device=args.device, precision=args.precision,

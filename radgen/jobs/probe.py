@@ -45,8 +45,8 @@ from eval.probes.result import HIGHER_IS_BETTER, ProbeScore
 from eval.probes.segment import position_features, segmentation_probe
 from radgen.data.images import ImageLoadError, load_image, pixel_features
 from radgen.data.manifest import ManifestError, read_manifest
-from radgen.jobs.features import (FeatureJobError, encoder_config, extract_features,
-                                 random_like_spec)
+from encoder.specs import EncoderSpecError, encoder_config, random_like_spec
+from radgen.jobs.features import FeatureJobError, extract_features
 
 __all__ = ["PROBES", "ProbeStudyError", "ProbeRun", "is_random_spec", "run_probes", "summarize",
            "format_report", "headline", "write_report", "resolve_encoders", "add_probe_parser",
@@ -584,7 +584,7 @@ def cmd_probe(args) -> int:
             raise ProbeStudyError("give at least one --encoder (or --random-seeds with --random-arch)")
         cache = args.cache_dir or (str(Path(args.out) / "features") if args.out else None)
         run = run_probes(args.data, encoders, image_size, cache_dir=cache, **probe_kwargs(args))
-    except (ProbeStudyError, FeatureJobError, CheckpointError, ManifestError) as exc:
+    except (ProbeStudyError, FeatureJobError, EncoderSpecError, CheckpointError, ManifestError) as exc:
         print(f"radgen probe: error: {exc}", file=sys.stderr)
         return 2
     title = f"Frozen-feature probes, image {image_size}, pool {args.pool} (test split, 95% bootstrap CIs)"

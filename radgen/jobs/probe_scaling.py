@@ -27,7 +27,7 @@ import numpy as np
 from encoder.io import atomic_write_text
 from radgen.config import ConfigError, load_config
 from radgen.data.manifest import read_manifest
-from radgen.jobs.features import random_like_spec
+from encoder.specs import random_like_spec
 
 __all__ = ["nested_subsets", "run_scaling", "add_scaling_parser", "cmd_scaling"]
 

@@ -211,7 +211,8 @@ def run_baselines(data: str | os.PathLike, encoder_spec: str, out: str | os.Path
     ``expect_encoder_sha256`` (a run's ``model.json`` hash) makes a different encoder an error.
     """
     from encoder.io import atomic_write_text
-    from radgen.jobs.features import encoder_config, extract_features
+    from encoder.specs import encoder_config
+    from radgen.jobs.features import extract_features
 
     t0 = time.perf_counter()
     data, out = Path(data), Path(out)
@@ -236,7 +237,7 @@ def run_baselines(data: str | os.PathLike, encoder_spec: str, out: str | os.Path
     size = int(image_size or encoder_config(encoder_spec).img_size)
 
     if expect_encoder_sha256:  # before encoding anything: a wrong encoder would waste the whole pass
-        from radgen.jobs.features import load_encoder_spec
+        from encoder.specs import load_encoder_spec
         from radgen.model.run import weights_sha256
 
         if weights_sha256(load_encoder_spec(encoder_spec)) != expect_encoder_sha256:
@@ -377,6 +378,7 @@ def add_baselines_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_baselines(args) -> int:
     from encoder.checkpoint import CheckpointError
     from radgen.data.manifest import ManifestError
+    from encoder.specs import EncoderSpecError
     from radgen.jobs.features import FeatureJobError
 
     try:
@@ -386,7 +388,7 @@ def cmd_baselines(args) -> int:
                              text_field=args.text_field, batch_size=args.batch_size, workers=args.workers,
                              device=args.device, precision=args.precision, overwrite=args.overwrite,
                              progress=not args.quiet, expect_encoder_sha256=run["sha256"])
-    except (BaselinesError, FeatureJobError, CheckpointError, ManifestError) as exc:
+    except (BaselinesError, FeatureJobError, EncoderSpecError, CheckpointError, ManifestError) as exc:
         print(f"radgen baselines: error: {exc}", file=sys.stderr)
         return 2
     c, mc, nn = meta["counts"], meta["most_common"], meta["nearest_neighbour"]

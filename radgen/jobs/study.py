@@ -12,7 +12,7 @@ from pathlib import Path
 from encoder.features import POOLS
 from encoder.io import atomic_write_text
 from radgen.config import load_config
-from radgen.jobs.features import random_like_spec
+from encoder.specs import random_like_spec
 from radgen.jobs.pretrain import run_pretrain
 from radgen.jobs.probe import format_report, run_probes, write_report
 

@@ -41,15 +41,15 @@ from encoder.guards import NonFiniteGuard, train_config_errors
 from encoder.distributed import all_sum, setup_distributed, sum_gradients
 from encoder.inference import resolve_device, resolve_precision, set_deterministic
 from encoder.io import atomic_write_text
-from encoder.pixels import is_pixels_spec
+from encoder.specs import is_generated_spec
 from encoder.train import cosine_schedule
 from radgen.config import ConfigError, save_config
 from radgen.data.batching import epoch_batches
 from radgen.data.reports import ReportRow, image_batches, read_report_rows
 from radgen.model.prompt import findings_list_text, has_labels, normal_sentences, positive_findings
 from radgen.model.oracle import OracleError, check_oracle_labels, is_oracle_spec
-from radgen.model.run import (ADAPTER_DIR, MODEL_JSON, BuiltModel, build_model, generate_reports,
-                              save_trained)
+from radgen.model.run import (ADAPTER_DIR, MODEL_JSON, BuiltModel, RunError, build_model, generate_reports,
+                              line_guidance_scale, save_trained)
 
 __all__ = ["run_train", "validate_config", "add_train_parser", "cmd_train", "STAGES", "STATE_FORMAT"]
 
@@ -85,8 +85,8 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
     spec = cfg.encoder.spec
     if not spec:
         errors.append("encoder.spec is not set (--encoder SPEC)")
-    elif (check_files and not str(spec).startswith(("random:", "random-like:")) and not is_pixels_spec(spec)
-          and not is_oracle_spec(spec) and not Path(str(spec)).exists()):
+    elif (check_files and not is_generated_spec(spec) and not is_oracle_spec(spec)
+          and not Path(str(spec)).exists()):
         errors.append(f"encoder.spec {spec}: no such checkpoint file or folder")
     llm = str(cfg.llm.path or "")
     if not llm:
@@ -127,6 +127,10 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
     if cfg.tasks.get("findings_head") and not cfg.tasks.findings_first:
         errors.append("tasks.findings_head states the findings line the LLM writes on after: it needs "
                       "tasks.findings_first=true (the LLM trained to continue from that line)")
+    try:
+        line_guidance_scale(OmegaConf.to_container(cfg.generate), headed=bool(cfg.tasks.get("findings_head")))
+    except RunError as exc:
+        errors.append(f"generate.{exc}")
     errors += train_config_errors(cfg.train)
     if int(cfg.prompt.max_target_tokens) < 2:
         errors.append("prompt.max_target_tokens must be >= 2")

@@ -21,9 +21,11 @@ from radgen.model.llm import chat_prompt
 from radgen.model.splice import build_example, expand_image_placeholder, pad_batch
 
 __all__ = ["PromptConfig", "ReportTokenizer", "findings_list_text", "positive_findings", "FIRST_LINE_END",
+           "NO_FINDING_LINE",
            "sentence_spans", "normal_sentences", "has_labels"]
 
 FIRST_LINE_END = "\n"  # ends the stated findings line of a findings-first target
+NO_FINDING_LINE = "No finding."  # the stated line of a film without findings
 
 
 def has_labels(labels: dict | None) -> bool:
@@ -42,7 +44,7 @@ def findings_list_text(labels: dict | None) -> str | None:
     if not has_labels(labels):
         return None
     pos = positive_findings(labels)
-    return ("Positive: " + ", ".join(pos) + ".") if pos else "No finding."
+    return ("Positive: " + ", ".join(pos) + ".") if pos else NO_FINDING_LINE
 
 
 def sentence_spans(text: str, start: int = 0) -> list[tuple[int, int]]:

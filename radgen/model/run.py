@@ -26,15 +26,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import LogitsProcessorList
 
 from encoder.checkpoint import weights_sha256
 from encoder.io import atomic_write_bytes, atomic_write_text, install_folder
+from encoder.specs import load_encoder_spec
 from radgen.model.findings_head import FindingsHead
+from radgen.model.guidance import PairedGuidance
 from radgen.model.llm import SYSTEM_DEFAULT, add_image_token, apply_lora, folder_sha256, load_llm, resolve_llm_path
 from radgen.model.model import ReportGenerator
 from radgen.model.oracle import OracleVision, is_oracle_spec, oracle_tokens
 from radgen.model.projector import build_projector
-from radgen.model.prompt import PromptConfig, ReportTokenizer, findings_list_text
+from radgen.model.prompt import NO_FINDING_LINE, PromptConfig, ReportTokenizer, findings_list_text
 from radgen.model.vision import FrozenVision, VisionFeatures
 
 __all__ = ["FORMAT", "RunError", "BuiltModel", "build_model", "save_trained", "load_run",
@@ -99,8 +102,6 @@ def build_model(cfg, encoder=None, with_lora: bool = True) -> BuiltModel:
     The projector gets the seeded default init of its layers; LoRA B matrices start at zero,
     so the stage-1 model is the frozen LLM reading projected image tokens.
     """
-    from radgen.jobs.features import load_encoder_spec
-
     if not cfg.encoder.spec and encoder is None:
         raise RunError("encoder.spec is not set (--encoder SPEC)")
     features = VisionFeatures(layer=int(cfg.encoder.layer), select=str(cfg.encoder.select),
@@ -205,8 +206,6 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", che
     from omegaconf import OmegaConf
     from peft import PeftModel
 
-    from radgen.jobs.features import load_encoder_spec
-
     run_dir = Path(run_dir)
     mj = run_dir / MODEL_JSON
     if not mj.is_file():
@@ -249,7 +248,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", che
 
 
 GENERATION_KEYS = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p",
-                   "repetition_penalty")
+                   "repetition_penalty", "line_guidance")
 
 
 def model_sha256(run_dir: str | os.PathLike) -> str:
@@ -268,7 +267,7 @@ def model_sha256(run_dir: str | os.PathLike) -> str:
 
 def generation_kwargs(settings: dict, tokens: ReportTokenizer) -> dict:
     """HF ``generate`` arguments from radgen's generation settings (greedy unless told otherwise)."""
-    kw = {k: settings[k] for k in GENERATION_KEYS if settings.get(k) is not None}
+    kw = {k: settings[k] for k in GENERATION_KEYS if settings.get(k) is not None and k != "line_guidance"}
     kw["max_new_tokens"] = int(kw.get("max_new_tokens", 160))
     kw["num_beams"] = int(kw.get("num_beams", 1))
     if not kw.get("do_sample"):
@@ -277,6 +276,23 @@ def generation_kwargs(settings: dict, tokens: ReportTokenizer) -> dict:
         kw["do_sample"] = False
     kw.update(pad_token_id=tokens.pad_id, eos_token_id=tokens.tokenizer.eos_token_id)
     return kw
+
+
+def line_guidance_scale(settings: dict, headed: bool) -> float:
+    """The ``line_guidance`` scale of the generation settings (1: off), checked: it needs a run
+    with a findings head (the line it guides on) and greedy or beam decoding
+    (:mod:`radgen.model.guidance`)."""
+    scale = float(settings.get("line_guidance") or 1.0)
+    if scale == 1.0:
+        return 1.0
+    if scale < 1.0:
+        raise RunError(f"line_guidance must be >= 1 (1: off), got {scale}")
+    if not headed:
+        raise RunError("line_guidance needs a run trained with tasks.findings_head (it guides the "
+                       "writer on the head's stated line)")
+    if settings.get("do_sample"):
+        raise RunError("line_guidance works with greedy or beam decoding, not with sampling")
+    return scale
 
 
 def generate_reports(built: BuiltModel, indications: list[str | None], settings: dict,
@@ -298,6 +314,13 @@ def generate_reports(built: BuiltModel, indications: list[str | None], settings:
                 vision_tokens = model.vision(pixel_values.to(device))
             pixel_values = None
         stated = [findings_list_text(d) for d in built.head.decide(vision_tokens.to(device))]
+    scale = line_guidance_scale(settings, headed=stated is not None)
+    kwargs = generation_kwargs(settings, built.tokens)
+    if scale != 1.0:  # each film twice: after its stated line, then after the neutral line
+        indications = list(indications) * 2
+        stated = stated + [NO_FINDING_LINE] * len(stated)
+        vision_tokens = torch.cat([vision_tokens, vision_tokens])
+        kwargs["logits_processor"] = LogitsProcessorList([PairedGuidance(scale)])
     batch = built.tokens.generation_batch(indications, stated)
     was_training = model.training
     model.eval()
@@ -305,9 +328,11 @@ def generate_reports(built: BuiltModel, indications: list[str | None], settings:
         out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                              pixel_values=None if pixel_values is None else pixel_values.to(device),
                              vision_tokens=None if vision_tokens is None else vision_tokens.to(device),
-                             **generation_kwargs(settings, built.tokens))
+                             **kwargs)
     finally:
         model.train(was_training)
+    if scale != 1.0:  # both halves hold the same tokens; keep the conditional one
+        out, stated = out[: len(out) // 2], stated[: len(stated) // 2]
     if stated is None:  # the LLM wrote the stated line itself (findings_first) or none
         pairs = [built.tokens.split_output(built.tokens.tokenizer.decode(row, skip_special_tokens=True))
                  for row in out]

@@ -16,7 +16,7 @@ from radgen.config import load_config
 from radgen.data.batching import epoch_batches, padding_fraction
 from radgen.data.reports import read_report_rows
 from radgen.data.synth.generate import generate_dataset
-from radgen.jobs.features import encoder_config, load_encoder_spec
+from encoder.specs import encoder_config, load_encoder_spec
 from radgen.jobs.train import run_train
 from radgen.model.llm import _without_system_turn, chat_prompt
 from radgen.model.oracle import ORACLE_DIM, OracleError, OracleVision, check_oracle_labels, oracle_tokens
@@ -65,10 +65,10 @@ def test_oracle_tokens_spell_the_labels():
 
 
 def test_oracle_is_refused_where_image_features_are_needed():
-    from radgen.jobs.features import FeatureJobError
+    from radgen.jobs.features import FeatureJobError, image_encoder
 
     with pytest.raises(FeatureJobError, match="labels control"):
-        load_encoder_spec("oracle")
+        image_encoder("oracle")
 
 
 @pytest.fixture(scope="module")

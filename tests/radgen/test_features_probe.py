@@ -16,8 +16,8 @@ from encoder.checkpoint import load_encoder, save_checkpoint
 from encoder.vit import ViTConfig, ViTEncoder
 from radgen.config import load_config
 from radgen.data.synth.generate import generate_dataset
-from radgen.jobs.features import (FeatureJobError, extract_features, load_encoder_spec,
-                                 load_features, random_like_spec)
+from encoder.specs import EncoderSpecError, load_encoder_spec, random_like_spec
+from radgen.jobs.features import FeatureJobError, extract_features, load_features
 from radgen.jobs.probe import (ProbeStudyError, format_report, resolve_encoders, run_probes, summarize,
                               write_report)
 
@@ -81,9 +81,9 @@ def test_encoder_specs(ckpt: Path):
     assert not _sd_equal(r0, load_encoder_spec(f"random-like:{ckpt}:1"))
     # same weights as encoder.checkpoint's own random: spec
     assert _sd_equal(load_encoder_spec("random:vit_tiny:56:3"), load_encoder("random:vit_tiny:56:3"))
-    with pytest.raises(FeatureJobError):
+    with pytest.raises(EncoderSpecError):
         load_encoder_spec("no/such/checkpoint.pt")
-    with pytest.raises(FeatureJobError):
+    with pytest.raises(EncoderSpecError):
         load_encoder_spec("random-like:" + str(ckpt))  # no seed
 
 

@@ -136,6 +136,17 @@ def test_generator_with_findings_head_states_the_oracle_findings(tmp_path_factor
         assert not r["findings"].startswith(("Positive:", "No finding"))  # the line is not in the findings
     loaded = load_run(out)
     assert loaded.head is not None and torch.equal(loaded.head.threshold, load_run(out).head.threshold)
+    # line guidance: the same stated lines, recorded in the settings; a film stated "No finding."
+    # decodes exactly as without guidance (its two rows are the same), the others stay in step
+    guided = data.parent / "guided.jsonl"
+    run_generate(out, data, guided, {"line_guidance": 3.0}, split="test", progress=False, batch_size=8,
+                 built=loaded)
+    plain = {r["id"]: r for r in recs}
+    for r in read_records(guided):
+        assert r["status"] == "ok" and r["stated"] == plain[r["id"]]["stated"]
+        assert r["settings"]["line_guidance"] == 3.0
+        if r["stated"] == "No finding.":
+            assert r["findings"] == plain[r["id"]]["findings"]
     if cache == "true":  # a merged run keeps its head (it states the lines its reports follow)
         from radgen.jobs.generate import merge_lora
 

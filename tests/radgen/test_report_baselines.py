@@ -237,7 +237,7 @@ def test_cli(synth, tmp_path, capsys, one_thread):
 
 def test_cli_takes_the_encoder_from_a_run_folder(synth, tmp_path, capsys, one_thread):
     from radgen.cli import main
-    from radgen.jobs.features import load_encoder_spec
+    from encoder.specs import load_encoder_spec
     from radgen.model.run import weights_sha256
 
     run = tmp_path / "run"
