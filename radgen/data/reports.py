@@ -21,7 +21,15 @@ from radgen.data.images import ImageLoadError, load_image
 from eval.chexpert import CHEXPERT_14
 from radgen.data.manifest import FEATURES, ManifestError, image_folder_dataset, read_manifest
 
-__all__ = ["ReportRow", "read_report_rows", "image_batches", "image_loader", "ImageBatch"]
+__all__ = ["ReportRow", "read_report_rows", "image_batches", "image_loader", "ImageBatch", "record_image_path"]
+
+
+def record_image_path(path: str, root: Path) -> str:
+    """The ``image`` of a per-row output record (generated reports, baseline reports): ``path``
+    relative to ``root`` (the manifest's or image folder's) when inside it, else as given.
+    Lexical: no symlink is followed, so a symlink loop or a broken link still gets its record."""
+    p, r = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    return str(p.relative_to(r)) if p.is_relative_to(r) else str(path)
 
 
 @dataclass

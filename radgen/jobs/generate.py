@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from encoder.io import atomic_write_text, install_folder
-from radgen.data.reports import ReportRow, image_batches, read_report_rows
+from radgen.data.reports import ReportRow, image_batches, read_report_rows, record_image_path
 from radgen.model.oracle import OracleError, check_oracle_labels
 from radgen.model.run import (GENERATION_KEYS, BuiltModel, RunError, generate_reports, generation_kwargs,
                               line_guidance_scale, load_run, model_sha256)
@@ -221,7 +221,7 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
             for k, b in enumerate(image_batches(mine, load_row, bs, workers)):
                 records = {}
                 for row, err in b.failures:
-                    records[row.id] = {"id": row.id, "image": _rel(row.image, root), "status": "error",
+                    records[row.id] = {"id": row.id, "image": record_image_path(row.image, root), "status": "error",
                                        "findings": None, **_ref(row), "error": err["error"],
                                        "reason": err["reason"], "model_sha256": mhash, "settings": rec_settings}
                 if b.pixel_values is not None:
@@ -236,7 +236,7 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
 
                     pairs = backoff.run(generate, len(b.rows))
                     for row, (stated, text) in zip(b.rows, pairs):
-                        records[row.id] = {"id": row.id, "image": _rel(row.image, root), "status": "ok",
+                        records[row.id] = {"id": row.id, "image": record_image_path(row.image, root), "status": "ok",
                                            "findings": text, **({"stated": stated} if stated else {}),
                                            **_ref(row), "model_sha256": mhash, "settings": rec_settings}
                 batch_rows = b.rows + [f[0] for f in b.failures]
@@ -262,13 +262,6 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
             "n_records": n_records, "seconds": round(seconds, 2), "batch_size": bs,
             "batch_size_final": backoff.size, "oom_backoffs": backoff.backoffs,
             "reports_per_s": round((n_ok + n_err) / seconds, 3) if seconds > 0 else None, "out": str(out)}
-
-
-def _rel(path: str, root: Path) -> str:
-    """``path`` relative to ``root`` when inside it (lexically: no symlink is followed, so a
-    symlink loop or a broken link still gets its record)."""
-    p, r = Path(os.path.abspath(path)), Path(os.path.abspath(root))
-    return str(p.relative_to(r)) if p.is_relative_to(r) else str(path)
 
 
 def _ref(row: ReportRow) -> dict:

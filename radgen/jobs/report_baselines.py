@@ -168,14 +168,6 @@ def _rows(data: Path, split: str, text_field: str):
     return rows
 
 
-def _rel(path: str, root: Path) -> str:
-    """The image path relative to the manifest's folder when it lies under it (as generate writes)."""
-    try:
-        return str(Path(path).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
-
-
 def _features_meta(fs) -> dict:
     keep = ("format", "encoder_sha256", "data_sha256", "split", "image_size", "pool", "layers",
             "precision", "dim", "n_rows", "n_features", "n_skipped", "seconds", "created")
@@ -212,6 +204,7 @@ def run_baselines(data: str | os.PathLike, encoder_spec: str, out: str | os.Path
     """
     from encoder.io import atomic_write_text
     from encoder.specs import encoder_config
+    from radgen.data.reports import record_image_path
     from radgen.jobs.features import extract_features
 
     t0 = time.perf_counter()
@@ -270,7 +263,7 @@ def run_baselines(data: str | os.PathLike, encoder_spec: str, out: str | os.Path
                 "nearest_neighbour": {**nn_settings, "train_split": train_split}}
     records: dict[str, list[dict]] = {b: [] for b in BASELINES}
     for r in test:
-        base = {"id": r.id, "image": _rel(r.image, root)}
+        base = {"id": r.id, "image": record_image_path(r.image, root)}
         ref = {"reference": r.text}
         records["normal_template"].append({**base, "status": "ok", "findings": NORMAL_TEMPLATE, **ref,
                                            "baseline": "normal_template", "settings": settings["normal_template"]})
