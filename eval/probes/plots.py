@@ -23,6 +23,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patheffects import withStroke
 from matplotlib.ticker import NullFormatter, NullLocator
 
+from eval.figures import save_png
+
 __all__ = [
     "CSV_COLUMNS",
     "model_colors",
@@ -96,8 +98,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI,
-                                                       bbox_inches="tight", facecolor="white"))
+    return save_png(fig, path, dpi=DPI)
 
 
 def _finite(v) -> bool:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from encoder.io import NotUTF8Error, atomic_write_bytes, atomic_write_text, read_utf8
+from encoder.io import NotUTF8Error, atomic_write_text, read_utf8
 from eval.chexpert.observations import CHEXPERT_14
 from eval.score import DEFAULT_METRICS, METRICS, ScoreOptions, compare, compute_outputs, summarise
 
@@ -231,13 +231,10 @@ def _csv(rows: list[dict]) -> str:
 
 
 def _save_png(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    from eval.figures import save_png
 
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=120, tight=False)
 
 
 def _plot_per_observation(result: dict, path: Path) -> None:

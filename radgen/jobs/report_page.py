@@ -226,11 +226,9 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    os.replace(tmp, path)
-    return path
+    from eval.figures import save_png
+
+    return save_png(fig, path, dpi=110)
 
 
 def plot_pretrain(log: list[dict], path: Path, title: str) -> Path:
