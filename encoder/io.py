@@ -9,11 +9,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from encoder.errors import InputError
+
 __all__ = ["CheckpointError", "NotUTF8Error", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "install_folder",
            "read_utf8"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint is missing, corrupt (checksum), unreadable or of another job's format."""
 
 
@@ -74,7 +76,7 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-class NotUTF8Error(ValueError):
+class NotUTF8Error(InputError):
     """A text file that is not UTF-8; ``line`` (1-based), ``offset`` and ``byte`` say where."""
 
     def __init__(self, line: int, offset: int, byte: int):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from encoder.checkpoint import CheckpointError, load_checkpoint, load_encoder
+from encoder.errors import InputError
 from encoder.pixels import is_pixels_spec, parse_pixels_spec, pixel_encoder
 from encoder.vit import ViTConfig, ViTEncoder
 
@@ -28,7 +29,7 @@ __all__ = ["EncoderSpecError", "SPEC_FORMS", "load_encoder_spec", "encoder_confi
 SPEC_FORMS = "random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed> / pixels[:<patch>]"
 
 
-class EncoderSpecError(ValueError):
+class EncoderSpecError(InputError):
     """An encoder spec that does not parse or names no checkpoint; the message says which."""
 
 

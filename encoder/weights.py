@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from encoder.errors import InputError
 from encoder.io import atomic_write_text
 from encoder.vit import ViTConfig, ViTEncoder, resample_pos_grid, square_size
 
@@ -75,7 +76,7 @@ def preprocessor_for(img_size: int) -> dict:
             "crop_size": {"height": img_size, "width": img_size}}
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weights folder or file is missing, malformed, or of a layout we do not support."""
 
 

@@ -218,12 +218,8 @@ def cmd_pixel_baseline(args) -> int:
 
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from encoder.io import CheckpointError
+    from encoder.errors import InputError
     from encoder.guards import TrainingStopped
-    from radgen.config import ConfigError
-    from radgen.data.images import ImageLoadError
-    from radgen.data.manifest import ManifestError
-    from radgen.jobs.evaluate import EvaluateError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["probe", "scaling"]:  # `radgen probe scaling` is `radgen probe-scaling`
@@ -236,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ManifestError, ImageLoadError, EvaluateError, CheckpointError) as exc:
+    except InputError as exc:  # every user-fixable error (encoder/errors.py): the message, exit 2
         print(f"radgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingStopped as exc:  # a NaN/inf loss or a collapse: the last good checkpoint is kept

@@ -16,12 +16,13 @@ from typing import Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from encoder.errors import InputError
 from encoder.io import atomic_write_text
 
 __all__ = ["ConfigError", "configs_dir", "load_config", "save_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override is invalid; the message says which and why."""
 
 

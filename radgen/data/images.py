@@ -22,6 +22,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from encoder.errors import InputError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageInfo",
@@ -50,7 +52,7 @@ DEFAULT_MAX_PIXELS = 16384 * 16384
 # ----------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------
-class ImageLoadError(ValueError):
+class ImageLoadError(InputError):
     """A file could not be turned into an image. ``code`` is a stable short name for records."""
 
     code = "load_error"

@@ -35,6 +35,7 @@ from typing import Iterable
 
 import datasets
 
+from encoder.errors import InputError
 from encoder.io import NotUTF8Error, read_utf8
 from eval.chexpert.observations import CHEXPERT_14, parse_label
 from radgen.data.images import IMAGE_EXTENSIONS
@@ -60,7 +61,7 @@ FEATURES = datasets.Features({
 })
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     def __init__(self, path: str | os.PathLike, reason: str, row: int | None = None):
         self.path, self.row, self.reason = str(path), row, reason
         where = f"{self.path}" + (f", row {row}" if row is not None else "")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from encoder.errors import InputError
 from eval.chexpert.observations import CHEXPERT_14
 from radgen.data.images import IMAGE_EXTENSIONS
 from radgen.data.manifest import ManifestError, image_folder_dataset, parse_labels
@@ -53,7 +54,7 @@ _DICOM_SUFFIXES = (".dcm", ".dicom")
 _IMAGE_SUFFIXES = tuple(e.lower() for e in IMAGE_EXTENSIONS)
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """A bad argument (not a bad file): a fraction out of range, an unknown extension."""
 
 

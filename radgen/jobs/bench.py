@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from encoder.errors import InputError
+
 __all__ = ["BenchError", "ORDER", "find_bench_dir", "list_scripts", "run_bench", "format_markdown",
            "add_bench_parser", "cmd_bench"]
 
@@ -43,7 +45,7 @@ STDERR_TAIL_LINES = 12
 GPU_CHECK = "gpu_check"  # bench/gpu_check.py: `radgen bench --gpu` (its steps have their own timeouts)
 
 
-class BenchError(Exception):
+class BenchError(InputError):
     """``radgen bench`` cannot run (no bench/ folder, unknown script name)."""
 
 
@@ -427,12 +429,8 @@ def cmd_bench(args) -> int:
     only = [n for item in args.only for n in item.split(",") if n.strip()] or None
     if args.gpu:
         only = [GPU_CHECK]
-    try:
-        result = run_bench(quick=args.quick, out_dir=args.out, only=only, threads=args.threads,
-                           timeout_s=args.timeout)
-    except BenchError as exc:
-        print(f"radgen bench: error: {exc}", file=sys.stderr)
-        return 2
+    result = run_bench(quick=args.quick, out_dir=args.out, only=only, threads=args.threads,
+                       timeout_s=args.timeout)
     print()
     print(format_markdown(result), end="")
     print(f"\nwritten: {result['files']['md']}, {result['files']['json']} (script logs in {result['files']['logs']})")

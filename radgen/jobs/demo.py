@@ -28,6 +28,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from encoder.errors import InputError
 from encoder.io import atomic_write_text
 from radgen.config import ConfigError, load_config, save_config
 from encoder.pixels import is_pixels_spec
@@ -40,7 +41,7 @@ MARKER = "stage.json"
 STARTED = ".stage-key"  # written when a stage starts: a partial folder with this key may resume
 
 
-class DemoError(ValueError):
+class DemoError(InputError):
     """The demo cannot run (bad settings, a foreign output folder); the message says why."""
 
 
@@ -406,20 +407,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_demo(args) -> int:
     preset = "quick" if args.quick else "full" if args.full else None
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
-    from encoder.checkpoint import CheckpointError
-    from encoder.specs import EncoderSpecError
-    from radgen.jobs.features import FeatureJobError
-    from radgen.jobs.generate import GenerateError
-    from radgen.jobs.probe import ProbeStudyError
-    from radgen.jobs.report_baselines import BaselinesError
-
-    try:
+    try:  # bad input of any stage: radgen.cli.main prints it and exits 2
         cfg = load_demo_config(preset, args.config, overrides)
         summary = run_demo(cfg, force=args.force, progress=not args.quiet)
-    except (DemoError, CheckpointError, EncoderSpecError, FeatureJobError, GenerateError, ProbeStudyError,
-            BaselinesError) as exc:
-        print(f"radgen demo: error: {exc}", file=sys.stderr)
-        return 2
     except DemoInterrupted as exc:
         print(f"radgen demo: {exc}; run the same command again to resume", file=sys.stderr)
         return 143

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from encoder.errors import InputError
 from encoder.io import NotUTF8Error, atomic_write_text, read_utf8
 from eval.chexpert.observations import CHEXPERT_14
 from eval.score import DEFAULT_METRICS, METRICS, ScoreOptions, compare, compute_outputs, summarise
@@ -29,7 +30,7 @@ MAX_REPORT_CHARS = 20_000  # ~10x the longest real findings section
 TEXT_FIELDS = ("report", "text", "findings", "prediction", "generated", "hypothesis", "reference")
 
 
-class EvaluateError(ValueError):
+class EvaluateError(InputError):
     """Bad input for ``radgen evaluate``; the message names the file and the reason."""
 
 
@@ -402,7 +403,7 @@ def cmd_evaluate(args) -> int:
         result = run_evaluate(args.predictions, args.references, args.out, metrics, args.compare,
                               args.allow_missing, args.id_field, args.text_field, args.ref_text_field, opts)
     except (ValueError, RuntimeError, OSError) as e:  # e.g. a bad CheXbert checkpoint: one clear line
-        if isinstance(e, EvaluateError):
+        if isinstance(e, InputError):  # already names the file and the reason
             raise
         raise EvaluateError(f"{type(e).__name__}: {e}") from e
     print(format_scores(result, f"radgen evaluate: {args.predictions} vs {args.references}"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from radgen.model.export import ExportError, check_exportable, export_llava, run_problems
@@ -74,24 +73,18 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_export(args) -> int:
-    from radgen.model.run import RunError
-
     settings = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
                 "repetition_penalty": args.repetition_penalty}
-    try:
-        if args.check:
-            problems = check_run(args.model, settings)
-            if problems:
-                print(f"export: {args.model} cannot be exported:\n  - " + "\n  - ".join(problems))
-                return 2
-            print(f"export: {args.model} can be exported as a plain transformers LLaVA folder")
-            return 0
-        if not args.out:
-            raise ExportError("--out is required")
-        m = run_export(args.model, args.out, settings, overwrite=args.overwrite, verify=not args.no_verify)
-    except (ExportError, RunError) as exc:
-        print(f"radgen export: error: {exc}", file=sys.stderr)
-        return 2
+    if args.check:
+        problems = check_run(args.model, settings)
+        if problems:
+            print(f"export: {args.model} cannot be exported:\n  - " + "\n  - ".join(problems))
+            return 2
+        print(f"export: {args.model} can be exported as a plain transformers LLaVA folder")
+        return 0
+    if not args.out:
+        raise ExportError("--out is required")
+    m = run_export(args.model, args.out, settings, overwrite=args.overwrite, verify=not args.no_verify)
     check = m.get("check")
     print(f"export: wrote {args.out} ({m['n_image_tokens']} image tokens at {m['image_size']} px, "
           f"projector {m['projector']})"

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from encoder.checkpoint import CheckpointError, weights_sha256
+from encoder.checkpoint import weights_sha256
+from encoder.errors import InputError
 from encoder.features import POOLS, encode, feature_dim, resolve_layers
 from encoder.inference import (PRECISIONS, bf16_supported, default_batch_size, prepare_encoder,
                                resolve_device, resolve_precision)
@@ -52,7 +53,7 @@ from encoder.processor import RadDinoProcessor
 from encoder.specs import EncoderSpecError, load_encoder_spec
 from encoder.vit import ViTEncoder
 from radgen.data.images import ImageLoadError, load_image
-from radgen.data.manifest import ManifestError, image_folder_dataset, read_manifest
+from radgen.data.manifest import image_folder_dataset, read_manifest
 
 __all__ = [
     "FORMAT", "FeatureJobError", "FeatureSet", "extract_features", "load_features",
@@ -70,7 +71,7 @@ _CACHE_KEYS = ("format", "encoder_sha256", "data_sha256", "split", "image_size",
 _CACHE_DEFAULTS = {"precision": "fp32"}
 
 
-class FeatureJobError(ValueError):
+class FeatureJobError(InputError):
     """Bad arguments or unusable outputs of the features job; the message says which."""
 
 
@@ -474,15 +475,11 @@ def add_features_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_features(args) -> int:
-    try:
-        fs = extract_features(args.encoder, args.data, args.out, args.image_size,
-                              batch_size=args.batch_size, pool=args.pool, layers=args.layers,
-                              split=args.split, progress=not args.quiet, workers=args.workers,
-                              loader=args.loader, device=args.device, precision=args.precision,
-                              compile=args.compile, overwrite=args.overwrite)
-    except (FeatureJobError, CheckpointError, ManifestError) as exc:
-        print(f"radgen features: error: {exc}", file=sys.stderr)
-        return 2
+    fs = extract_features(args.encoder, args.data, args.out, args.image_size,
+                          batch_size=args.batch_size, pool=args.pool, layers=args.layers,
+                          split=args.split, progress=not args.quiet, workers=args.workers,
+                          loader=args.loader, device=args.device, precision=args.precision,
+                          compile=args.compile, overwrite=args.overwrite)
     m = fs.meta
     how = "cached" if fs.cached else f"{m['seconds']:.1f} s, {m['images_per_s']} img/s"
     print(f"features: {len(fs.ids)} x {m['dim']} ({m['pool']}, layers {m['layers'] or 'final'}, "

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
+from encoder.errors import InputError
 from encoder.io import atomic_write_text, install_folder
 from radgen.data.reports import ReportRow, image_batches, read_report_rows, record_image_path
-from radgen.model.oracle import OracleError, check_oracle_labels
-from radgen.model.run import (GENERATION_KEYS, BuiltModel, RunError, generate_reports, generation_kwargs,
+from radgen.model.oracle import check_oracle_labels
+from radgen.model.run import (GENERATION_KEYS, BuiltModel, generate_reports, generation_kwargs,
                               line_guidance_scale, load_run, model_sha256)
 
 __all__ = ["run_generate", "read_records", "merge_lora", "add_generate_parser", "cmd_generate",
@@ -42,7 +43,7 @@ EXIT_FAILURES = 3
 CSV_FIELDS = ["id", "image", "status", "findings", "reference", "error", "reason", "model_sha256", "settings"]
 
 
-class GenerateError(ValueError):
+class GenerateError(InputError):
     """Bad arguments or an unusable output file; the message says which."""
 
 
@@ -358,28 +359,24 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> int:
-    try:
-        model_dir = args.model
+    model_dir = args.model
+    if args.merge_lora:
+        model_dir = str(merge_lora(args.model, args.merge_lora))
+        print(f"generate: merged LoRA into a standalone run folder {model_dir}")
+    if not args.images:
         if args.merge_lora:
-            model_dir = str(merge_lora(args.model, args.merge_lora))
-            print(f"generate: merged LoRA into a standalone run folder {model_dir}")
-        if not args.images:
-            if args.merge_lora:
-                return 0
-            raise GenerateError("--images is required")
-        if not args.out:
-            raise GenerateError("--out is required")
-        settings = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
-                    "do_sample": True if args.sample else None, "temperature": args.temperature,
-                    "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
-                    "line_guidance": args.line_guidance}
-        s = run_generate(model_dir, args.images, args.out, settings, batch_size=args.batch_size,
-                         split=args.split, resume=args.resume, overwrite=args.overwrite,
-                         workers=args.workers, device=args.device, precision=args.precision,
-                         seed=args.seed, progress=not args.quiet, trust_remote_code=args.trust_remote_code)
-    except (GenerateError, RunError, OracleError) as exc:
-        print(f"radgen generate: error: {exc}", file=sys.stderr)
-        return 2
+            return 0
+        raise GenerateError("--images is required")
+    if not args.out:
+        raise GenerateError("--out is required")
+    settings = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
+                "do_sample": True if args.sample else None, "temperature": args.temperature,
+                "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+                "line_guidance": args.line_guidance}
+    s = run_generate(model_dir, args.images, args.out, settings, batch_size=args.batch_size,
+                     split=args.split, resume=args.resume, overwrite=args.overwrite,
+                     workers=args.workers, device=args.device, precision=args.precision,
+                     seed=args.seed, progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     if s["rank"] != 0:
         return 0
     print(f"generate: {s['n_ok']} report(s), {s['n_failed']} unreadable input(s) in {s['seconds']} s "

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from encoder.checkpoint import CheckpointError
+from encoder.errors import InputError
 from encoder.features import POOLS
 from encoder.io import atomic_write_text
 from eval.chexpert.observations import CHEXPERT_14
@@ -44,12 +44,12 @@ from eval.probes.regress import ridge_probe
 from eval.probes.result import HIGHER_IS_BETTER, ProbeScore
 from eval.probes.segment import position_features, segmentation_probe
 from radgen.data.images import ImageLoadError, load_image, pixel_features
-from radgen.data.manifest import ManifestError, read_manifest
-from encoder.specs import EncoderSpecError, encoder_config, random_like_spec
+from radgen.data.manifest import read_manifest
+from encoder.specs import encoder_config, random_like_spec
 from radgen.jobs.features import FeatureJobError, extract_features
 
 __all__ = ["PROBES", "ProbeStudyError", "ProbeRun", "is_random_spec", "run_probes", "summarize",
-           "format_report", "headline", "write_report", "resolve_encoders", "add_probe_parser",
+           "format_report", "headline", "write_report", "resolve_encoders", "add_probe_parser", "add_probe_args",
            "cmd_probe"]
 
 PROBES = ("logistic", "knn", "ridge", "segment")
@@ -57,7 +57,7 @@ SEX = "sex (F)"
 SYNTH_STRUCTURES = {1: "right_lung", 2: "left_lung", 3: "heart"}
 
 
-class ProbeStudyError(ValueError):
+class ProbeStudyError(InputError):
     """Bad arguments or data for the probes; the message says which."""
 
 
@@ -473,7 +473,8 @@ def write_report(run: ProbeRun, out: str | os.PathLike, meta: dict, title: str =
 # ----------------------------------------------------------------------------------------------
 # Command line (wired into radgen/cli.py by add_probe_parser)
 # ----------------------------------------------------------------------------------------------
-def _add_probe_args(p: argparse.ArgumentParser) -> None:
+def add_probe_args(p: argparse.ArgumentParser) -> None:
+    """The probe options `radgen probe` and `radgen probe scaling` share (one definition)."""
     p.add_argument("--data", required=True, metavar="DIR", help="manifest file or folder with train/validate/test rows")
     p.add_argument("--probes", default=",".join(PROBES),
                    help=f"comma-separated probes to run (default {','.join(PROBES)})")
@@ -520,7 +521,7 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int,
                    help="preprocessing size (default: the first encoder's img_size, else 224)")
     p.add_argument("--out", metavar="DIR", help="write probe.json/.csv/.md and PNG plots here")
-    _add_probe_args(p)
+    add_probe_args(p)
     p.set_defaults(func=cmd_probe)
     return p
 
@@ -577,16 +578,12 @@ def probe_kwargs(args) -> dict:
 
 def cmd_probe(args) -> int:
     t0 = time.perf_counter()
-    try:
-        encoders, image_size = resolve_encoders(_parse_encoders(args.encoder), args.random_seeds,
-                                                args.random_arch, args.image_size)
-        if not encoders:
-            raise ProbeStudyError("give at least one --encoder (or --random-seeds with --random-arch)")
-        cache = args.cache_dir or (str(Path(args.out) / "features") if args.out else None)
-        run = run_probes(args.data, encoders, image_size, cache_dir=cache, **probe_kwargs(args))
-    except (ProbeStudyError, FeatureJobError, EncoderSpecError, CheckpointError, ManifestError) as exc:
-        print(f"radgen probe: error: {exc}", file=sys.stderr)
-        return 2
+    encoders, image_size = resolve_encoders(_parse_encoders(args.encoder), args.random_seeds,
+                                            args.random_arch, args.image_size)
+    if not encoders:
+        raise ProbeStudyError("give at least one --encoder (or --random-seeds with --random-arch)")
+    cache = args.cache_dir or (str(Path(args.out) / "features") if args.out else None)
+    run = run_probes(args.data, encoders, image_size, cache_dir=cache, **probe_kwargs(args))
     title = f"Frozen-feature probes, image {image_size}, pool {args.pool} (test split, 95% bootstrap CIs)"
     print(format_report(run, title=title))
     if args.out:

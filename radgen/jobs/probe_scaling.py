@@ -137,7 +137,7 @@ def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], f
 
 
 def add_scaling_parser(subparsers) -> argparse.ArgumentParser:
-    from radgen.jobs.probe import _add_probe_args
+    from radgen.jobs.probe import add_probe_args
 
     p = subparsers.add_parser(
         "probe-scaling", help="pretrain on nested fractions of the data, probe each (also: radgen probe scaling)",
@@ -150,7 +150,7 @@ def add_scaling_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
                    help="fractions of the train split (default 0.25 0.5 1.0)")
     p.add_argument("--random-seeds", type=int, default=2, help="random-init controls (default 2)")
-    _add_probe_args(p)
+    add_probe_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="encoder config overrides")
     p.set_defaults(func=cmd_scaling)
     return p

@@ -43,6 +43,8 @@ from typing import Sequence
 
 import numpy as np
 
+from encoder.errors import InputError
+
 __all__ = [
     "NORMAL_TEMPLATE", "FORMAT", "BASELINES", "DEFAULT_POOL", "TIE_TOLERANCE", "BaselinesError", "normalise_text",
     "most_common_report", "nearest_neighbours", "nearest_neighbour_reports", "run_baselines", "run_encoder",
@@ -63,7 +65,7 @@ REFERENCES_FILE, META_FILE = "references.jsonl", "meta.json"
 _CHUNK_ELEMENTS = 1 << 25  # query x train similarities held at once (float64: 256 MiB)
 
 
-class BaselinesError(ValueError):
+class BaselinesError(InputError):
     """Bad input for ``radgen baselines``; the message names the file and the reason."""
 
 
@@ -369,21 +371,12 @@ def add_baselines_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_baselines(args) -> int:
-    from encoder.checkpoint import CheckpointError
-    from radgen.data.manifest import ManifestError
-    from encoder.specs import EncoderSpecError
-    from radgen.jobs.features import FeatureJobError
-
-    try:
-        run = run_encoder(args.model) if args.model else {"spec": args.encoder, "image_size": None, "sha256": None}
-        meta = run_baselines(args.data, run["spec"], args.out, split=args.split, train_split=args.train_split,
-                             image_size=args.image_size or run["image_size"], pool=args.pool,
-                             text_field=args.text_field, batch_size=args.batch_size, workers=args.workers,
-                             device=args.device, precision=args.precision, overwrite=args.overwrite,
-                             progress=not args.quiet, expect_encoder_sha256=run["sha256"])
-    except (BaselinesError, FeatureJobError, EncoderSpecError, CheckpointError, ManifestError) as exc:
-        print(f"radgen baselines: error: {exc}", file=sys.stderr)
-        return 2
+    run = run_encoder(args.model) if args.model else {"spec": args.encoder, "image_size": None, "sha256": None}
+    meta = run_baselines(args.data, run["spec"], args.out, split=args.split, train_split=args.train_split,
+                         image_size=args.image_size or run["image_size"], pool=args.pool,
+                         text_field=args.text_field, batch_size=args.batch_size, workers=args.workers,
+                         device=args.device, precision=args.precision, overwrite=args.overwrite,
+                         progress=not args.quiet, expect_encoder_sha256=run["sha256"])
     c, mc, nn = meta["counts"], meta["most_common"], meta["nearest_neighbour"]
     text = mc["text"] if len(mc["text"]) <= 100 else mc["text"][:97] + "..."
     print(f"baselines: {c['test_rows_scored']} {meta['split']!r} reports against {c['train_reports']} "

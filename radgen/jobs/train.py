@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -43,11 +44,11 @@ from encoder.inference import resolve_device, resolve_precision, set_determinist
 from encoder.io import atomic_write_text
 from encoder.specs import is_generated_spec
 from encoder.train import cosine_schedule
-from radgen.config import ConfigError, save_config
+from radgen.config import ConfigError, load_config, save_config
 from radgen.data.batching import epoch_batches
 from radgen.data.reports import ReportRow, image_batches, read_report_rows
 from radgen.model.prompt import findings_list_text, has_labels, normal_sentences, positive_findings
-from radgen.model.oracle import OracleError, check_oracle_labels, is_oracle_spec
+from radgen.model.oracle import check_oracle_labels, is_oracle_spec
 from radgen.model.run import (ADAPTER_DIR, MODEL_JSON, BuiltModel, RunError, build_model, generate_reports,
                               line_guidance_scale, save_trained)
 
@@ -114,6 +115,10 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
             errors.append(f"{name}.max_steps must be >= 0")
         if float(st.lr) <= 0:
             errors.append(f"{name}.lr must be > 0")
+        if not 0 <= float(st.get("decay_ratio") or 0.0) < 1:
+            errors.append(f"{name}.decay_ratio must be in [0, 1)")
+        elif float(st.warmup_ratio) + float(st.get("decay_ratio") or 0.0) > 1:
+            errors.append(f"{name}: warmup_ratio + decay_ratio must be <= 1 (no steps left at the full rate)")
         if str(st.task) not in STAGE_TASKS:
             errors.append(f"{name}.task {st.task!r}: choose one of {list(STAGE_TASKS)}")
     if int(cfg.tasks.repeat_abnormal) < 1:
@@ -204,13 +209,24 @@ def training_examples(rows: list[ReportRow], tasks, tokens, task: str = "report"
     return out
 
 
+def lr_schedule(base: float, final: float, total: int, warmup: int, decay_ratio: float = 0.0) -> np.ndarray:
+    """Per-step learning rates (total,): linear warm-up over ``warmup`` steps, then cosine from
+    ``base`` to ``final``; with ``decay_ratio`` > 0, warm-up, constant ``base``, then linear to
+    ``final`` over the last ``round(decay_ratio * total)`` steps (warmup-stable-decay)."""
+    decay = int(round(decay_ratio * total))
+    if decay <= 0 or total - decay < warmup:
+        return cosine_schedule(base, final, total, warmup) if total else np.zeros(0)
+    stable = cosine_schedule(base, base, total - decay, warmup)
+    return np.concatenate([stable, np.linspace(base, final, decay + 1)[1:]])
+
+
 def _stage_plan(cfg: DictConfig, stage: str, n_train: int, world: int) -> dict:
     st = cfg[stage]
     global_batch = int(st.batch_size) * int(st.accum_steps) * world
     per_epoch = max(1, math.ceil(n_train / global_batch))
     total = int(math.ceil(float(st.epochs) * per_epoch)) if st.max_steps is None else int(st.max_steps)
     warmup = int(math.ceil(float(st.warmup_ratio) * total))
-    lr = cosine_schedule(float(st.lr), float(st.min_lr), total, warmup) if total else []
+    lr = lr_schedule(float(st.lr), float(st.min_lr), total, warmup, float(st.get("decay_ratio") or 0.0))
     return {"global_batch": global_batch, "per_epoch": per_epoch, "total": total, "lr": lr}
 
 
@@ -377,7 +393,7 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
             return {**summary, "status": "already-complete", "rank": rank}
     state = load_latest_checkpoint(out / STATE_FILE, fmt=STATE_FORMAT)
     if state is not None:
-        if _core(state["config"]) != _core(OmegaConf.to_container(cfg, resolve=True)):
+        if _core(_with_defaults(state["config"])) != _core(OmegaConf.to_container(cfg, resolve=True)):
             raise ConfigError(f"{out} holds a run with a different config; resume it with the same "
                               "config or choose a new --out")
 
@@ -494,6 +510,13 @@ def _truncate_samples(path: Path, stage_i: int, step: int) -> None:
         if (STAGES.index(r["stage"]), int(r["step"])) <= (stage_i, step):
             keep.append(line + "\n")
     atomic_write_text(path, "".join(keep))
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A saved config with the keys added to ``configs/reportgen/default.yaml`` since it was written
+    filled in at their defaults (a key a newer version added does not block a resume)."""
+    merged = OmegaConf.merge(OmegaConf.to_container(load_config("reportgen")), saved)
+    return OmegaConf.to_container(merged, resolve=True)
 
 
 def _core(cfg: dict) -> dict:
@@ -699,20 +722,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from radgen.config import load_config
-
     flags = [f"data.path={args.data}"] if args.data else []
     flags += [f"encoder.spec={args.encoder}"] if args.encoder else []
     flags += [f"out={args.out}"] if args.out else []
-    from radgen.model.llm import LLMError
-    from radgen.model.run import RunError
-
     cfg = load_config("reportgen", args.config, flags + list(args.overrides))
-    try:
-        summary = run_train(cfg, progress=not args.quiet)
-    except (RunError, LLMError, OracleError) as exc:
-        print(f"radgen train: error: {exc}", file=sys.stderr)
-        return 2
+    summary = run_train(cfg, progress=not args.quiet)
     if summary["rank"] != 0:
         return 143 if summary["status"] == "preempted" else 0
     if summary["status"] == "already-complete":

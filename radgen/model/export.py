@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from encoder.errors import InputError
 from encoder.io import atomic_write_text, install_folder
 from encoder.vit import ViTConfig
 from encoder.weights import HF_POS_INTERP, preprocessor_for, save_hf_dinov2
@@ -85,7 +86,7 @@ LOGIT_TOLERANCE = 1e-3
 _PROMPT_SENSITIVE = ("repetition_penalty",)
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A run cannot be exported as a plain LLaVA folder, or the export failed its check."""
 
 

@@ -48,7 +48,9 @@ class PairedGuidance:
         if n % 2:
             raise ValueError(f"line guidance needs an even batch of (cond, uncond) rows, got {n}")
         b = n // 2
-        guided = guided_scores(scores[:b], scores[b:], self.scale)
-        # tokens masked to -inf in the conditional row (suppressed ids) stay masked
-        guided = guided.masked_fill(torch.isneginf(scores[:b]), float("-inf"))
+        cond, uncond = scores[:b], scores[b:]
+        guided = guided_scores(cond, uncond, self.scale)
+        # a token masked (-inf) in either row of the pair is not produced (suppressed ids are masked
+        # in both; the clamp in guided_scores would otherwise give a one-sided mask a huge lead)
+        guided = guided.masked_fill(torch.isneginf(cond) | torch.isneginf(uncond), float("-inf"))
         return torch.cat([guided, guided]).to(scores.dtype)

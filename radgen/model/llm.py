@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from encoder.errors import InputError
 from encoder.io import atomic_write_text, install_folder
 
 if TYPE_CHECKING:  # heavy imports stay out of module import time (`radgen info`, CLI start-up)
@@ -65,7 +66,7 @@ __all__ = [
 ]
 
 
-class LLMError(ValueError):
+class LLMError(InputError):
     """An LLM spec, folder or package is unusable; the message says which and what to do."""
 
 

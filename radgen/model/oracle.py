@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from encoder.errors import InputError
 from eval.chexpert import CHEXPERT_14
 
 __all__ = ["ORACLE_SPEC", "ORACLE_DIM", "is_oracle_spec", "oracle_tokens", "OracleVision",
@@ -30,7 +31,7 @@ VALUES = (1, 0, -1, None)  # positive, negative, uncertain, not mentioned
 ORACLE_DIM = len(CHEXPERT_14) + len(VALUES)
 
 
-class OracleError(ValueError):
+class OracleError(InputError):
     """The oracle control cannot run on this data (no labels); the message says why."""
 
 

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import LogitsProcessorList
 
 from encoder.checkpoint import weights_sha256
+from encoder.errors import InputError
 from encoder.io import atomic_write_bytes, atomic_write_text, install_folder
 from encoder.specs import load_encoder_spec
 from radgen.model.findings_head import FindingsHead
@@ -48,7 +49,7 @@ MODEL_JSON, PROJECTOR_FILE, ADAPTER_DIR = "model.json", "projector.safetensors",
 HEAD_FILE = "findings_head.safetensors"
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """A run folder is missing, incomplete, or its frozen parts changed; the message says which."""
 
 
@@ -282,11 +283,12 @@ def line_guidance_scale(settings: dict, headed: bool) -> float:
     """The ``line_guidance`` scale of the generation settings (1: off), checked: it needs a run
     with a findings head (the line it guides on) and greedy or beam decoding
     (:mod:`radgen.model.guidance`)."""
-    scale = float(settings.get("line_guidance") or 1.0)
+    value = settings.get("line_guidance")
+    scale = 1.0 if value is None else float(value)
+    if not (math.isfinite(scale) and scale >= 1.0):
+        raise RunError(f"line_guidance must be a number >= 1 (1: off), got {value!r}")
     if scale == 1.0:
         return 1.0
-    if scale < 1.0:
-        raise RunError(f"line_guidance must be >= 1 (1: off), got {scale}")
     if not headed:
         raise RunError("line_guidance needs a run trained with tasks.findings_head (it guides the "
                        "writer on the head's stated line)")
@@ -320,6 +322,8 @@ def generate_reports(built: BuiltModel, indications: list[str | None], settings:
         indications = list(indications) * 2
         stated = stated + [NO_FINDING_LINE] * len(stated)
         vision_tokens = torch.cat([vision_tokens, vision_tokens])
+        from transformers import LogitsProcessorList
+
         kwargs["logits_processor"] = LogitsProcessorList([PairedGuidance(scale)])
     batch = built.tokens.generation_batch(indications, stated)
     was_training = model.training

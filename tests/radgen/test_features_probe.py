@@ -357,8 +357,9 @@ def test_cli_parsers(synth: Path, ckpt: Path, tmp_path: Path, capsys):
                               "--image-size", "56", "--split", "validate", "--quiet"])
     assert args.func(args) == 0
     assert "12 x 32" in capsys.readouterr().out and load_features(feats).meta["split"] == "validate"
-    args = parser.parse_args(["features", "--encoder", "nope.pt", "--data", str(synth), "--out", str(feats)])
-    assert args.func(args) == 2 and "nope.pt" in capsys.readouterr().err
+    from radgen.cli import main  # user-fixable errors map to exit 2 in one place, the CLI's entry point
+    assert main(["features", "--encoder", "nope.pt", "--data", str(synth), "--out", str(feats)]) == 2
+    assert "nope.pt" in capsys.readouterr().err
 
     out = tmp_path / "p"
     args = parser.parse_args(["probe", "--data", str(synth), "--encoder", f"pretrained={ckpt}",
@@ -378,8 +379,8 @@ def test_cli_parsers(synth: Path, ckpt: Path, tmp_path: Path, capsys):
 
     enc, size = resolve_encoders({}, random_seeds=2, random_arch="vit_tiny", image_size=112)
     assert enc == {"random-0": "random:vit_tiny:112:0", "random-1": "random:vit_tiny:112:1"} and size == 112
-    args = parser.parse_args(["probe", "--data", str(synth), "--random-seeds", "1"])
-    assert args.func(args) == 2 and "random-arch" in capsys.readouterr().err
+    assert main(["probe", "--data", str(synth), "--random-seeds", "1"]) == 2
+    assert "random-arch" in capsys.readouterr().err
 
 
 def test_pretrain_study_end_to_end(tmp_path):

@@ -55,3 +55,14 @@ def test_train_config_refuses_line_guidance_without_a_head():
                                                       "generate.line_guidance=2"])
     with pytest.raises(ConfigError, match="line_guidance"):
         validate_config(cfg, check_files=False)
+
+
+
+def test_line_guidance_rejects_non_numbers_and_a_row_masked_only_unconditionally():
+    for bad in (0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(RunError, match=">= 1"):
+            line_guidance_scale({"line_guidance": bad}, headed=True)
+    scores = torch.zeros(2, 5)
+    scores[1, 2] = float("-inf")  # masked in the unconditional row only: not produced
+    out = PairedGuidance(3.0)(torch.zeros(2, 1, dtype=torch.long), scores)
+    assert torch.equal(out[0], out[1]) and torch.isneginf(out[0, 2]) and torch.isfinite(out[0, [0, 1, 3, 4]]).all()

@@ -548,3 +548,33 @@ def test_generate_halves_the_batch_when_out_of_memory(tmp_path, synth, small_run
     with pytest.raises(g.GenerateError, match="out of GPU memory at batch size 1"):
         run_generate(small_run, synth, tmp_path / "none.jsonl", split="train", progress=False, workers=0,
                      batch_size=4)
+
+
+def test_lr_schedule_warmup_stable_decay():
+    """stage.decay_ratio: warm-up, constant, then linear to min_lr over the last share of the
+    steps; 0 keeps the cosine schedule."""
+    import numpy as np
+
+    from encoder.train import cosine_schedule
+    from radgen.jobs.train import lr_schedule
+
+    s = lr_schedule(1.0, 0.0, 10, warmup=2, decay_ratio=0.2)
+    assert np.allclose(s, [0.0, 0.5, 1, 1, 1, 1, 1, 1, 0.5, 0.0])
+    assert np.allclose(lr_schedule(1.0, 0.1, 10, 2, 0.0), cosine_schedule(1.0, 0.1, 10, 2))
+    assert len(lr_schedule(1.0, 0.0, 0, 0, 0.5)) == 0
+
+
+def test_resume_check_fills_keys_added_since_the_checkpoint():
+    """A run saved before a config key existed (here stage2.decay_ratio) still resumes: the saved
+    config is read with today's defaults for keys it does not have."""
+    from omegaconf import OmegaConf
+
+    from radgen.config import load_config
+    from radgen.jobs.train import _core, _with_defaults
+
+    cfg = OmegaConf.to_container(load_config("reportgen", ["cpu_smollm2"], ["out=x", "data.path=y"]), resolve=True)
+    old = OmegaConf.to_container(OmegaConf.create(cfg))
+    del old["stage2"]["decay_ratio"], old["tasks"]["finding_sentence_weight"]
+    assert _core(_with_defaults(old)) == _core(cfg)
+    old["stage2"]["lr"] = 1.0  # a real difference still refuses
+    assert _core(_with_defaults(old)) != _core(cfg)
