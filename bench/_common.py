@@ -1,6 +1,6 @@
 """Shared by every bench script: the one row shape that ``--json FILE`` writes (read by ``radgen bench``).
 
-A result row is a dict with these keys (``radgen.jobs.bench`` reads nothing else):
+A result row is a dict with these keys (``radgen.bench`` reads nothing else):
 
 * ``bench``: the script's name without ``.py`` (``"encoder_forward"``);
 * ``case``: what was measured, short (``"224px b8 fp32"``);

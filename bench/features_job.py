@@ -11,7 +11,7 @@ same weights: a randomly initialised ``Dinov2Model`` with rad-dino's config save
   ``AutoModel.from_pretrained(folder)`` once, then per image ``Image.open(path)``,
   ``processor(images=img, return_tensors="pt")``, ``model(**inputs)`` under
   ``torch.inference_mode()``, ``outputs.pooler_output`` (the CLS embedding).
-* **ours**: :func:`radgen.jobs.features.extract_features` (what ``radgen features`` runs) on a folder
+* **ours**: :func:`radgen.features.extract_features` (what ``radgen features`` runs) on a folder
   of the same files, in this process, with its defaults unless ``--ours`` names variants
   (e.g. ``workers=0`` or ``workers=1,loader=thread,batch_size=4``).
 
@@ -87,7 +87,7 @@ def model_card(folder: Path, paths: list[Path]) -> tuple[dict[str, np.ndarray], 
 
 
 def ours(folder: Path, data: Path, variant: dict) -> tuple[dict[str, np.ndarray], float, dict]:
-    from radgen.jobs.features import extract_features
+    from radgen.features import extract_features
 
     fs = extract_features(str(folder), data, None, 518, progress=False, **variant)
     return dict(zip(fs.ids, fs.features)), fs.meta["seconds"], fs.meta

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from encoder.io import CheckpointError, atomic_write_bytes, atomic_write_text
-from encoder.vit import ViTConfig, ViTEncoder
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint", "load_encoder", "weights_sha256", "FORMAT"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint", "weights_sha256", "FORMAT"]
 
 FORMAT = "radgen-encoder/1"
 
@@ -123,31 +122,6 @@ def load_latest_checkpoint(path: str | os.PathLike, fmt: str = FORMAT) -> dict |
     if errors:
         raise CheckpointError("no checkpoint verifies: " + "; ".join(errors))
     return None
-
-
-def load_encoder(path: str | os.PathLike, which: str = "teacher") -> ViTEncoder:
-    """A backbone from a checkpoint file, a HF Dinov2 folder, or ``random:<arch>:<img_size>:<seed>``.
-
-    ``which`` picks the teacher (default; DINOv2 evaluates the teacher) or the student.
-    """
-    spec = str(path)
-    if spec.startswith("random:"):  # parsed in one place (encoder/specs.py), the caller's RNG untouched
-        from encoder.specs import parse_random, random_encoder
-
-        return random_encoder(*parse_random(spec))
-    p = Path(path)
-    if p.is_dir():
-        from encoder.weights import load_hf_dinov2
-
-        return load_hf_dinov2(p)
-    ckpt = load_checkpoint(p)
-    model = ViTEncoder(ViTConfig(**ckpt["vit_config"]))
-    prefix = f"{which}.backbone."
-    sd = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    if not sd:
-        raise CheckpointError(f"{p}: no {which} backbone weights in checkpoint")
-    model.load_state_dict(sd)
-    return model
 
 
 def weights_sha256(module: torch.nn.Module) -> str:

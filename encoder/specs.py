@@ -1,6 +1,6 @@
 """Encoder specs: one string names every encoder the project reads features from.
 
-* a training checkpoint file or a Hugging Face Dinov2 folder (:func:`encoder.checkpoint.load_encoder`);
+* a training checkpoint file or a Hugging Face Dinov2 folder (:func:`load_encoder`);
 * ``random:<arch>:<img_size>:<seed>``: a seeded random init of a named architecture;
 * ``random-like:<spec>:<seed>``: a seeded random init with exactly the ``ViTConfig`` of ``<spec>``
   (arch, patch size, img_size, registers, ...): the fair untrained control for a pretrained encoder;
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from encoder.checkpoint import CheckpointError, load_checkpoint, load_encoder
+from encoder.checkpoint import CheckpointError, load_checkpoint
 from encoder.errors import InputError
 from encoder.pixels import is_pixels_spec, parse_pixels_spec, pixel_encoder
 from encoder.vit import ViTConfig, ViTEncoder
 
-__all__ = ["EncoderSpecError", "SPEC_FORMS", "load_encoder_spec", "encoder_config", "random_encoder",
+__all__ = ["EncoderSpecError", "SPEC_FORMS", "load_encoder_spec", "load_encoder", "encoder_config", "random_encoder",
            "random_like_spec", "is_generated_spec", "parse_random"]
 
 SPEC_FORMS = "random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed> / pixels[:<patch>]"
@@ -114,6 +114,29 @@ def encoder_config(spec: str) -> ViTConfig:
     if p.is_dir():
         return load_encoder(p).cfg
     raise _missing(spec)
+
+
+def load_encoder(path: str | Path, which: str = "teacher") -> ViTEncoder:
+    """A backbone from a training checkpoint file or a HF Dinov2 folder (``random:`` specs too).
+
+    ``which`` picks the teacher (default; DINOv2 evaluates the teacher) or the student.
+    """
+    spec = str(path)
+    if spec.startswith("random:"):
+        return random_encoder(*parse_random(spec))
+    p = Path(path)
+    if p.is_dir():
+        from encoder.weights import load_hf_dinov2
+
+        return load_hf_dinov2(p)
+    ckpt = load_checkpoint(p)
+    model = ViTEncoder(ViTConfig(**ckpt["vit_config"]))
+    prefix = f"{which}.backbone."
+    sd = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not sd:
+        raise CheckpointError(f"{p}: no {which} backbone weights in checkpoint")
+    model.load_state_dict(sd)
+    return model
 
 
 def load_encoder_spec(spec: str, which: str = "teacher") -> ViTEncoder:

@@ -50,6 +50,7 @@ from encoder.distributed import (
 from encoder.guards import CollapseGuard, NonFiniteGuard, train_config_errors
 from encoder.inference import resolve_device, resolve_precision, set_deterministic
 from encoder.io import atomic_write_text
+from encoder.loop import StopSignal, fmt_number, tensorboard_writer, truncate_csv_log
 from encoder.masking import MASK_STYLES
 from encoder.ssl import SSLConfig, SSLMetaArch, logs_to_host
 from encoder.vit import ViTConfig, ViTEncoder
@@ -368,28 +369,6 @@ def resolve_mask_style(cfg: DictConfig, saved_config: dict | None) -> str:
     return saved
 
 
-class _Preempted:
-    """SIGTERM sets a flag; the loop saves a checkpoint after the current step and exits."""
-
-    def __init__(self):
-        self.flag = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread (e.g. some test runners)
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 def train(cfg: DictConfig, images: Dataset) -> dict:
     """Pretrain on ``images`` (items: float tensors (1, H, W) in [0, 1]); returns a summary."""
     validate_config(cfg)
@@ -451,12 +430,12 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
 
     log_path = out / "log.csv"
     if rank == 0:
-        _truncate_log(log_path, start)
+        truncate_csv_log(log_path, LOG_FIELDS, keep=lambda r: int(r["step"]) < start)
     logf = open(log_path, "a", newline="") if rank == 0 else None
     writer = csv.DictWriter(logf, LOG_FIELDS) if logf else None
     if writer and log_path.stat().st_size == 0:
         writer.writeheader()
-    tb = _tensorboard(out) if rank == 0 else None
+    tb = tensorboard_writer(out) if rank == 0 else None
 
     saved = {"step": start if ckpt_path.is_file() else None}
     nonfinite = NonFiniteGuard(str(cfg.train.on_nonfinite), int(cfg.train.max_nonfinite_skips))
@@ -486,7 +465,7 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     logs: dict = {}
     status = "finished"
     t_last = time.perf_counter()
-    with _Preempted() as pre:
+    with StopSignal() as pre:
         for step in range(start, stop_at):
             torch.manual_seed(_mix(cfg.seed, 2, step, rank))  # drop-path etc.: exact on resume
             lr, wd = float(sched.lr[step]), float(sched.wd[step])
@@ -547,7 +526,7 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
             t_last = now
             logs = acc
             if writer and (step % cfg.train.log_every == 0 or step == stop_at - 1):
-                writer.writerow({k: _fmt(acc.get(k)) for k in LOG_FIELDS})
+                writer.writerow({k: fmt_number(acc.get(k)) for k in LOG_FIELDS})
                 logf.flush()
                 if tb:
                     for k in LOG_FIELDS[4:]:
@@ -573,32 +552,3 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
         tb.close()
     return {"status": status, "steps": done, "total_steps": total, "checkpoint": str(ckpt_path),
             "last": logs, "rank": rank, "world_size": world, "strategy": strategy, "precision": precision, "device": str(device)}
-
-
-def _fmt(v):
-    return f"{v:.6g}" if isinstance(v, float) else v
-
-
-def _truncate_log(path: Path, start: int) -> None:
-    """Keep only rows before ``start`` so a resumed run's log reads like an uninterrupted one."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, LOG_FIELDS)
-    w.writeheader()
-    for r in rows:
-        if int(r["step"]) < start:
-            w.writerow(r)
-    atomic_write_text(path, buf.getvalue())
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: CSV only
-        return None
-    return SummaryWriter(str(out / "tb"))

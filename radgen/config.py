@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from encoder.errors import InputError
 from encoder.io import atomic_write_text
 
-__all__ = ["ConfigError", "configs_dir", "load_config", "save_config"]
+__all__ = ["ConfigError", "configs_dir", "load_config", "save_config", "add_config_args"]
 
 
 class ConfigError(InputError):
@@ -99,3 +99,12 @@ def save_config(cfg: DictConfig, out_dir: str | os.PathLike, name: str = "config
 
 def _short(exc: Exception) -> str:
     return str(exc).splitlines()[0]
+
+
+def add_config_args(parser, job: str, example: str = "NAME") -> None:
+    """The ``--config FILE`` and ``key=value`` arguments of a command whose config is ``configs/<job>/``
+    (one definition for every command that takes a config; read back by :func:`load_config`)."""
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help=f"override file(s) merged onto configs/{job}/default.yaml, in order; a bare "
+                             f"name like '{example}' means configs/{job}/{example}.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"{job} config overrides")

@@ -47,11 +47,11 @@ def test_jobs_put_rank_1_on_cuda_1(two_gpus, monkeypatch, tmp_path, job):
     monkeypatch.setattr(encoder.distributed, "setup_distributed", chosen)
     with pytest.raises(_Chosen) as exc:
         if job == "generate":
-            from radgen.jobs.generate import run_generate
+            from radgen.generation import run_generate
 
             run_generate(tmp_path / "run", tmp_path / "images", tmp_path / "out.jsonl", progress=False)
         elif job == "train":
-            import radgen.jobs.train as tr
+            import radgen.training as tr
             from radgen.config import load_config
 
             monkeypatch.setattr(tr, "setup_distributed", chosen)
@@ -73,7 +73,7 @@ def test_auto_precision_needs_native_bf16(two_gpus, monkeypatch, tmp_path, nativ
     import encoder.train as et
     from encoder.inference import resolve_precision
     from radgen.config import load_config
-    from radgen.jobs.train import _autocast
+    from radgen.training import _autocast
 
     # torch.cuda.is_bf16_supported() is True on pre-Ampere GPUs too (emulated): only the
     # including_emulation=False answer tells them apart.
@@ -153,7 +153,7 @@ def test_evaluate_passes_its_device_to_the_scoring_models(monkeypatch, tmp_path)
 
     import eval.chexpert.chexbert
     import eval.radgraph.model
-    import radgen.jobs.evaluate as ev
+    import radgen.jobs.evaluate as leaf
     from eval.radcliq import bertscore_f1
     from eval.score import ScoreOptions, _chexbert, _radgraph_annotations
     from radgen.cli import build_parser
@@ -161,7 +161,7 @@ def test_evaluate_passes_its_device_to_the_scoring_models(monkeypatch, tmp_path)
     def chosen(*args):
         raise _Chosen(args[-1])
 
-    monkeypatch.setattr(ev, "run_evaluate", chosen)
+    monkeypatch.setattr(leaf, "run_evaluate", chosen)  # the name the command calls
     for extra, want in (([], "auto"), (["--device", "cpu"], "cpu")):
         args = build_parser("evaluate").parse_args(["evaluate", "--predictions", "p", "--references", "r",
                                                     "--out", "o", *extra])

@@ -40,7 +40,8 @@ from encoder.io import NotUTF8Error, read_utf8
 from eval.chexpert.observations import CHEXPERT_14, parse_label
 from radgen.data.images import IMAGE_EXTENSIONS
 
-__all__ = ["ManifestError", "parse_labels", "read_manifest", "image_folder_dataset", "group_by_study", "FEATURES"]
+__all__ = ["ManifestError", "parse_labels", "read_manifest", "image_folder_dataset", "group_by_study", "FEATURES",
+           "MANIFEST_NAMES", "is_image_folder"]
 
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validate": "validate", "val": "validate",
                   "valid": "validate", "validation": "validate", "dev": "validate", "test": "test"}
@@ -186,6 +187,20 @@ def parse_labels(raw: dict, path, row) -> dict:
     return out
 
 
+MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")  # what a data folder's manifest is called, by preference
+
+
+def _folder_manifest(folder: Path) -> Path | None:
+    return next((folder / n for n in MANIFEST_NAMES if (folder / n).is_file()), None)
+
+
+def is_image_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a plain folder of images (a folder without a manifest), not a manifest
+    file or a folder holding one: the one place every job decides how to read its ``--data``."""
+    p = Path(path)
+    return p.is_dir() and _folder_manifest(p) is None
+
+
 def read_manifest(
     path: str | os.PathLike,
     *,
@@ -205,12 +220,9 @@ def read_manifest(
     """
     p = Path(path)
     if p.is_dir():
-        for name in ("manifest.jsonl", "manifest.csv"):
-            if (p / name).is_file():
-                p = p / name
-                break
-        else:
-            raise ManifestError(p, "folder has no manifest.jsonl or manifest.csv")
+        p = _folder_manifest(p)
+        if p is None:
+            raise ManifestError(Path(path), f"folder has no {' or '.join(MANIFEST_NAMES)}")
     if not p.is_file():
         raise ManifestError(p, "manifest file does not exist")
     base = Path(root) if root is not None else p.parent

@@ -10,16 +10,16 @@ and the stream goes on.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from radgen.data.images import ImageLoadError, load_image
 from eval.chexpert import CHEXPERT_14
-from radgen.data.manifest import FEATURES, ManifestError, image_folder_dataset, read_manifest
+from radgen.data.images import ImageLoadError, load_image
+from radgen.data.manifest import FEATURES, ManifestError, image_folder_dataset, is_image_folder, read_manifest
+from radgen.data.stream import stream_batches
 
 __all__ = ["ReportRow", "read_report_rows", "image_batches", "image_loader", "ImageBatch", "record_image_path"]
 
@@ -41,10 +41,6 @@ class ReportRow:
     labels: dict | None = None     # CheXpert-14 labels of the manifest (1 / 0 / -1 / None), if any
 
 
-def _has_manifest(p: Path) -> bool:
-    return p.is_file() or any((p / n).is_file() for n in ("manifest.jsonl", "manifest.csv"))
-
-
 def read_report_rows(data: str | os.PathLike, split: str | None = None, text_field: str = "findings",
                      indication_field: str | None = None, require_text: bool = False) -> list[ReportRow]:
     """Rows of a manifest (file or folder holding one) or of a plain image folder.
@@ -55,7 +51,7 @@ def read_report_rows(data: str | os.PathLike, split: str | None = None, text_fie
     caller records them like any other unreadable image.
     """
     p = Path(data)
-    if p.is_dir() and not _has_manifest(p):
+    if is_image_folder(p):
         if split is not None:
             raise ManifestError(p, f"a plain image folder has no splits (split={split!r})")
         ds = image_folder_dataset(p)
@@ -101,8 +97,8 @@ def image_batches(rows: Sequence[ReportRow], load_row: Callable[[ReportRow], tor
 
     ``load_row`` maps a row to its input tensor (:func:`image_loader` for images; the oracle
     control builds its tokens from the row's labels) and raises :class:`ImageLoadError` for one
-    that cannot be had. With ``workers > 0`` at most two batches are in flight, whatever the
-    number of rows.
+    that cannot be had. Streamed by :func:`radgen.data.stream.stream_batches` in ``workers``
+    threads, at most two batches in flight whatever the number of rows.
     """
     def load(row: ReportRow):
         try:
@@ -110,27 +106,5 @@ def image_batches(rows: Sequence[ReportRow], load_row: Callable[[ReportRow], tor
         except ImageLoadError as exc:
             return None, exc.record()
 
-    def assemble(chunk: Sequence[ReportRow], results) -> ImageBatch:
-        ok, xs, failures = [], [], []
-        for row, (x, err) in zip(chunk, results):
-            if err is None:
-                ok.append(row)
-                xs.append(x)
-            else:
-                failures.append((row, err))
-        return ImageBatch(ok, torch.stack(xs) if xs else None, failures)
-
-    chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
-    if workers <= 0:
-        for chunk in chunks:
-            yield assemble(chunk, [load(r) for r in chunk])
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        pending = None
-        for chunk in chunks:
-            futures = [pool.submit(load, r) for r in chunk]
-            if pending is not None:
-                yield assemble(pending[0], [f.result() for f in pending[1]])
-            pending = (chunk, futures)
-        if pending is not None:
-            yield assemble(pending[0], [f.result() for f in pending[1]])
+    for b in stream_batches(rows, load, batch_size, workers, loader="thread", prefetch=1):
+        yield ImageBatch(b.items, b.inputs, b.failures)

@@ -1,55 +1,71 @@
-"""Raw-pixel baseline: logistic regression on downsampled pixels, per finding and for sex.
-
-On real radiographs raw pixels are a weak baseline; on a synthetic set they show how much of a
-label can be read off pixel positions. Learned encoders must beat this to mean anything.
-"""
+"""``radgen baselines``: the command line over :mod:`radgen.report_baselines`."""
 
 from __future__ import annotations
 
-import os
+import argparse
+import sys
+from pathlib import Path
 
-import numpy as np
-
-from eval.chexpert.observations import CHEXPERT_14
-from eval.probes.classify import binary_labels
-from eval.probes.linear import ProbeResult, logistic_probe
-from radgen.data.images import pixel_features
-from radgen.data.manifest import read_manifest
-
-__all__ = ["binary_targets", "pixel_baseline", "format_probe_table"]
+from radgen.report_baselines import DEFAULT_POOL, REFERENCES_FILE, run_baselines, run_encoder
 
 
-def binary_targets(ds) -> dict[str, np.ndarray]:
-    """Binary targets: each observation (1 = positive, uncertain rows dropped later) and sex."""
-    t = {k: binary_labels(ds[k], "ignore") for k in CHEXPERT_14}
-    t["sex (F)"] = np.array([np.nan if s is None else float(s == "F") for s in ds["sex"]])
-    return t
+def add_baselines_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``radgen baselines`` on an ``add_subparsers()`` object; returns the parser."""
+    from encoder.features import POOLS
+    from encoder.inference import PRECISIONS
+
+    p = subparsers.add_parser(
+        "baselines", help="reference baselines of report generation: normal template, most common "
+                          "training report, nearest-neighbour retrieval",
+        description="Write normal_template.jsonl, most_common.jsonl and nearest_neighbour.jsonl (records "
+                    "as radgen generate writes them), references.jsonl and meta.json to --out. "
+                    "Nearest neighbour: the training report of the closest training image by cosine "
+                    "of frozen encoder features (cached in --out/features_<split>).")
+    p.add_argument("--data", required=True, metavar="MANIFEST", help="manifest file or folder holding one")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--encoder", metavar="SPEC",
+                     help="the generator's frozen encoder: checkpoint, HF Dinov2 folder, random:..., random-like:...")
+    src.add_argument("--model", metavar="RUN_DIR",
+                     help="take the encoder and image size from a radgen train run folder (model.json)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--split", default="test", help="rows to predict (default test)")
+    p.add_argument("--train-split", default="train", help="rows to retrieve and count from (default train)")
+    p.add_argument("--text-field", default="findings", help="report column (default findings)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="preprocessing size (default: the run's, else the encoder's img_size, as the generator)")
+    p.add_argument("--pool", choices=POOLS, default=DEFAULT_POOL,
+                   help=f"feature pooling for retrieval (default {DEFAULT_POOL}: CLS + mean of the patch "
+                        "tokens the generator reads)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=None, help="background image loaders")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="encoder precision (default auto)")
+    p.add_argument("--overwrite", action="store_true", help="recompute cached features")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_baselines)
+    return p
 
 
-def pixel_baseline(manifest: str | os.PathLike, size: int = 32, min_pos: int = 5,
-                   n_resamples: int = 1000, seed: int = 0, progress: bool = True) -> list[ProbeResult]:
-    """Train on the ``train`` split, test on ``validate`` + ``test``; one AUROC per target."""
-    ds = read_manifest(manifest)
-    split = np.array(ds["split"])
-    if not (split == "train").any() or not np.isin(split, ["validate", "test"]).any():
-        raise ValueError(f"{manifest}: needs rows in split 'train' and in 'validate'/'test'")
-    x = pixel_features([imgs[0] for imgs in ds["images"]], size=size, progress=progress)
-    tr, te = split == "train", np.isin(split, ["validate", "test"])
-    results = []
-    for name, y in binary_targets(ds).items():
-        ok = ~np.isnan(y)
-        ytr, yte = y[tr & ok], y[te & ok]
-        if min(ytr.sum(), (1 - ytr).sum(), yte.sum(), (1 - yte).sum()) < min_pos:
-            continue
-        results.append(logistic_probe(name, x[tr & ok], ytr, x[te & ok], yte,
-                                      n_resamples=n_resamples, seed=seed))
-    return results
-
-
-def format_probe_table(results: list[ProbeResult], title: str = "") -> str:
-    lines = [title] if title else []
-    lines.append(f"{'target':28s} {'AUROC':>6s}  {'95% CI':>15s}  {'n_train':>7s} {'n_test':>6s} {'pos':>4s}")
-    for r in results:
-        lines.append(f"{r.target:28s} {r.auroc:6.3f}  [{r.ci_low:.3f}, {r.ci_high:.3f}]  "
-                     f"{r.n_train:7d} {r.n_test:6d} {r.n_test_pos:4d}")
-    return "\n".join(lines)
+def cmd_baselines(args) -> int:
+    run = run_encoder(args.model) if args.model else {"spec": args.encoder, "image_size": None, "sha256": None}
+    meta = run_baselines(args.data, run["spec"], args.out, split=args.split, train_split=args.train_split,
+                         image_size=args.image_size or run["image_size"], pool=args.pool,
+                         text_field=args.text_field, batch_size=args.batch_size, workers=args.workers,
+                         device=args.device, precision=args.precision, overwrite=args.overwrite,
+                         progress=not args.quiet, expect_encoder_sha256=run["sha256"])
+    c, mc, nn = meta["counts"], meta["most_common"], meta["nearest_neighbour"]
+    text = mc["text"] if len(mc["text"]) <= 100 else mc["text"][:97] + "..."
+    print(f"baselines: {c['test_rows_scored']} {meta['split']!r} reports against {c['train_reports']} "
+          f"training reports ({c['train_retrieval_pool']} with images) -> {args.out}")
+    print(f"  most common ({mc['count']}x of {c['train_reports_distinct']} distinct): {text}")
+    print(f"  nearest neighbour ({meta['pool']}, {meta['image_size']} px): mean cosine {nn['mean_cosine']}, "
+          f"{nn['distinct_neighbours']} distinct training images retrieved")
+    if c["test_images_unreadable"]:
+        print(f"  {c['test_images_unreadable']} test image(s) unreadable: error records in nearest_neighbour.jsonl",
+              file=sys.stderr)
+    if c["test_rows_without_reference"]:
+        print(f"  {c['test_rows_without_reference']} test row(s) without a reference left out", file=sys.stderr)
+    out = Path(args.out)
+    print(f"score one with: radgen evaluate --predictions {out / 'nearest_neighbour.jsonl'} "
+          f"--references {out / REFERENCES_FILE} --out {out / 'eval_nearest_neighbour'}")
+    return 0

@@ -1,54 +1,10 @@
-"""``radgen export``: a trained run folder -> a plain transformers LLaVA folder.
-
-``radgen export --model RUN_DIR --out FOLDER`` writes a folder that
-``AutoProcessor.from_pretrained(FOLDER)`` + ``AutoModelForImageTextToText.from_pretrained(FOLDER)``
-load with no radgen import and no ``trust_remote_code`` (see :mod:`radgen.model.export`).
-``--check`` only says whether the run can be exported, and why not. Exit status 2 on a refusal.
-"""
+"""``radgen export``: the command line over :mod:`radgen.model.export`."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
-from radgen.model.export import ExportError, check_exportable, export_llava, run_problems
-
-__all__ = ["run_export", "check_run", "add_export_parser", "cmd_export"]
-
-
-def _read_info(model_dir: str | os.PathLike) -> dict:
-    from radgen.model.run import MODEL_JSON
-
-    path = Path(model_dir) / MODEL_JSON
-    if not path.is_file():
-        raise ExportError(f"{model_dir}: no {MODEL_JSON} (not a finished report-generator run)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def check_run(model_dir: str | os.PathLike, settings: dict | None = None) -> list[str]:
-    """Why the run in ``model_dir`` cannot be exported (empty: it can), from its ``model.json``."""
-    return run_problems(_read_info(model_dir), settings)
-
-
-def run_export(model_dir: str | os.PathLike, out: str | os.PathLike, settings: dict | None = None, *,
-               overwrite: bool = False, verify: bool = True) -> dict:
-    """Export the run in ``model_dir`` to ``out``; returns the manifest (``radgen_export.json``).
-
-    The run is checked from its ``model.json`` before anything is loaded; ``settings``
-    (``max_new_tokens``, ``num_beams``, ``repetition_penalty``) override its generation defaults.
-    """
-    from radgen.model.run import model_sha256
-    from radgen.model.run import load_run
-
-    check_exportable(check_run(model_dir, settings), what=f"the run {model_dir}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    built = load_run(model_dir, device="cpu")
-    source = {"run_dir": str(Path(model_dir).resolve()), "model_sha256": model_sha256(model_dir)}
-    return export_llava(built, out, settings=settings, source=source, overwrite=overwrite, verify=verify)
+from radgen.model.export import ExportError, check_run, run_export
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:

@@ -1,52 +1,46 @@
-"""``radgen pretrain-encoder``: files -> image Dataset -> ``encoder.train.train``.
-
-Unreadable images are skipped (the next loadable one takes their place) and recorded in
-``out/skipped.jsonl``; the summary counts them.
-"""
+"""``radgen pretrain-encoder``: the command line over :mod:`radgen.pretraining`."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
+from collections import Counter
 
-from omegaconf import DictConfig
-
-from radgen.config import ConfigError
-from radgen.data.manifest import image_folder_dataset, read_manifest
-from radgen.data.torch_datasets import ImageTensorDataset, read_skip_log
-
-__all__ = ["image_paths", "run_pretrain", "SKIPPED_FILE"]
-
-SKIPPED_FILE = "skipped.jsonl"  # one record per image that failed to load (path, error, reason)
+from radgen.config import add_config_args, load_config
+from radgen.pretraining import run_pretrain
 
 
-def image_paths(path: str, split: str | None) -> list[str]:
-    """All image paths of a manifest (one split) or an image folder."""
-    p = Path(path)
-    is_manifest = p.is_file() or (p.is_dir() and any((p / n).is_file() for n in ("manifest.jsonl", "manifest.csv")))
-    if is_manifest:
-        ds = read_manifest(p, split=split)
-        paths = [q for imgs in ds["images"] for q in imgs]
-    else:
-        paths = [imgs[0] for imgs in image_folder_dataset(p)["images"]]
-    if not paths:
-        raise ConfigError(f"pretrain-encoder: no images in {path}" + (f" (split {split})" if split else ""))
-    return paths
+def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("pretrain-encoder",
+                              help="pretrain a RAD-DINO encoder (DINO + iBOT + KoLeo) on radiographs",
+                              description="DINOv2-style self-supervised pretraining on a manifest or image "
+                                          "folder; one process or torchrun. Resumes from out/checkpoint.pt.")
+    p.add_argument("--data", help="manifest or image folder (data.path)")
+    p.add_argument("--out", help="output folder")
+    add_config_args(p, "encoder", "cpu_tiny")
+    p.set_defaults(func=cmd_pretrain)
+    return p
 
 
-def run_pretrain(cfg: DictConfig) -> dict:
-    from encoder.train import train, validate_config
-
-    if not cfg.data.path:
-        raise ConfigError("pretrain-encoder: 'data.path' (manifest or image folder) is required")
-    try:
-        validate_config(cfg)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    paths = image_paths(cfg.data.path, cfg.data.split)
-    skip_log = Path(cfg.out) / SKIPPED_FILE
-    images = ImageTensorDataset(paths, image_size=cfg.data.image_size, cache=cfg.data.cache, skip_log=skip_log)
-    summary = train(cfg, images)
-    summary["n_images"] = len(paths)
-    summary["skipped"] = read_skip_log(skip_log)
-    summary["skipped_file"] = str(skip_log)
-    return summary
+def cmd_pretrain(args) -> int:
+    flags = [f"data.path={args.data}"] if args.data else []
+    flags += [f"out={args.out}"] if args.out else []
+    cfg = load_config("encoder", args.config, flags + list(args.overrides))
+    summary = run_pretrain(cfg)
+    code = 143 if summary["status"] == "preempted" else 0
+    if summary["rank"] != 0:  # one summary per job, not one per torchrun rank
+        return code
+    last = summary["last"]
+    print(f"pretrain-encoder: {summary['status']} at step {summary['steps']}/{summary['total_steps']} "
+          f"({summary['device']}, {summary['precision']}, world size {summary['world_size']}, "
+          f"{summary['strategy']})")
+    if last:
+        print("  last step: " + ", ".join(f"{k} {last[k]:.4g}" for k in
+                                          ("loss", "dino", "ibot", "koleo", "teacher_entropy", "cls_std")
+                                          if isinstance(last.get(k), float)) + f", collapse {last.get('collapse')}")
+    if summary["skipped"]:
+        kinds = Counter(r["error"] for r in summary["skipped"])
+        print(f"  {len(summary['skipped'])} of {summary['n_images']} images unreadable, skipped and recorded in "
+              f"{summary['skipped_file']} ("
+              + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + ")")
+    print(f"  checkpoint: {summary['checkpoint']}")
+    return code

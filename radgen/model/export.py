@@ -63,6 +63,8 @@ __all__ = [
     "ExportError",
     "LOGIT_TOLERANCE",
     "check_exportable",
+    "check_run",
+    "run_export",
     "config_problems",
     "export_llava",
     "export_problems",
@@ -581,3 +583,38 @@ def verify_export(built, folder: str | os.PathLike) -> dict:
             "prompt_text_equal": True, "prompt_ids_equal": True,
             "pixel_mean_abs_diff": float((hf_pixels.float() - pixels).abs().mean()),
             "pixel_max_abs_diff": float((hf_pixels.float() - pixels).abs().max())}
+
+
+# ----------------------------------------------------------------------------------------------
+# A trained run folder
+# ----------------------------------------------------------------------------------------------
+def _read_info(model_dir: str | os.PathLike) -> dict:
+    from radgen.model.run import MODEL_JSON
+
+    path = Path(model_dir) / MODEL_JSON
+    if not path.is_file():
+        raise ExportError(f"{model_dir}: no {MODEL_JSON} (not a finished report-generator run)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_run(model_dir: str | os.PathLike, settings: dict | None = None) -> list[str]:
+    """Why the run in ``model_dir`` cannot be exported (empty: it can), from its ``model.json``."""
+    return run_problems(_read_info(model_dir), settings)
+
+
+def run_export(model_dir: str | os.PathLike, out: str | os.PathLike, settings: dict | None = None, *,
+               overwrite: bool = False, verify: bool = True) -> dict:
+    """Export the run in ``model_dir`` to ``out``; returns the manifest (``radgen_export.json``).
+
+    The run is checked from its ``model.json`` before anything is loaded; ``settings``
+    (``max_new_tokens``, ``num_beams``, ``repetition_penalty``) override its generation defaults.
+    """
+    from radgen.model.run import load_run, model_sha256
+
+    check_exportable(check_run(model_dir, settings), what=f"the run {model_dir}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    built = load_run(model_dir, device="cpu")
+    source = {"run_dir": str(Path(model_dir).resolve()), "model_sha256": model_sha256(model_dir)}
+    return export_llava(built, out, settings=settings, source=source, overwrite=overwrite, verify=verify)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from encoder.checkpoint import load_checkpoint, load_encoder
+from encoder.checkpoint import load_checkpoint
+from encoder.specs import load_encoder
 from encoder.train import build_param_groups, build_model, cosine_schedule, train
 from radgen.config import load_config
 

@@ -17,7 +17,7 @@ from radgen.data.batching import epoch_batches, padding_fraction
 from radgen.data.reports import read_report_rows
 from radgen.data.synth.generate import generate_dataset
 from encoder.specs import encoder_config, load_encoder_spec
-from radgen.jobs.train import run_train
+from radgen.training import run_train
 from radgen.model.llm import _without_system_turn, chat_prompt
 from radgen.model.oracle import ORACLE_DIM, OracleError, OracleVision, check_oracle_labels, oracle_tokens
 from radgen.model.run import build_model
@@ -65,7 +65,7 @@ def test_oracle_tokens_spell_the_labels():
 
 
 def test_oracle_is_refused_where_image_features_are_needed():
-    from radgen.jobs.features import FeatureJobError, image_encoder
+    from radgen.features import FeatureJobError, image_encoder
 
     with pytest.raises(FeatureJobError, match="labels control"):
         image_encoder("oracle")
@@ -200,7 +200,7 @@ def test_generator_on_oracle_tokens_names_the_findings(tmp_path_factory, one_thr
     from eval.chexpert import CHEXPERT_5
     from eval.chexpert.f1 import chexpert_f1
     from eval.chexpert.labeler import label_reports
-    from radgen.jobs.generate import read_records, run_generate
+    from radgen.generation import read_records, run_generate
     from tiny_llm import RADIOLOGY_SENTENCES, make_tiny_llm_folder
 
     data = tmp_path_factory.mktemp("oracle") / "s"

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radgen.jobs import demo as demo_mod
-from radgen.jobs.demo import STAGES, DemoError, load_demo_config, run_demo
-from radgen.jobs.report_page import build_page, shortfalls, word_diff_html
+from radgen.pipelines import demo as demo_mod
+from radgen.pipelines.demo import STAGES, DemoError, load_demo_config, run_demo
+from radgen.results_page import build_page, shortfalls, word_diff_html
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -199,7 +199,7 @@ def test_refuses_a_foreign_folder_and_bad_settings_before_work(tmp_path, tiny_ll
 
 def test_report_command_on_a_plain_evaluate_folder(tmp_path):
     """The page builder works on any run folder, not only a demo's."""
-    from radgen.jobs.evaluate import run_evaluate
+    from radgen.evaluation import run_evaluate
 
     refs = tmp_path / "refs.jsonl"
     preds = tmp_path / "preds.jsonl"

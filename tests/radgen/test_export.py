@@ -164,7 +164,7 @@ def _fake_run(path: Path, **changes) -> Path:
 
 def test_export_refuses_before_loading(tmp_path, capsys):
     from radgen.cli import main
-    from radgen.jobs.export import check_run, run_export
+    from radgen.model.export import check_run, run_export
 
     run = _fake_run(tmp_path / "pooled", vision={"pool": 4, "norm": True})
     with pytest.raises(ExportError) as exc:
@@ -196,7 +196,7 @@ def test_export_refuses_before_loading(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 def _train(out: Path, llm: Path, manifest: Path, overrides: list[str]) -> Path:
     from radgen.config import load_config
-    from radgen.jobs.train import run_train
+    from radgen.training import run_train
 
     cfg = load_config("reportgen", [], [
         f"out={out}", f"data.path={manifest}", "encoder.spec=random:vit_tiny:56:0", f"llm.path={llm}",
@@ -277,7 +277,7 @@ def test_export_generates_radgen_text_without_radgen(material, tmp_path):
     from encoder.processor import RadDinoProcessor
     from radgen.cli import main
     from radgen.data.images import load_image
-    from radgen.jobs.generate import model_sha256, read_records, run_generate
+    from radgen.generation import model_sha256, read_records, run_generate
 
     run, manifest = material["run"], material["manifest"]
     folder = tmp_path / "llava"
@@ -329,7 +329,7 @@ def test_export_generates_radgen_text_without_radgen(material, tmp_path):
 @pytest.mark.slow
 def test_failed_export_leaves_nothing(material, tmp_path, monkeypatch):
     import radgen.model.export as export_module
-    from radgen.jobs.export import run_export
+    from radgen.model.export import run_export
 
     def broken(built, folder):
         raise ExportError("simulated check failure")
@@ -351,7 +351,7 @@ def test_failed_export_leaves_nothing(material, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_export_linear_projector_with_cls_and_penultimate_layer(material, tmp_path):
-    from radgen.jobs.export import run_export
+    from radgen.model.export import run_export
 
     run = _train(tmp_path / "run", material["llm"], material["manifest"], [
         "stage1.max_steps=2", "stage2.max_steps=2", "projector.name=linear", "encoder.select=cls+patch",

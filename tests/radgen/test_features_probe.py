@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-import radgen.jobs.features as fj
-from encoder.checkpoint import load_encoder, save_checkpoint
+import radgen.features as fj
+from encoder.checkpoint import save_checkpoint
+from encoder.specs import load_encoder
 from encoder.vit import ViTConfig, ViTEncoder
 from radgen.config import load_config
 from radgen.data.synth.generate import generate_dataset
 from encoder.specs import EncoderSpecError, load_encoder_spec, random_like_spec
-from radgen.jobs.features import FeatureJobError, extract_features, load_features
-from radgen.jobs.probe import (ProbeStudyError, format_report, resolve_encoders, run_probes, summarize,
+from radgen.features import FeatureJobError, extract_features, load_features
+from radgen.probes import (ProbeStudyError, format_report, resolve_encoders, run_probes, summarize,
                               write_report)
 
 TINY = dict(arch="test-tiny", embed_dim=32, depth=2, num_heads=2, img_size=56)
@@ -316,7 +317,7 @@ def test_probe_accepts_a_hugging_face_dinov2_folder(synth: Path, tmp_path: Path)
 def test_probe_scaling_curve_and_resume(synth: Path, tmp_path: Path, capsys):
     """Three nested fractions pretrained and probed; a second run reuses every finished fraction."""
     from radgen.cli import main
-    from radgen.jobs.probe_scaling import nested_subsets
+    from radgen.pipelines.scaling import nested_subsets
 
     subsets = nested_subsets(36, [0.25, 0.5, 1.0], seed=0)
     assert [len(s) for s in subsets] == [9, 18, 36]
@@ -385,7 +386,7 @@ def test_cli_parsers(synth: Path, ckpt: Path, tmp_path: Path, capsys):
 
 def test_pretrain_study_end_to_end(tmp_path):
     """One command: synthesise, pretrain a tiny encoder, probe it against random inits and pixels."""
-    from radgen.jobs.study import run_study
+    from radgen.pipelines.study import run_study
 
     tiny = ["model.arch=vit_tiny", "model.embed_dim=48", "model.depth=2", "model.num_heads=3",
             "model.img_size=56", "ssl.out_dim=32", "ssl.hidden_dim=64", "ssl.bottleneck_dim=32",

@@ -100,8 +100,8 @@ def test_generator_with_findings_head_states_the_oracle_findings(tmp_path_factor
     run folder, and generation writes after the line it states, which on oracle tokens is the film's
     own findings line (every finding with enough training positives); the run is not exportable,
     and a merged copy of it (merge_lora) keeps the head."""
-    from radgen.jobs.generate import read_records, run_generate
-    from radgen.jobs.train import run_train
+    from radgen.generation import read_records, run_generate
+    from radgen.training import run_train
     from radgen.model.export import run_problems
     from radgen.model.run import HEAD_FILE, load_run
     from tiny_llm import RADIOLOGY_SENTENCES, make_tiny_llm_folder
@@ -148,7 +148,7 @@ def test_generator_with_findings_head_states_the_oracle_findings(tmp_path_factor
         if r["stated"] == "No finding.":
             assert r["findings"] == plain[r["id"]]["findings"]
     if cache == "true":  # a merged run keeps its head (it states the lines its reports follow)
-        from radgen.jobs.generate import merge_lora
+        from radgen.generation import merge_lora
 
         merged = load_run(merge_lora(out, data.parent / "merged"))
         assert merged.head is not None and torch.equal(merged.head.threshold, loaded.head.threshold)

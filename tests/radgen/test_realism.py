@@ -11,7 +11,7 @@ from PIL import Image
 
 from radgen.data.synth.realism import (FAMILIES, image_statistics, normalise, realism_auroc,
                                        realism_report, side_by_side_grid)
-from radgen.jobs.synth_check import grid_phantoms, run_synth_check
+from radgen.data.synth.check import grid_phantoms, run_synth_check
 
 REAL_DIR = Path("../shared/data/cxr/images")
 

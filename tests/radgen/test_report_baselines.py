@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radgen.jobs.report_baselines import (BASELINES, TIE_TOLERANCE, BaselinesError, most_common_report,
+from radgen.report_baselines import (BASELINES, TIE_TOLERANCE, BaselinesError, most_common_report,
                                           nearest_neighbour_reports, nearest_neighbours, normalise_text,
                                           run_baselines)
 
@@ -74,7 +74,7 @@ def test_nearest_neighbour_ties_take_the_lowest_index():
 def test_nearest_neighbour_equals_brute_force(monkeypatch):
     from sklearn.neighbors import NearestNeighbors
 
-    import radgen.jobs.report_baselines as rb
+    import radgen.report_baselines as rb
 
     rng = np.random.default_rng(1)
     train = rng.normal(size=(200, 24)).astype(np.float32)
@@ -133,9 +133,9 @@ def _run(data, out, **kw):
 
 def test_job_writes_three_scorable_baselines(synth, tmp_path, one_thread):
     from eval.score import ScoreOptions
-    from radgen.jobs.report_baselines import NORMAL_TEMPLATE
-    from radgen.jobs.evaluate import run_evaluate
-    from radgen.jobs.features import load_features
+    from radgen.report_baselines import NORMAL_TEMPLATE
+    from radgen.evaluation import run_evaluate
+    from radgen.features import load_features
 
     out = tmp_path / "b"
     meta = _run(synth, out)

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from radgen.config import ConfigError, load_config
 from radgen.data.synth.generate import generate_dataset
-from radgen.jobs.generate import read_records, run_generate
-from radgen.jobs.train import run_train, validate_config
+from radgen.generation import read_records, run_generate
+from radgen.training import run_train, validate_config
 from radgen.model.run import build_model, generate_reports, load_run
 from radgen.model.splice import IGNORE_INDEX
 
@@ -422,7 +422,7 @@ import torch.distributed as dist
 from encoder.distributed import setup_distributed
 from radgen.config import load_config
 from radgen.data.reports import read_report_rows
-from radgen.jobs.train import _VisionInputs
+from radgen.training import _VisionInputs
 from radgen.model.run import build_model
 
 overrides, manifest, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -448,7 +448,7 @@ def test_torchrun_vision_cache_is_sharded_and_gathered(tmp_path, synth, llm_dir,
     import sys
 
     from radgen.data.reports import read_report_rows
-    from radgen.jobs.train import _VisionInputs
+    from radgen.training import _VisionInputs
 
     good = [json.loads(line) for line in (synth / "manifest.jsonl").open()]
     bad = tmp_path / "bad.png"
@@ -486,7 +486,7 @@ def test_uncached_inputs_load_in_worker_threads(tmp_path, synth, llm_dir):
     import threading
 
     from radgen.data.reports import read_report_rows
-    from radgen.jobs.train import _VisionInputs
+    from radgen.training import _VisionInputs
 
     rows = read_report_rows(synth, split="train")[:6]
     rows[2].image = str(tmp_path / "missing.png")
@@ -521,7 +521,7 @@ def test_generate_halves_the_batch_when_out_of_memory(tmp_path, synth, small_run
     """A GPU that holds at most 2 reports at once (faked: generate_reports raises torch's
     out-of-memory error above 2): the same rows are retried at 4, then 2, every record is written,
     the texts equal an unconstrained run's, and the summary says what happened."""
-    import radgen.jobs.generate as g
+    import radgen.generation as g
 
     ref = run_generate(small_run, synth, tmp_path / "ref.jsonl", split="train", progress=False, workers=0,
                        batch_size=8)
@@ -556,7 +556,7 @@ def test_lr_schedule_warmup_stable_decay():
     import numpy as np
 
     from encoder.train import cosine_schedule
-    from radgen.jobs.train import lr_schedule
+    from radgen.training import lr_schedule
 
     s = lr_schedule(1.0, 0.0, 10, warmup=2, decay_ratio=0.2)
     assert np.allclose(s, [0.0, 0.5, 1, 1, 1, 1, 1, 1, 0.5, 0.0])
@@ -570,7 +570,7 @@ def test_resume_check_fills_keys_added_since_the_checkpoint():
     from omegaconf import OmegaConf
 
     from radgen.config import load_config
-    from radgen.jobs.train import _core, _with_defaults
+    from radgen.training import _core, _with_defaults
 
     cfg = OmegaConf.to_container(load_config("reportgen", ["cpu_smollm2"], ["out=x", "data.path=y"]), resolve=True)
     old = OmegaConf.to_container(OmegaConf.create(cfg))

@@ -277,7 +277,7 @@ def test_dicom_output_goes_through_the_dicom_path(tmp_path: Path):
 
 
 def test_pixel_baseline_runs(tmp_path: Path):
-    from radgen.jobs.baselines import format_probe_table, pixel_baseline
+    from radgen.pixel_baseline import format_probe_table, pixel_baseline
 
     out = tmp_path / "pb"
     cfg = load_config("synth", overrides=[f"out={out}", "n=120", "size=64", "seed=3",

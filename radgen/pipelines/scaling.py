@@ -3,7 +3,7 @@
 Pretrains the same encoder config on nested fractions of a manifest's ``train`` split (a seeded
 permutation; fraction 25% is the first quarter of it, 50% the first half, ...), then probes every
 checkpoint, seeded random inits of the same architecture and raw pixels in one
-:func:`radgen.jobs.probe.run_probes` call on the full manifest, so all points share the same
+:func:`radgen.probes.run_probes` call on the full manifest, so all points share the same
 test rows and bootstrap resamples. Writes ``OUT/scaling.json``, ``scaling.md``, ``scaling.png``
 (macro AUROC and, with masks, Dice against pretraining images, with CIs) and the probe outputs.
 
@@ -15,7 +15,6 @@ steps); pass ``optim.max_steps=N`` to give each fraction the same compute.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -29,7 +28,7 @@ from radgen.config import ConfigError, load_config
 from radgen.data.manifest import read_manifest
 from encoder.specs import random_like_spec
 
-__all__ = ["nested_subsets", "run_scaling", "add_scaling_parser", "cmd_scaling"]
+__all__ = ["nested_subsets", "run_scaling"]
 
 
 def nested_subsets(n: int, fractions: list[float], seed: int = 0) -> list[np.ndarray]:
@@ -41,7 +40,7 @@ def nested_subsets(n: int, fractions: list[float], seed: int = 0) -> list[np.nda
 
 
 def _pretrain(cfg, done: dict, key: str, progress: bool) -> dict:
-    from radgen.jobs.pretrain import run_pretrain
+    from radgen.pretraining import run_pretrain
 
     ckpt = Path(cfg.out) / "checkpoint.pt"
     if key in done and ckpt.is_file():
@@ -56,7 +55,7 @@ def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], f
                 random_seeds: int = 2, seed: int = 0, probe_kw: dict | None = None,
                 progress: bool = True) -> dict:
     from eval.probes import plots
-    from radgen.jobs.probe import format_report, run_probes, write_report
+    from radgen.probes import format_report, run_probes, write_report
 
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
@@ -134,36 +133,3 @@ def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], f
     atomic_write_text(out_p / "scaling.json", json.dumps({"points": points, "n_images": n_images,
                                                           "encoders": encoders}, indent=2) + "\n")
     return {"points": points, "pngs": [str(p) for p in pngs], "table": "\n".join(lines)}
-
-
-def add_scaling_parser(subparsers) -> argparse.ArgumentParser:
-    from radgen.jobs.probe import add_probe_args
-
-    p = subparsers.add_parser(
-        "probe-scaling", help="pretrain on nested fractions of the data, probe each (also: radgen probe scaling)",
-        description="Data scaling: pretrain the same encoder config on nested fractions of the train "
-                    "split, probe every checkpoint (plus random inits and pixels) with the same protocol, "
-                    "and plot probe quality against the number of pretraining images. Resumable.")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (reused on re-runs)")
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="encoder config override file(s), e.g. cpu_tiny")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
-                   help="fractions of the train split (default 0.25 0.5 1.0)")
-    p.add_argument("--random-seeds", type=int, default=2, help="random-init controls (default 2)")
-    add_probe_args(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="encoder config overrides")
-    p.set_defaults(func=cmd_scaling)
-    return p
-
-
-def cmd_scaling(args) -> int:
-    from radgen.jobs.probe import probe_kwargs
-
-    if len(args.fractions) < 3:
-        print("radgen probe scaling: note: fewer than 3 fractions make a thin curve", file=sys.stderr)
-    res = run_scaling(args.out, args.data, args.config, list(args.overrides), args.fractions,
-                      random_seeds=args.random_seeds, seed=args.seed, probe_kw=probe_kwargs(args),
-                      progress=not args.quiet)
-    print(res["table"])
-    print("wrote " + ", ".join(res["pngs"]), file=sys.stderr)
-    return 0

@@ -21,7 +21,6 @@ can be moved and opened from disk with no server; links to source files are rela
 
 from __future__ import annotations
 
-import argparse
 import csv
 import difflib
 import html
@@ -29,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Iterable
@@ -37,7 +35,7 @@ from typing import Iterable
 from encoder.io import atomic_write_text
 from eval.chexpert.per_finding import FINDINGS_6
 
-__all__ = ["build_page", "find_outputs", "word_diff_html", "shortfalls", "add_report_parser", "cmd_report"]
+__all__ = ["build_page", "find_outputs", "word_diff_html", "shortfalls"]
 
 PAGE_DIR = "page"
 MAX_DEPTH = 4
@@ -523,7 +521,7 @@ def _verdict(cmps: dict, controls: dict | None = None) -> str:
 
 
 def _section_probe(found, run: Path, assets: Path) -> str:
-    from radgen.jobs.probe import HEADLINE
+    from radgen.probes import HEADLINE
 
     parts = []
     for p in found["probe"]:
@@ -793,7 +791,7 @@ def summary_markdown(found: dict, systems: dict, cmps: dict) -> str:
                 "—" if k not in c else f"{c[k]['diff']:+.3f} [{c[k]['ci'][0]:+.3f}, {c[k]['ci'][1]:+.3f}]"
                 for k, _ in keys) + " |")
         out.append("")
-    from radgen.jobs.probe import headline
+    from radgen.probes import headline
 
     for p in found["probe"]:
         rows = _probe_rows(_json(p))
@@ -804,28 +802,3 @@ def summary_markdown(found: dict, systems: dict, cmps: dict) -> str:
         out += ["| stage | seconds |", "|---|---:|"] + [f"| {d['stage']} | {d.get('seconds', 0):.0f} |" for d in stages]
         out.append(f"| total | {sum(d.get('seconds', 0) for d in stages):.0f} |")
     return "\n".join(out) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-def add_report_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("report", help="build the offline results page (index.html) of a run folder",
-                              description="Reads the job outputs in RUN_DIR (metrics.json, comparison.json, "
-                                          "probe.json, training log.csv files, generated.jsonl) and writes "
-                                          "RUN_DIR/index.html with its figures in RUN_DIR/page/.")
-    p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--examples", type=int, default=8, help="example radiographs on the page (default 8)")
-    p.add_argument("--title", help="page title")
-    p.set_defaults(func=cmd_report)
-    return p
-
-
-def cmd_report(args) -> int:
-    try:
-        page = build_page(args.run, examples=args.examples, title=args.title)
-    except FileNotFoundError as exc:
-        print(f"radgen report: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {page} (open it in a browser; figures in {page.parent / PAGE_DIR})")
-    return 0

@@ -1,0 +1,668 @@
+"""``radgen train``: the report generator's two stages, one process or ``torchrun``, exact resume.
+
+Stage 1 trains the projector only (the LLM and its LoRA adapter frozen; LoRA starts at zero, so
+this is the plain LLM reading projected image tokens); stage 2 trains projector + LoRA. Each stage
+has its own AdamW optimiser and warm-up + cosine schedule.
+
+Why our own loop rather than the HF Trainer: a run folder must hold only what was trained
+(the Trainer checkpoints whole models), two stages with their own optimisers and schedules form
+one resumable run, and resume must be exact at step granularity. Every random draw of a step is
+derived from ``(seed, stage, step, rank)`` (the data order is a seeded permutation per epoch and
+the global RNG, used by LoRA dropout, is reseeded each step), and the checkpoint holds the
+trainable weights and optimiser state, so a run killed at any point and resumed follows the same
+trajectory as one that never stopped. The loss is summed over target tokens and divided by the
+token count of the whole (accumulated, all-rank) batch, so every target token weighs the same
+whatever the padding, accumulation or world size.
+
+Outputs in ``--out``: ``config.yaml``, ``log.csv`` (one row per logged step, validation rows
+included), ``samples.jsonl`` (sample generations at each evaluation), ``skipped.jsonl``
+(unreadable images), ``checkpoint.pt`` while training, and at the end the trained parts
+(:mod:`radgen.model.run`) plus ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
+from encoder.guards import NonFiniteGuard, train_config_errors
+from encoder.distributed import all_sum, setup_distributed, sum_gradients
+from encoder.inference import resolve_device, resolve_precision, set_deterministic
+from encoder.io import atomic_write_text
+from encoder.loop import StopSignal, fmt_number, read_csv_log, tensorboard_writer, write_csv_log
+from encoder.specs import is_generated_spec
+from encoder.train import cosine_schedule
+from radgen.config import ConfigError, load_config, save_config
+from radgen.data.batching import epoch_batches
+from radgen.data.reports import ReportRow, image_batches, read_report_rows
+from radgen.model.prompt import findings_list_text, has_labels, normal_sentences, positive_findings
+from radgen.model.oracle import check_oracle_labels, is_oracle_spec
+from radgen.model.run import (MODEL_JSON, BuiltModel, RunError, build_model, generate_reports,
+                              line_guidance_scale, save_trained)
+
+__all__ = ["run_train", "validate_config", "STAGES", "STATE_FORMAT"]
+
+STAGES = ("stage1", "stage2")
+STAGE_TASKS = ("report", "findings_list")  # what a stage trains on (training_examples)
+STATE_FORMAT = "radgen-reportgen-state/1"
+STATE_FILE, LOG_FILE, SAMPLES_FILE, SKIPPED_FILE, SUMMARY_FILE = (
+    "checkpoint.pt", "log.csv", "samples.jsonl", "skipped.jsonl", "summary.json")
+# tokens: target tokens trained on so far; input_tokens: every input position so far (prompt, image
+# and target tokens, padding excluded); tokens_per_s counts input tokens, target_tokens_per_s targets.
+LOG_FIELDS = ["stage", "step", "total_steps", "epoch", "lr", "loss", "val_loss", "tokens", "input_tokens",
+              "tokens_per_s", "target_tokens_per_s", "seconds"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Config validation (everything checked before any model is loaded)
+# ----------------------------------------------------------------------------------------------
+def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
+    """Raise one :class:`ConfigError` listing every problem of a ``configs/reportgen`` config.
+
+    ``check_files=False`` skips the existence of ``data.path`` and ``encoder.spec`` (a pipeline
+    validating before an earlier stage has written them)."""
+    from radgen.model.projector import PROJECTORS
+    from radgen.model.vision import SELECTS
+
+    errors = []
+    if not cfg.out:
+        errors.append("out is not set (--out RUN_DIR)")
+    if not cfg.data.path:
+        errors.append("data.path is not set (--data MANIFEST)")
+    elif check_files and not Path(str(cfg.data.path)).exists():
+        errors.append(f"data.path {cfg.data.path}: no such file or folder")
+    spec = cfg.encoder.spec
+    if not spec:
+        errors.append("encoder.spec is not set (--encoder SPEC)")
+    elif (check_files and not is_generated_spec(spec) and not is_oracle_spec(spec)
+          and not Path(str(spec)).exists()):
+        errors.append(f"encoder.spec {spec}: no such checkpoint file or folder")
+    llm = str(cfg.llm.path or "")
+    if not llm:
+        errors.append("llm.path is not set")
+    elif not llm.startswith("builtin") and not (Path(llm) / "config.json").is_file():
+        errors.append(f"llm.path {llm}: not a local Hugging Face model folder (no config.json)")
+    if cfg.projector.name not in PROJECTORS:
+        errors.append(f"projector.name {cfg.projector.name!r}: choose one of {sorted(PROJECTORS)}")
+    if cfg.encoder.select not in SELECTS:
+        errors.append(f"encoder.select {cfg.encoder.select!r}: choose one of {list(SELECTS)}")
+    if cfg.encoder.pool is not None and int(cfg.encoder.pool) < 1:
+        errors.append("encoder.pool must be a positive integer or null")
+    if cfg.train.precision not in ("auto", "fp32", "bf16"):
+        errors.append(f"train.precision {cfg.train.precision!r}: choose auto, fp32 or bf16")
+    if cfg.llm.dtype not in ("float32", "bfloat16"):
+        errors.append(f"llm.dtype {cfg.llm.dtype!r}: choose float32 or bfloat16")
+    for name in STAGES:
+        st = cfg[name]
+        for key in ("batch_size", "accum_steps"):
+            if int(st[key]) < 1:
+                errors.append(f"{name}.{key} must be >= 1")
+        if st.max_steps is None and float(st.epochs) <= 0:
+            errors.append(f"{name}: epochs must be > 0 (or set max_steps; 0 skips the stage)")
+        if st.max_steps is not None and int(st.max_steps) < 0:
+            errors.append(f"{name}.max_steps must be >= 0")
+        if float(st.lr) <= 0:
+            errors.append(f"{name}.lr must be > 0")
+        if not 0 <= float(st.get("decay_ratio") or 0.0) < 1:
+            errors.append(f"{name}.decay_ratio must be in [0, 1)")
+        elif float(st.warmup_ratio) + float(st.get("decay_ratio") or 0.0) > 1:
+            errors.append(f"{name}: warmup_ratio + decay_ratio must be <= 1 (no steps left at the full rate)")
+        if str(st.task) not in STAGE_TASKS:
+            errors.append(f"{name}.task {st.task!r}: choose one of {list(STAGE_TASKS)}")
+    if int(cfg.tasks.repeat_abnormal) < 1:
+        errors.append("tasks.repeat_abnormal must be >= 1")
+    for key in ("findings_head_max_false_alarm", "findings_head_min_precision"):
+        if cfg.tasks.get(key) is not None and not 0 <= float(cfg.tasks[key]) <= 1:
+            errors.append(f"tasks.{key} must be between 0 and 1 (or null)")
+    for key in ("first_line_weight", "finding_sentence_weight"):
+        if float(cfg.tasks[key]) < 0:
+            errors.append(f"tasks.{key} must be >= 0")
+    if cfg.tasks.get("findings_head") and not cfg.tasks.findings_first:
+        errors.append("tasks.findings_head states the findings line the LLM writes on after: it needs "
+                      "tasks.findings_first=true (the LLM trained to continue from that line)")
+    try:
+        line_guidance_scale(OmegaConf.to_container(cfg.generate), headed=bool(cfg.tasks.get("findings_head")))
+    except RunError as exc:
+        errors.append(f"generate.{exc}")
+    errors += train_config_errors(cfg.train)
+    if int(cfg.prompt.max_target_tokens) < 2:
+        errors.append("prompt.max_target_tokens must be >= 2")
+    if "{indication}" not in str(cfg.prompt.indication):
+        errors.append("prompt.indication must contain '{indication}'")
+    if cfg.train.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            errors.append("train.tensorboard needs the tensorboard package (pip install tensorboard)")
+    if errors:
+        raise ConfigError("invalid report-generator config:\n  " + "\n  ".join(errors))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+def _autocast(device: torch.device, precision: str):
+    prec = resolve_precision(precision, device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16"), prec
+
+
+def _stage_seed(seed: int, stage: int, step: int, rank: int) -> int:
+    return (int(seed) * 1_000_003 + stage * 100_003 + step * 101 + rank) % (2**63 - 1)
+
+
+def _trainable(built: BuiltModel, stage: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """Freeze everything, then unfreeze the parts this stage trains; named parameters, sorted."""
+    model = built.model
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if stage == "stage2":
+        for name, p in model.llm.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: a row (position in the loadable rows) and what it is asked."""
+    row: int
+    target: str
+    indication: str | None = None
+    instruction: str | None = None  # None: the configured findings instruction
+
+
+def training_examples(rows: list[ReportRow], tasks, tokens, task: str = "report") -> list[Example]:
+    """The examples of one epoch of a stage whose ``task`` is:
+
+    * ``report``: every row's report (its findings, or with ``tasks.findings_first`` its stated
+      findings line and then the findings: :meth:`~radgen.model.prompt.ReportTokenizer.report_target`),
+      then (``tasks.findings_list``) every labelled row asked for its list of positive findings
+      (multi-task: the same image tokens, another instruction, a short target that is all signal);
+    * ``findings_list``: only those list questions (a stage that aligns the projector on the
+      short, image-dependent target before the reports).
+
+    With ``tasks.repeat_abnormal: k`` every row whose labels name a finding appears ``k`` times
+    per epoch (so normal films, over half of most sets, do not drown the findings)."""
+    def copies(r: ReportRow) -> int:
+        return int(tasks.repeat_abnormal) if positive_findings(r.labels) else 1
+
+    out = []
+    if task == "report":
+        for k, r in enumerate(rows):
+            out += [Example(k, tokens.report_target(r.text, r.labels), r.indication)] * copies(r)
+    if task == "findings_list" or tasks.findings_list:
+        for k, r in enumerate(rows):
+            if (t := findings_list_text(r.labels)) is not None:
+                out += [Example(k, t, r.indication, str(tasks.findings_list_instruction))] * copies(r)
+    return out
+
+
+def lr_schedule(base: float, final: float, total: int, warmup: int, decay_ratio: float = 0.0) -> np.ndarray:
+    """Per-step learning rates (total,): linear warm-up over ``warmup`` steps, then cosine from
+    ``base`` to ``final``; with ``decay_ratio`` > 0, warm-up, constant ``base``, then linear to
+    ``final`` over the last ``round(decay_ratio * total)`` steps (warmup-stable-decay)."""
+    decay = int(round(decay_ratio * total))
+    if decay <= 0 or total - decay < warmup:
+        return cosine_schedule(base, final, total, warmup) if total else np.zeros(0)
+    stable = cosine_schedule(base, base, total - decay, warmup)
+    return np.concatenate([stable, np.linspace(base, final, decay + 1)[1:]])
+
+
+def _stage_plan(cfg: DictConfig, stage: str, n_train: int, world: int) -> dict:
+    st = cfg[stage]
+    global_batch = int(st.batch_size) * int(st.accum_steps) * world
+    per_epoch = max(1, math.ceil(n_train / global_batch))
+    total = int(math.ceil(float(st.epochs) * per_epoch)) if st.max_steps is None else int(st.max_steps)
+    warmup = int(math.ceil(float(st.warmup_ratio) * total))
+    lr = lr_schedule(float(st.lr), float(st.min_lr), total, warmup, float(st.get("decay_ratio") or 0.0))
+    return {"global_batch": global_batch, "per_epoch": per_epoch, "total": total, "lr": lr}
+
+
+def _batch_indices(seed: int, stage_i: int, step: int, plan: dict, n: int, rank: int, world: int,
+                   micro: int) -> list[list[int]]:
+    """This rank's micro-batches of step ``step``: the epoch's global batches
+    (:func:`radgen.data.batching.epoch_batches`, seeded by ``(seed, stage, epoch)``), this one
+    dealt out over ranks and cut into micro-batches."""
+    epoch, within = divmod(step, plan["per_epoch"])
+    cache = plan.setdefault("epochs", {})
+    if epoch not in cache:
+        cache.clear()  # one epoch's order at a time
+        cache[epoch] = epoch_batches(n, plan["global_batch"], _stage_seed(seed, stage_i, epoch, 7),
+                                     lengths=plan.get("lengths"), window=plan.get("window", 64),
+                                     min_size=world)  # every rank gets rows
+    idx = cache[epoch][within]
+    mine = idx[rank::world]
+    return [mine[s:s + micro] for s in range(0, len(mine), micro)]
+
+
+_CACHE_BATCH = 32  # images per vision forward while filling the cache
+
+
+def _gather(obj, world: int) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in one process)."""
+    if world == 1:
+        return [obj]
+    got = [None] * world
+    dist.all_gather_object(got, obj)
+    return got
+
+
+class _VisionInputs:
+    """Encoder tokens for rows by index: all computed once (``cache``) or per batch from files."""
+
+    def __init__(self, built: BuiltModel, rows: list[ReportRow], cache: bool, device: torch.device,
+                 workers: int, skipped: list[dict], progress: bool, desc: str):
+        self.built, self.rows, self.device, self.workers = built, rows, device, workers
+        self.load_row = built.input_loader()
+        self.tokens: torch.Tensor | None = None
+        self.ok: list[int] = list(range(len(rows)))
+        self.failed: set[str] = set()
+        if cache:
+            self._fill(skipped, progress, desc)
+
+    def _fill(self, skipped: list[dict], progress: bool, desc: str) -> None:
+        """Encode every row once. Under torchrun each rank encodes rows ``i % world == rank`` and the
+        ranks all-gather each round of batches, so every rank ends with the same full cache and
+        the same skipped rows."""
+        from tqdm import tqdm
+
+        grouped = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
+        rounds = math.ceil(math.ceil(len(self.rows) / world) / _CACHE_BATCH)  # the same on every rank
+        batches = image_batches(self.rows[rank::world], self.load_row, _CACHE_BATCH, self.workers)
+        index = {id(r): i for i, r in enumerate(self.rows)}
+        tokens: dict[int, torch.Tensor] = {}
+        failures: dict[int, dict] = {}
+        with tqdm(total=len(self.rows), desc=desc, unit="img", disable=not progress) as bar:
+            for _ in range(rounds):
+                b = next(batches, None)
+                part = ([], None, {}) if b is None else self._encode(b, index)
+                for got, out, got_failures in _gather(part, world):
+                    tokens.update(zip(got, out if out is not None else []))
+                    failures.update(got_failures)
+                    bar.update(len(got) + len(got_failures))
+        skipped += [failures[i] for i in sorted(failures)]
+        if not tokens:
+            raise ConfigError(f"{desc}: no image could be loaded (see {SKIPPED_FILE})")
+        self.ok = sorted(tokens)
+        self.tokens = torch.stack([tokens[i] for i in self.ok])
+        self._pos = {i: k for k, i in enumerate(self.ok)}
+
+    def _encode(self, b, index: dict[int, int]) -> tuple[list[int], torch.Tensor | None, dict]:
+        """``(row indices, their tokens on the CPU, {row index: skipped record})`` of one batch (one
+        tensor, not one per row: pickling a row view would copy the whole batch's storage)."""
+        failures = {index[id(row)]: {"id": row.id, **err} for row, err in b.failures}
+        if b.pixel_values is None:
+            return [], None, failures
+        out = self.built.model.vision(b.pixel_values.to(self.device)).cpu()
+        return [index[id(r)] for r in b.rows], out, failures
+
+    def __call__(self, idx: list[int]) -> dict | None:
+        """``{"vision_tokens"|"pixel_values": tensor, "rows": [...]}`` for positions of ``self.ok``
+        (``None`` when no image of the batch loads: uncached mode skips unreadable files)."""
+        rows = [self.rows[self.ok[i]] for i in idx]
+        if self.tokens is not None:
+            return {"vision_tokens": self.tokens[[self._pos[self.ok[i]] for i in idx]], "rows": rows}
+        b = next(image_batches(rows, self.load_row, len(rows), self.workers))  # decoded in data.workers threads
+        for row, err in b.failures:
+            if row.id not in self.failed:
+                self.failed.add(row.id)
+                print(f"warning: skipping {err['path']}: {err['reason']}", file=sys.stderr)
+        return None if b.pixel_values is None else {"pixel_values": b.pixel_values, "rows": b.rows}
+
+
+def _fit_head(cfg: DictConfig, built: BuiltModel, train_in: "_VisionInputs", device: torch.device,
+              show: bool) -> None:
+    """Fit the findings head (:mod:`radgen.model.findings_head`) on the training films' image
+    tokens and labels; a deterministic fit of seconds, so a resumed run fits it again."""
+    from radgen.model.findings_head import fit_findings_head
+
+    src = train_in
+    if src.tokens is None:  # uncached training: encode the training films once for the head
+        src = _VisionInputs(built, train_in.rows, True, device, train_in.workers, [], show,
+                            "encode train (findings head)")
+    tokens = src.tokens  # (films that loaded, N, C), in the order of src.ok
+    rows = [src.rows[i] for i in src.ok]
+    labelled = [k for k, r in enumerate(rows) if has_labels(r.labels)]
+    if not labelled:
+        raise ConfigError("tasks.findings_head needs CheXpert label columns in the training manifest; none found")
+    t0 = time.perf_counter()
+    fa, prec = cfg.tasks.get("findings_head_max_false_alarm"), cfg.tasks.get("findings_head_min_precision")
+    head, report = fit_findings_head(tokens[labelled], [rows[k].labels for k in labelled], seed=int(cfg.seed),
+                                     max_false_alarm=None if fa is None else float(fa),
+                                     min_precision=None if prec is None else float(prec))
+    built.head = head.to(device).eval()
+    built.info["findings_head"] = {**report, "seconds": round(time.perf_counter() - t0, 1)}
+    if show:
+        f1 = {f: e["f1"] for f, e in report["findings"].items() if "f1" in e}
+        print(f"findings head: {len(labelled)} films, {len(f1)} findings, out-of-fold F1 "
+              + ", ".join(f"{f} {v:.2f}" for f, v in f1.items()), file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------
+def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False,
+              _stop_at: tuple[str, int] | None = None) -> dict:
+    """Train (or resume) the run ``cfg.out``; returns a summary dict (``status``: complete |
+    preempted | already-complete; with ``return_model`` also ``model``, the trained
+    :class:`~radgen.model.run.BuiltModel`). ``_stop_at=(stage, step)`` raises after that step
+    (a simulated kill, for tests)."""
+    validate_config(cfg)
+    out = Path(str(cfg.out))
+    set_deterministic(bool(cfg.train.deterministic))  # before any CUDA work (cuBLAS reads its env var once)
+    device = resolve_device(str(cfg.train.device))
+    rank, world = setup_distributed(device)
+    summary_path = out / SUMMARY_FILE
+    if (out / MODEL_JSON).is_file() and summary_path.is_file() and not any(out.glob(STATE_FILE + "*")):
+        summary = json.loads(summary_path.read_text())
+        if summary.get("status") == "complete":
+            return {**summary, "status": "already-complete", "rank": rank}
+    state = load_latest_checkpoint(out / STATE_FILE, fmt=STATE_FORMAT)
+    if state is not None:
+        if _core(_with_defaults(state["config"])) != _core(OmegaConf.to_container(cfg, resolve=True)):
+            raise ConfigError(f"{out} holds a run with a different config; resume it with the same "
+                              "config or choose a new --out")
+
+    rows_all = read_report_rows(str(cfg.data.path), split=cfg.data.train_split, text_field=str(cfg.data.text_field),
+                                indication_field=cfg.data.indication_field)
+    rows_train = [r for r in rows_all if r.text and r.text.strip()]  # an empty report teaches nothing
+    n_no_text = len(rows_all) - len(rows_train)
+    if cfg.data.max_train_samples:
+        rows_train = rows_train[: int(cfg.data.max_train_samples)]
+    rows_val = []
+    if cfg.data.val_split:
+        rows_val = read_report_rows(str(cfg.data.path), split=cfg.data.val_split, text_field=str(cfg.data.text_field),
+                                    indication_field=cfg.data.indication_field, require_text=True)
+        rows_val = rows_val[: int(cfg.data.max_val_samples or len(rows_val))]
+    if not rows_train:
+        raise ConfigError(f"{cfg.data.path}: no {cfg.data.train_split!r} rows with a {cfg.data.text_field!r} text")
+
+    if is_oracle_spec(cfg.encoder.spec):
+        check_oracle_labels(rows_train, cfg.data.path)
+    torch.manual_seed(int(cfg.seed))
+    built = build_model(cfg)
+    built.model.to(device)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    show = progress and rank == 0
+    skipped: list[dict] = []
+    train_in = _VisionInputs(built, rows_train, bool(cfg.data.cache_vision), device, int(cfg.data.workers),
+                             skipped, show, "encode train")
+    val_in = (_VisionInputs(built, rows_val, bool(cfg.data.cache_vision), device, int(cfg.data.workers),
+                            skipped, show, "encode val") if rows_val else None)
+    if rank == 0:
+        atomic_write_text(out / SKIPPED_FILE, "".join(json.dumps(r) + "\n" for r in skipped))
+    if cfg.tasks.get("findings_head"):
+        _fit_head(cfg, built, train_in, device, show)
+    ctx_precision = _autocast(device, str(cfg.train.precision))[1]
+
+    log_rows = read_csv_log(out / LOG_FILE) if state else []
+    done_stages = list(state["stages_done"]) if state else []
+    n_train = len(train_in.ok)
+    status = "complete"
+    t_start = time.perf_counter()
+    # SIGTERM (pre-emption): finish the step, checkpoint, exit 143; torchrun signals every rank
+    with StopSignal() as stop:
+        if float(cfg.tasks.finding_sentence_weight) != 1.0:  # the sentences no normal training report has
+            built.tokens.set_normal_sentences(normal_sentences(
+                [(train_in.rows[i].text, train_in.rows[i].labels) for i in train_in.ok]))
+        for stage_i, stage in enumerate(STAGES):
+            if stage in done_stages:
+                continue
+            examples = training_examples([train_in.rows[i] for i in train_in.ok], cfg.tasks, built.tokens,
+                                         str(cfg[stage].task))
+            if not examples:
+                raise ConfigError(f"{stage}.task={cfg[stage].task}: no training row has CheXpert labels")
+            lengths = None
+            if cfg.data.group_by_length:  # prompt + target tokens of each training example
+                tok = built.tokens
+                lengths = [len(tok.prompt_ids(e.indication, e.instruction)) + len(tok.target_ids(e.target))
+                           for e in examples]
+            plan = _stage_plan(cfg, stage, len(examples), world)
+            plan.update(lengths=lengths, window=int(cfg.data.length_window))
+            params = _trainable(built, stage)
+            opt = torch.optim.AdamW([p for _, p in params], lr=float(cfg[stage].lr),
+                                    weight_decay=float(cfg[stage].weight_decay), betas=(0.9, 0.999))
+            start, tokens0 = 0, (0, 0)
+            if state and state["stage"] == stage:
+                _load_trainable(built, state)
+                opt.load_state_dict(state["optimizer"])
+                start = int(state["step"])
+                tokens0 = (int(state.get("tokens", 0)), int(state.get("input_tokens", 0)))
+                log_rows = [r for r in log_rows if (STAGES.index(r["stage"]), int(r["step"])) <= (stage_i, start)]
+                _truncate_samples(out / SAMPLES_FILE, stage_i, start)
+            elif state:
+                _load_trainable(built, state)  # previous stage's final weights
+            status = _run_stage(cfg, built, stage, stage_i, plan, params, opt, start, tokens0, train_in, examples, val_in,
+                                device, rank, world, out, log_rows, done_stages, stop, show, _stop_at)
+            state = None
+            if status != "complete":
+                break
+            done_stages.append(stage)
+    summary = {"status": status, "rank": rank, "world_size": world, "device": str(device),
+               "precision": ctx_precision, "n_train": n_train, "n_val": len(val_in.ok) if val_in else 0,
+               "n_skipped": len(skipped), "n_without_text": n_no_text, "seconds": round(time.perf_counter() - t_start, 1),
+               "out": str(out)}
+    if status == "complete":
+        if rank == 0:
+            save_trained(built, out, stage="stage2")
+            last = [r for r in log_rows if r.get("val_loss")]
+            summary["final_val_loss"] = float(last[-1]["val_loss"]) if last else None
+            atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+            for f in out.glob(STATE_FILE + "*"):  # checkpoint.pt, checkpoint.pt.1, their checksums
+                f.unlink(missing_ok=True)
+        _barrier(world)
+    if return_model:
+        summary["model"] = built
+    return summary
+
+
+def _truncate_samples(path: Path, stage_i: int, step: int) -> None:
+    """Drop sample generations logged after the checkpoint being resumed (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line from a kill
+        if (STAGES.index(r["stage"]), int(r["step"])) <= (stage_i, step):
+            keep.append(line + "\n")
+    atomic_write_text(path, "".join(keep))
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A saved config with the keys added to ``configs/reportgen/default.yaml`` since it was written
+    filled in at their defaults (a key a newer version added does not block a resume)."""
+    merged = OmegaConf.merge(OmegaConf.to_container(load_config("reportgen")), saved)
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+def _core(cfg: dict) -> dict:
+    """The parts of a config that must not change across a resume (logging and caps may)."""
+    keep = {k: v for k, v in cfg.items() if k not in ("train", "generate", "out")}
+    keep["data"] = {k: v for k, v in cfg["data"].items() if k not in ("workers", "cache_vision")}
+    return keep
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _load_trainable(built: BuiltModel, state: dict) -> None:
+    built.model.projector.load_state_dict(state["projector"])
+    if state.get("lora"):
+        missing = built.model.llm.load_state_dict(state["lora"], strict=False)
+        bad = [k for k in state["lora"] if k in missing.unexpected_keys]
+        if bad:
+            raise ConfigError(f"checkpoint LoRA weights do not fit the model: {bad[:3]}")
+
+
+def _save_state(out: Path, built: BuiltModel, stage: str, step: int, opt, done_stages: list[str], cfg,
+                tokens: tuple[int, int]) -> None:
+    lora = {n: p.detach().cpu().clone() for n, p in built.model.llm.named_parameters() if "lora_" in n}
+    save_checkpoint(out / STATE_FILE, {
+        "stage": stage, "step": step, "stages_done": list(done_stages),
+        "projector": {k: v.detach().cpu().clone() for k, v in built.model.projector.state_dict().items()},
+        "lora": lora, "optimizer": opt.state_dict(), "tokens": int(tokens[0]), "input_tokens": int(tokens[1]),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }, fmt=STATE_FORMAT, keep=int(cfg.train.keep_checkpoints))
+
+
+def _kept(out: Path) -> str:
+    """What a guard that stops the run leaves behind (for its message)."""
+    if not (out / STATE_FILE).is_file():
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint is kept at {out / STATE_FILE} (re-running resumes from it)"
+
+
+def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, params, opt, start: int,
+               seen: tuple[int, int], train_in: _VisionInputs, examples: list, val_in: _VisionInputs | None, device,
+               rank: int, world: int,
+               out: Path, log_rows: list[dict], done_stages: list[str], stop: StopSignal, show: bool,
+               stop_at) -> str:
+    from tqdm import tqdm
+
+    st, tr = cfg[stage], cfg.train
+    total = plan["total"]
+    model = built.model
+    model.train()
+    micro = int(st.batch_size)
+    n = len(examples)
+    tokens_seen, inputs_seen = seen  # target tokens, input tokens (all non-padding positions)
+    t_last, tok_last, in_last = time.perf_counter(), tokens_seen, inputs_seen
+    bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not show)
+    nonfinite = NonFiniteGuard(str(tr.on_nonfinite), int(tr.max_nonfinite_skips))
+    tb = tensorboard_writer(out, required=True) if tr.tensorboard and rank == 0 else None
+    for step in range(start, total):
+        torch.manual_seed(_stage_seed(int(cfg.seed), stage_i, step, rank))
+        for g in opt.param_groups:
+            g["lr"] = float(plan["lr"][step])
+        batches, encoded = [], []
+        for idx in _batch_indices(int(cfg.seed), stage_i, step, plan, n, rank, world, micro):
+            ex = [examples[i] for i in idx]
+            b = train_in([e.row for e in ex])
+            if b is None:
+                continue
+            kept = {r.id for r in b["rows"]}  # uncached mode drops rows whose image fails to load
+            ex = [e for e in ex if train_in.rows[train_in.ok[e.row]].id in kept]
+            batches.append(b)
+            encoded.append(built.tokens.train_batch([e.target for e in ex], [e.indication for e in ex],
+                                                    [e.instruction for e in ex]))
+        n_tok = sum(int((e["labels"][:, 1:] != -100).sum()) for e in encoded)
+        n_tok_all = all_sum(float(n_tok), device, world)
+        n_in_all = all_sum(float(sum(int(e["attention_mask"].sum()) for e in encoded)), device, world)
+        loss_total = 0.0
+        for b, e in zip(batches, encoded):
+            ctx, _ = _autocast(device, str(tr.precision))
+            with ctx:
+                res = model(**{k: v.to(device) for k, v in e.items()},
+                            **{k: v.to(device) for k, v in b.items() if k != "rows"})
+            loss = res["loss_sum"] / max(n_tok_all, 1.0)
+            loss.backward()
+            loss_total += float(loss.detach())
+        # the loss is already divided by the all-rank token count; a rank that loaded no row adds zeros
+        sum_gradients([p for _, p in params], world)
+        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], float(st.grad_clip))
+        loss_total = all_sum(loss_total, device, world)
+        ok = all_sum(0.0 if NonFiniteGuard.finite(loss_total, gnorm) else 1.0, device, world) == 0
+        # no rank loaded a row: no update (as one process, whose parameters then have no gradient)
+        if not nonfinite.should_skip(ok, f"{stage} step {step + 1}", _kept(out)) and n_tok_all > 0:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_seen += int(n_tok_all)
+        inputs_seen += int(n_in_all)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_total:.3f}")
+        row = None
+        if done % max(1, int(tr.log_every)) == 0 or done == total:
+            now = time.perf_counter()
+            row = {"stage": stage, "step": done, "total_steps": total, "epoch": round(done / plan["per_epoch"], 3),
+                   "lr": float(plan["lr"][step]), "loss": loss_total, "tokens": tokens_seen,
+                   "input_tokens": inputs_seen, "tokens_per_s": (inputs_seen - in_last) / max(now - t_last, 1e-9),
+                   "target_tokens_per_s": (tokens_seen - tok_last) / max(now - t_last, 1e-9),
+                   "seconds": round(now - t_last, 3)}
+            t_last, tok_last, in_last = now, tokens_seen, inputs_seen
+        evaluate = (int(tr.eval_every) > 0 and done % int(tr.eval_every) == 0) or done == total
+        if evaluate and val_in is not None:
+            row = row or {"stage": stage, "step": done, "total_steps": total,
+                          "epoch": round(done / plan["per_epoch"], 3), "lr": float(plan["lr"][step])}
+            row["val_loss"] = _validate(cfg, built, val_in, device, stage, done, out, rank, show=False)
+            model.train()
+        if row is not None and rank == 0:
+            log_rows.append({k: fmt_number(v) for k, v in row.items()})
+            write_csv_log(out / LOG_FILE, log_rows, LOG_FIELDS)
+            if tb is not None:
+                for key in ("loss", "val_loss", "lr", "tokens_per_s", "target_tokens_per_s"):
+                    if row.get(key) is not None:
+                        tb.add_scalar(f"{stage}/{key}", float(row[key]), done)
+                tb.flush()
+        stopping = all_sum(1.0 if stop.flag else 0.0, device, world) > 0  # every rank stops together
+        ckpt = (done % max(1, int(tr.checkpoint_every)) == 0) or done == total or stopping
+        if ckpt and rank == 0:
+            _save_state(out, built, stage, done, opt, done_stages, cfg, (tokens_seen, inputs_seen))
+        if ckpt:
+            _barrier(world)
+        if stop_at is not None and stop_at == (stage, done):
+            bar.close()
+            raise _Stopped(f"stopped after {stage} step {done}")
+        if stopping:
+            bar.close()
+            return "preempted"
+    bar.close()
+    if tb is not None:
+        tb.close()
+    return "complete"
+
+
+class _Stopped(RuntimeError):
+    """Raised by the ``_stop_at`` test hook (a simulated kill)."""
+
+
+@torch.no_grad()
+def _validate(cfg, built: BuiltModel, val_in: _VisionInputs, device, stage: str, step: int, out: Path,
+              rank: int, show: bool) -> float:
+    """Token-weighted validation loss; rank 0 also writes a few greedy sample generations."""
+    model = built.model
+    model.eval()
+    loss_sum, n_tok = 0.0, 0
+    bs = int(cfg[stage].batch_size)
+    idx = list(range(len(val_in.ok)))
+    for s in range(0, len(idx), bs):
+        b = val_in(idx[s:s + bs])
+        e = built.tokens.train_batch([built.tokens.report_target(r.text, r.labels) for r in b["rows"]],
+                                     [r.indication for r in b["rows"]])
+        e.pop("label_weights", None)  # the validation loss is the plain token average
+        ctx, _ = _autocast(device, str(cfg.train.precision))
+        with ctx:
+            res = model(**{k: v.to(device) for k, v in e.items()},
+                        **{k: v.to(device) for k, v in b.items() if k != "rows"})
+        loss_sum += float(res["loss_sum"])
+        n_tok += res["n_tokens"]
+    k = int(cfg.train.sample_generations)
+    if rank == 0 and k > 0:
+        b = val_in(idx[:k])
+        ctx, _ = _autocast(device, str(cfg.train.precision))
+        with ctx:
+            texts = generate_reports(built, [r.indication for r in b["rows"]], dict(cfg.generate),
+                                     **{k2: v for k2, v in b.items() if k2 != "rows"})
+        with (out / SAMPLES_FILE).open("a", encoding="utf-8") as fh:
+            for r, t in zip(b["rows"], texts):
+                fh.write(json.dumps({"stage": stage, "step": step, "id": r.id, "reference": r.text,
+                                     "generated": t}) + "\n")
+    return loss_sum / max(n_tok, 1)
