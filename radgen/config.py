@@ -19,7 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 from encoder.errors import InputError
 from encoder.io import atomic_write_text
 
-__all__ = ["ConfigError", "configs_dir", "load_config", "save_config", "add_config_args"]
+__all__ = ["ConfigError", "configs_dir", "load_config", "save_config", "add_config_args", "SHARED_DATA_HINT"]
+
+SHARED_DATA_HINT = "../shared/data"  # where a checkout's real test data sits, beside the repository
 
 
 class ConfigError(InputError):

@@ -7,7 +7,7 @@ import os
 import platform
 from pathlib import Path
 
-SHARED_DATA_HINT = "../shared/data"
+from radgen.config import SHARED_DATA_HINT
 
 
 def add_info_parser(subparsers) -> argparse.ArgumentParser:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from radgen.config import SHARED_DATA_HINT
 from radgen.data.synth.check import run_synth_check
-
-SHARED_DATA_HINT = "../shared/data"
 
 
 def add_synth_check_parser(subparsers) -> argparse.ArgumentParser:
