@@ -1,8 +1,11 @@
-"""The ``radgen`` command line: one subcommand per job.
+"""The ``radgen`` command line: one subcommand per leaf module of ``radgen/jobs/``.
 
-Every job takes ``--config FILE`` (thin YAML overrides on ``configs/<job>/default.yaml``) and
-``key=value`` overrides, validates its config before starting, and writes the resolved config
-next to its outputs.
+:func:`main` builds the parser (importing only the leaf of the command that runs) and maps what a
+user can fix to one error line and an exit code, once for every command: 2 a bad input
+(:class:`encoder.errors.InputError`, a missing file), 4 a training stop, 1 another OS error,
+130 Ctrl-C. Commands with a config take ``--config FILE`` (thin YAML overrides on
+``configs/<job>/default.yaml``) and ``key=value`` overrides, validate it before starting, and
+write the resolved config next to their outputs.
 """
 
 from __future__ import annotations
