@@ -1,11 +1,11 @@
-"""``radgen report``: the command line over :mod:`radgen.results_page`."""
+"""``radgen report``: the command line over :mod:`radgen.report.page`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from radgen.results_page import PAGE_DIR, build_page
+from radgen.report.page import PAGE_DIR, build_page
 
 
 def add_report_parser(subparsers) -> argparse.ArgumentParser:

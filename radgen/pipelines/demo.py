@@ -260,7 +260,7 @@ def _stage_evaluate(demo: Demo, d: Path) -> dict:
 
 
 def _stage_report(demo: Demo, d: Path) -> dict:
-    from radgen.results_page import build_page
+    from radgen.report.page import build_page
 
     page = build_page(demo.out, examples=int(demo.cfg.report.examples))
     return {"page": str(page)}

@@ -23,7 +23,7 @@ import pytest
 
 from radgen.pipelines import demo as demo_mod
 from radgen.pipelines.demo import STAGES, DemoError, load_demo_config, run_demo
-from radgen.results_page import build_page, shortfalls, word_diff_html
+from radgen.report.page import build_page, shortfalls, word_diff_html
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -21,11 +21,9 @@ can be moved and opened from disk with no server; links to source files are rela
 
 from __future__ import annotations
 
-import csv
 import difflib
 import html
 import json
-import math
 import os
 import shutil
 import time
@@ -34,106 +32,23 @@ from typing import Iterable
 
 from encoder.io import atomic_write_text
 from eval.chexpert.per_finding import FINDINGS_6
+from radgen.report.discovery import (PAGE_DIR, as_number, find_image, find_outputs, probe_rows, read_csv, read_json,
+                                     stage_markers, system_order)
+from radgen.report.figures import plot_pretrain, plot_train, thumbnail
 
-__all__ = ["build_page", "find_outputs", "word_diff_html", "shortfalls"]
+__all__ = ["build_page", "word_diff_html", "shortfalls", "summary_markdown"]
 
-PAGE_DIR = "page"
-MAX_DEPTH = 4
 # metrics shown in the main table, in order (others are in each system's metrics.md)
 MAIN_METRICS = ("chexpert_f1_14_micro", "chexpert_f1_5_micro", "chexpert_f1_14_macro", "chexpert_f1_5_macro",
                 "bleu_1", "bleu_4", "meteor", "rouge_l", "cider_d", "radgraph_proxy_partial_f1",
                 "radgraph_partial_f1", "radcliq_v1")
 # the comparisons the page's verdict is about (the issue's goal: ahead on both)
 VERDICT_METRICS = ("chexpert_f1_14_micro", "chexpert_f1_5_micro")
-SKIP_DIRS = {"features", "features_train", "features_test", PAGE_DIR, "adapter", "tensorboard", "images", "masks"}
 
 
 # ----------------------------------------------------------------------------------------------
 # Discovery
 # ----------------------------------------------------------------------------------------------
-def _walk(root: Path, depth: int = 0) -> Iterable[Path]:
-    try:
-        entries = sorted(root.iterdir())
-    except OSError:
-        return
-    for p in entries:
-        if p.is_symlink():
-            continue
-        if p.is_dir():
-            if depth < MAX_DEPTH and p.name not in SKIP_DIRS and not p.name.startswith("."):
-                yield from _walk(p, depth + 1)
-        else:
-            yield p
-
-
-def find_outputs(run: Path) -> dict[str, list[Path]]:
-    """Known job outputs under ``run`` (a few levels deep), by kind."""
-    found: dict[str, list[Path]] = {k: [] for k in ("metrics", "comparison", "probe", "pretrain_log",
-                                                    "train_log", "generated", "stage")}
-    for p in _walk(run):
-        if p.name == "metrics.json":
-            found["comparison" if (p.parent / "comparison.json").is_file() else "metrics"].append(p)
-        elif p.name == "probe.json":
-            found["probe"].append(p)
-        elif p.name == "log.csv":
-            header = _csv_header(p)
-            if "teacher_entropy" in header:
-                found["pretrain_log"].append(p)
-            elif "stage" in header and "loss" in header:
-                found["train_log"].append(p)
-        elif p.name == "generated.jsonl" or (p.suffix == ".jsonl" and p.name.startswith("generated")):
-            found["generated"].append(p)
-        elif p.name == "stage.json":
-            found["stage"].append(p)
-    # demo stages in the order they ran, not by folder name
-    found["stage"].sort(key=lambda p: str((_json(p) or {}).get("finished", "")))
-    return found
-
-
-def _csv_header(p: Path) -> list[str]:
-    try:
-        with open(p, newline="", encoding="utf-8") as fh:
-            return next(csv.reader(fh), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
-
-
-def _read_csv(p: Path) -> list[dict]:
-    with open(p, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _json(p: Path) -> dict | None:
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-PROBE_ROW_KEYS = {"model", "probe", "target", "metric", "value"}
-
-
-def _probe_rows(d: dict | None) -> list[dict]:
-    """The rows of a loaded ``probe.json`` (none for another format)."""
-    return [r for r in (d or {}).get("rows") or [] if isinstance(r, dict) and PROBE_ROW_KEYS <= r.keys()]
-
-
-def _stages(found) -> list[dict]:
-    """The demo stage markers, in the order they ran."""
-    return [d for d in (_json(p) for p in found["stage"]) if d and "stage" in d]
-
-
-def _system_order(systems: dict) -> list[str]:
-    """The trained model first, then the baselines by name."""
-    return sorted(systems, key=lambda s: (0 if "generator" in s or "generated" in s else 1, s))
-
-
-def _num(v) -> float | None:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,104 +129,6 @@ def _system_name(metrics_json: Path, run: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    from eval.figures import save_png
-
-    return save_png(fig, path, dpi=110)
-
-
-def plot_pretrain(log: list[dict], path: Path, title: str) -> Path:
-    """Losses (left) and the collapse monitors (right) of an encoder pretraining log."""
-    plt = _plt()
-    step = [_num(r.get("step")) for r in log]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
-    for k in ("loss", "dino", "ibot", "koleo"):
-        ys = [_num(r.get(k)) for r in log]
-        if any(y is not None for y in ys):
-            ax1.plot(step, [math.nan if y is None else y for y in ys], label=k, lw=1.2)
-    ax1.set_xlabel("step")
-    ax1.set_title("losses")
-    ax1.legend(fontsize=8)
-    for k, lab in (("teacher_entropy", "teacher entropy (per image, /log K)"),
-                   ("teacher_batch_entropy", "teacher batch entropy"), ("cls_std", "CLS std")):
-        ys = [_num(r.get(k)) for r in log]
-        if any(y is not None for y in ys):
-            ax2.plot(step, [math.nan if y is None else y for y in ys], label=lab, lw=1.2)
-    bad = [s for s, r in zip(step, log) if r.get("collapse") not in (None, "", "ok")]
-    for s in bad:
-        ax2.axvline(s, color="#d62728", alpha=0.15, lw=2)
-    ax2.set_xlabel("step")
-    ax2.set_title("collapse monitors" + (f" ({len(bad)} flagged steps shaded)" if bad else " (no step flagged)"))
-    ax2.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
-
-
-def plot_train(log: list[dict], path: Path, title: str) -> Path:
-    """Train loss per stage and validation loss of a report-generator log."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    offset, x_end = 0.0, {}
-    stages = list(dict.fromkeys(r["stage"] for r in log))
-    for st in stages:
-        rows = [r for r in log if r["stage"] == st]
-        tr = [(offset + _num(r["step"]), _num(r["loss"])) for r in rows if _num(r.get("loss")) is not None]
-        va = [(offset + _num(r["step"]), _num(r["val_loss"])) for r in rows if _num(r.get("val_loss")) is not None]
-        if tr:
-            ax.plot(*zip(*tr), lw=1.2, label=f"{st} train")
-        if va:
-            ax.plot(*zip(*va), "o--", ms=4, label=f"{st} validation")
-        total = max([_num(r.get("total_steps")) or 0 for r in rows] + [t[0] - offset for t in tr] + [0])
-        offset += total
-        x_end[st] = offset
-    for st, x in list(x_end.items())[:-1]:
-        ax.axvline(x, color="grey", ls=":", lw=1)
-    ax.set_xlabel("optimiser step (stages back to back)")
-    ax.set_ylabel("cross-entropy per target token")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def _thumbnail(src: Path, dest: Path, side: int = 256) -> bool:
-    from PIL import Image
-
-    from radgen.data.images import load_image
-
-    try:
-        arr, _ = load_image(str(src))  # float32 in [0, 1]; DICOM through its LUTs
-        img = Image.fromarray((arr * 255).round().astype("uint8"))
-        img = img.convert("L")
-        img.thumbnail((side, side))
-        tmp = dest.with_name(dest.stem + ".tmp.png")
-        img.save(tmp)
-        os.replace(tmp, dest)
-        return True
-    except Exception:  # noqa: BLE001 - a bad image drops its example, never the page
-        return False
-
-
-def _find_image(rel: str, gen_file: Path, run: Path) -> Path | None:
-    p = Path(rel)
-    if p.is_absolute():
-        return p if p.is_file() else None
-    for base in (gen_file.parent, run, run / "data", *gen_file.parents):
-        if (base / p).is_file():
-            return base / p
-    manifest_dirs = [m.parent for m in run.glob("*/manifest.jsonl")]
-    for base in manifest_dirs:
-        if (base / p).is_file():
-            return base / p
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,12 +138,12 @@ def _section_metrics(found, run: Path) -> tuple[str, dict]:
     systems = {}
     # a comparison folder's metrics.json scores its first system: listed only if nothing else is
     for p in found["metrics"] or found["comparison"]:
-        d = _json(p)
+        d = read_json(p)
         if d and "scores" in d:
             systems[_system_name(p, run)] = (p, d)
     if not systems:
         return "", {}
-    order = _system_order(systems)
+    order = system_order(systems)
     present = [m for m in MAIN_METRICS if any(m in systems[s][1]["scores"] for s in order)]
     rows = []
     for m in present:
@@ -373,7 +190,7 @@ def _per_finding(d: dict) -> dict | None:
 def _per_finding_cells(systems: dict) -> tuple[list[str], list[tuple[str, str, list[tuple[str, str]]]]]:
     """The per-finding table of every system that has one, as plain text: ``(systems, rows)``, each
     row ``(label, note, [(value, aside) per system])``; the page and summary.md format it."""
-    pfs = {s: _per_finding(systems[s][1]) for s in _system_order(systems)}
+    pfs = {s: _per_finding(systems[s][1]) for s in system_order(systems)}
     pfs = {s: pf for s, pf in pfs.items() if pf}
     if not pfs:
         return [], []
@@ -389,7 +206,7 @@ def _per_finding_cells(systems: dict) -> tuple[list[str], list[tuple[str, str, l
                 cells.append(("—", ""))
                 continue
             aside = f"{r.get('predicted')} named" + ("" if len(supports) == 1 else f", n={r.get('support')}")
-            cells.append((f"{_fmt(_num(r.get('precision')))} / {_fmt(_num(r.get('recall')))}", aside))
+            cells.append((f"{_fmt(as_number(r.get('precision')))} / {_fmt(as_number(r.get('recall')))}", aside))
         rows.append((f, f"n={supports.pop()}" if len(supports) == 1 else "", cells))
     fas = {s: pfs[s].get("false_alarm") for s in order}
     if any(fas.values()):
@@ -401,9 +218,9 @@ def _per_finding_cells(systems: dict) -> tuple[list[str], list[tuple[str, str, l
                 any_cells.append(("—", "no No-Finding film" if fa else ""))
                 max_cells.append(("—", ""))
                 continue
-            any_cells.append((_fmt(_num(fa["any"])), f"{fa.get('n_any')} of {fa.get('n_no_finding')}"))
+            any_cells.append((_fmt(as_number(fa["any"])), f"{fa.get('n_any')} of {fa.get('n_no_finding')}"))
             top = fa.get("max_findings") or ([fa["max_finding"]] if fa.get("max_finding") else [])
-            max_cells.append((_fmt(_num(fa.get("max"))), ", ".join(top) or "none named"))
+            max_cells.append((_fmt(as_number(fa.get("max"))), ", ".join(top) or "none named"))
         note = f"n={ns.pop()} No-Finding films" if len(ns) == 1 else "share of No-Finding films"
         rows.append(("false alarm: any finding", note, any_cells))
         rows.append(("false alarm: most named finding", "", max_cells))
@@ -436,7 +253,7 @@ def _section_comparisons(found, run: Path) -> tuple[str, dict, dict]:
     generator against it."""
     cmps, controls, every = {}, {}, []
     for p in found["comparison"]:
-        d = _json(p.with_name("comparison.json"))
+        d = read_json(p.with_name("comparison.json"))
         if d and "comparison" in d:
             a, sep, b = p.parent.name.partition("_vs_")
             a, b = (a, b) if sep else ("generator", a)
@@ -525,8 +342,8 @@ def _section_probe(found, run: Path, assets: Path) -> str:
 
     parts = []
     for p in found["probe"]:
-        d = _json(p)
-        rows = _probe_rows(d)
+        d = read_json(p)
+        rows = probe_rows(d)
         if not rows:  # not a `radgen probe` result (or an older format): nothing to show
             continue
         present = [h for h in HEADLINE if any((r["probe"], r["target"], r["metric"]) == h[:3] for r in rows)]
@@ -583,7 +400,7 @@ def _section_probe(found, run: Path, assets: Path) -> str:
 def _section_curves(found, run: Path, assets: Path) -> str:
     figs = []
     for i, p in enumerate(found["pretrain_log"]):
-        log = _read_csv(p)
+        log = read_csv(p)
         if not log:
             continue
         dest = plot_pretrain(log, assets / f"pretrain_{i}.png", f"encoder pretraining ({_rel(p.parent, run)})")
@@ -591,18 +408,18 @@ def _section_curves(found, run: Path, assets: Path) -> str:
         flagged = sum(1 for r in log if r.get("collapse") not in (None, "", "ok"))
         figs.append(f"<img src='{_rel(dest, run)}' alt='pretraining curves'>"
                     f"<p class=note>{len(log)} logged steps up to step {last.get('step')}; last loss "
-                    f"{_fmt(_num(last.get('loss')))}, teacher entropy {_fmt(_num(last.get('teacher_entropy')))}, "
-                    f"CLS std {_fmt(_num(last.get('cls_std')), 4)}; collapse monitor at the end: "
+                    f"{_fmt(as_number(last.get('loss')))}, teacher entropy {_fmt(as_number(last.get('teacher_entropy')))}, "
+                    f"CLS std {_fmt(as_number(last.get('cls_std')), 4)}; collapse monitor at the end: "
                     f"<b>{html.escape(str(last.get('collapse')))}</b> ({flagged} logged steps flagged).</p>")
     for i, p in enumerate(found["train_log"]):
-        log = _read_csv(p)
+        log = read_csv(p)
         if not log:
             continue
         dest = plot_train(log, assets / f"train_{i}.png", f"report-generator training ({_rel(p.parent, run)})")
-        val = [r for r in log if _num(r.get("val_loss")) is not None]
+        val = [r for r in log if as_number(r.get("val_loss")) is not None]
         figs.append(f"<img src='{_rel(dest, run)}' alt='training curves'>"
-                    f"<p class=note>last train loss {_fmt(_num(log[-1].get('loss')))}"
-                    + (f", last validation loss {_fmt(_num(val[-1]['val_loss']))}" if val else "") + ".</p>")
+                    f"<p class=note>last train loss {_fmt(as_number(log[-1].get('loss')))}"
+                    + (f", last validation loss {_fmt(as_number(val[-1]['val_loss']))}" if val else "") + ".</p>")
     if not figs:
         return ""
     return _sec("curves", "Training curves", "".join(f"<div class=fig>{f}</div>" for f in figs))
@@ -636,9 +453,9 @@ def _section_examples(found, run: Path, assets: Path, k: int) -> str:
             n_err += 1
             continue
         ref, gen = r.get("reference") or "", r.get("findings") or ""
-        src = _find_image(str(r.get("image", "")), gen_file, run)
+        src = find_image(str(r.get("image", "")), gen_file, run)
         dest = assets / f"example_{len(cards)}.png"
-        if src is None or not _thumbnail(src, dest):
+        if src is None or not thumbnail(src, dest):
             continue
         ref_h, gen_h = word_diff_html(ref, gen)
 
@@ -664,7 +481,7 @@ def _section_examples(found, run: Path, assets: Path, k: int) -> str:
 
 
 def _section_stages(found, run: Path) -> str:
-    stages = _stages(found)
+    stages = stage_markers(found)
     if not stages:
         return ""
     rows = [[html.escape(d["stage"]), f"{d.get('seconds', 0):.0f} s", html.escape(str(d.get("finished", "")))]
@@ -766,7 +583,7 @@ def summary_markdown(found: dict, systems: dict, cmps: dict) -> str:
 
     out = []
     if systems:
-        order = _system_order(systems)
+        order = system_order(systems)
         keys = [(k, t) for k, t in SUMMARY_METRICS if any(k in systems[s][1]["scores"] for s in order)]
         out += ["| system | n | " + " | ".join(t for _, t in keys) + " |", "|---|---:|" + "---|" * len(keys)]
         for s in order:
@@ -794,10 +611,10 @@ def summary_markdown(found: dict, systems: dict, cmps: dict) -> str:
     from radgen.probes import headline
 
     for p in found["probe"]:
-        rows = _probe_rows(_json(p))
+        rows = probe_rows(read_json(p))
         if rows:
             out += [headline(rows), ""]
-    stages = _stages(found)
+    stages = stage_markers(found)
     if stages:
         out += ["| stage | seconds |", "|---|---:|"] + [f"| {d['stage']} | {d.get('seconds', 0):.0f} |" for d in stages]
         out.append(f"| total | {sum(d.get('seconds', 0) for d in stages):.0f} |")
