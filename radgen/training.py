@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,19 +43,19 @@ from encoder.specs import is_generated_spec
 from encoder.train import cosine_schedule
 from radgen.config import ConfigError, load_config, save_config
 from radgen.data.batching import epoch_batches
-from radgen.data.reports import ReportRow, image_batches, read_report_rows
-from radgen.model.prompt import findings_list_text, has_labels, normal_sentences, positive_findings
+from radgen.data.reports import ReportRow, read_report_rows
+from radgen.model.prompt import findings_list_text, normal_sentences, positive_findings
 from radgen.model.oracle import check_oracle_labels, is_oracle_spec
 from radgen.model.run import (MODEL_JSON, BuiltModel, RunError, build_model, generate_reports,
                               line_guidance_scale, save_trained)
+from radgen.training_inputs import SKIPPED_FILE, VisionInputs, fit_head
 
 __all__ = ["run_train", "validate_config", "STAGES", "STATE_FORMAT"]
 
 STAGES = ("stage1", "stage2")
 STAGE_TASKS = ("report", "findings_list")  # what a stage trains on (training_examples)
 STATE_FORMAT = "radgen-reportgen-state/1"
-STATE_FILE, LOG_FILE, SAMPLES_FILE, SKIPPED_FILE, SUMMARY_FILE = (
-    "checkpoint.pt", "log.csv", "samples.jsonl", "skipped.jsonl", "summary.json")
+STATE_FILE, LOG_FILE, SAMPLES_FILE, SUMMARY_FILE = "checkpoint.pt", "log.csv", "samples.jsonl", "summary.json"
 # tokens: target tokens trained on so far; input_tokens: every input position so far (prompt, image
 # and target tokens, padding excluded); tokens_per_s counts input tokens, target_tokens_per_s targets.
 LOG_FIELDS = ["stage", "step", "total_steps", "epoch", "lr", "loss", "val_loss", "tokens", "input_tokens",
@@ -245,110 +244,6 @@ def _batch_indices(seed: int, stage_i: int, step: int, plan: dict, n: int, rank:
     return [mine[s:s + micro] for s in range(0, len(mine), micro)]
 
 
-_CACHE_BATCH = 32  # images per vision forward while filling the cache
-
-
-def _gather(obj, world: int) -> list:
-    """``obj`` of every rank, in rank order (``[obj]`` in one process)."""
-    if world == 1:
-        return [obj]
-    got = [None] * world
-    dist.all_gather_object(got, obj)
-    return got
-
-
-class _VisionInputs:
-    """Encoder tokens for rows by index: all computed once (``cache``) or per batch from files."""
-
-    def __init__(self, built: BuiltModel, rows: list[ReportRow], cache: bool, device: torch.device,
-                 workers: int, skipped: list[dict], progress: bool, desc: str):
-        self.built, self.rows, self.device, self.workers = built, rows, device, workers
-        self.load_row = built.input_loader()
-        self.tokens: torch.Tensor | None = None
-        self.ok: list[int] = list(range(len(rows)))
-        self.failed: set[str] = set()
-        if cache:
-            self._fill(skipped, progress, desc)
-
-    def _fill(self, skipped: list[dict], progress: bool, desc: str) -> None:
-        """Encode every row once. Under torchrun each rank encodes rows ``i % world == rank`` and the
-        ranks all-gather each round of batches, so every rank ends with the same full cache and
-        the same skipped rows."""
-        from tqdm import tqdm
-
-        grouped = dist.is_available() and dist.is_initialized()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
-        rounds = math.ceil(math.ceil(len(self.rows) / world) / _CACHE_BATCH)  # the same on every rank
-        batches = image_batches(self.rows[rank::world], self.load_row, _CACHE_BATCH, self.workers)
-        index = {id(r): i for i, r in enumerate(self.rows)}
-        tokens: dict[int, torch.Tensor] = {}
-        failures: dict[int, dict] = {}
-        with tqdm(total=len(self.rows), desc=desc, unit="img", disable=not progress) as bar:
-            for _ in range(rounds):
-                b = next(batches, None)
-                part = ([], None, {}) if b is None else self._encode(b, index)
-                for got, out, got_failures in _gather(part, world):
-                    tokens.update(zip(got, out if out is not None else []))
-                    failures.update(got_failures)
-                    bar.update(len(got) + len(got_failures))
-        skipped += [failures[i] for i in sorted(failures)]
-        if not tokens:
-            raise ConfigError(f"{desc}: no image could be loaded (see {SKIPPED_FILE})")
-        self.ok = sorted(tokens)
-        self.tokens = torch.stack([tokens[i] for i in self.ok])
-        self._pos = {i: k for k, i in enumerate(self.ok)}
-
-    def _encode(self, b, index: dict[int, int]) -> tuple[list[int], torch.Tensor | None, dict]:
-        """``(row indices, their tokens on the CPU, {row index: skipped record})`` of one batch (one
-        tensor, not one per row: pickling a row view would copy the whole batch's storage)."""
-        failures = {index[id(row)]: {"id": row.id, **err} for row, err in b.failures}
-        if b.pixel_values is None:
-            return [], None, failures
-        out = self.built.model.vision(b.pixel_values.to(self.device)).cpu()
-        return [index[id(r)] for r in b.rows], out, failures
-
-    def __call__(self, idx: list[int]) -> dict | None:
-        """``{"vision_tokens"|"pixel_values": tensor, "rows": [...]}`` for positions of ``self.ok``
-        (``None`` when no image of the batch loads: uncached mode skips unreadable files)."""
-        rows = [self.rows[self.ok[i]] for i in idx]
-        if self.tokens is not None:
-            return {"vision_tokens": self.tokens[[self._pos[self.ok[i]] for i in idx]], "rows": rows}
-        b = next(image_batches(rows, self.load_row, len(rows), self.workers))  # decoded in data.workers threads
-        for row, err in b.failures:
-            if row.id not in self.failed:
-                self.failed.add(row.id)
-                print(f"warning: skipping {err['path']}: {err['reason']}", file=sys.stderr)
-        return None if b.pixel_values is None else {"pixel_values": b.pixel_values, "rows": b.rows}
-
-
-def _fit_head(cfg: DictConfig, built: BuiltModel, train_in: "_VisionInputs", device: torch.device,
-              show: bool) -> None:
-    """Fit the findings head (:mod:`radgen.model.findings_head`) on the training films' image
-    tokens and labels; a deterministic fit of seconds, so a resumed run fits it again."""
-    from radgen.model.findings_head import fit_findings_head
-
-    src = train_in
-    if src.tokens is None:  # uncached training: encode the training films once for the head
-        src = _VisionInputs(built, train_in.rows, True, device, train_in.workers, [], show,
-                            "encode train (findings head)")
-    tokens = src.tokens  # (films that loaded, N, C), in the order of src.ok
-    rows = [src.rows[i] for i in src.ok]
-    labelled = [k for k, r in enumerate(rows) if has_labels(r.labels)]
-    if not labelled:
-        raise ConfigError("tasks.findings_head needs CheXpert label columns in the training manifest; none found")
-    t0 = time.perf_counter()
-    fa, prec = cfg.tasks.get("findings_head_max_false_alarm"), cfg.tasks.get("findings_head_min_precision")
-    head, report = fit_findings_head(tokens[labelled], [rows[k].labels for k in labelled], seed=int(cfg.seed),
-                                     max_false_alarm=None if fa is None else float(fa),
-                                     min_precision=None if prec is None else float(prec))
-    built.head = head.to(device).eval()
-    built.info["findings_head"] = {**report, "seconds": round(time.perf_counter() - t0, 1)}
-    if show:
-        f1 = {f: e["f1"] for f, e in report["findings"].items() if "f1" in e}
-        print(f"findings head: {len(labelled)} films, {len(f1)} findings, out-of-fold F1 "
-              + ", ".join(f"{f} {v:.2f}" for f, v in f1.items()), file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------
@@ -398,14 +293,14 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
         save_config(cfg, out)
     show = progress and rank == 0
     skipped: list[dict] = []
-    train_in = _VisionInputs(built, rows_train, bool(cfg.data.cache_vision), device, int(cfg.data.workers),
+    train_in = VisionInputs(built, rows_train, bool(cfg.data.cache_vision), device, int(cfg.data.workers),
                              skipped, show, "encode train")
-    val_in = (_VisionInputs(built, rows_val, bool(cfg.data.cache_vision), device, int(cfg.data.workers),
+    val_in = (VisionInputs(built, rows_val, bool(cfg.data.cache_vision), device, int(cfg.data.workers),
                             skipped, show, "encode val") if rows_val else None)
     if rank == 0:
         atomic_write_text(out / SKIPPED_FILE, "".join(json.dumps(r) + "\n" for r in skipped))
     if cfg.tasks.get("findings_head"):
-        _fit_head(cfg, built, train_in, device, show)
+        fit_head(cfg, built, train_in, device, show)
     ctx_precision = _autocast(device, str(cfg.train.precision))[1]
 
     log_rows = read_csv_log(out / LOG_FILE) if state else []
@@ -531,7 +426,7 @@ def _kept(out: Path) -> str:
 
 
 def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, params, opt, start: int,
-               seen: tuple[int, int], train_in: _VisionInputs, examples: list, val_in: _VisionInputs | None, device,
+               seen: tuple[int, int], train_in: VisionInputs, examples: list, val_in: VisionInputs | None, device,
                rank: int, world: int,
                out: Path, log_rows: list[dict], done_stages: list[str], stop: StopSignal, show: bool,
                stop_at) -> str:
@@ -635,7 +530,7 @@ class _Stopped(RuntimeError):
 
 
 @torch.no_grad()
-def _validate(cfg, built: BuiltModel, val_in: _VisionInputs, device, stage: str, step: int, out: Path,
+def _validate(cfg, built: BuiltModel, val_in: VisionInputs, device, stage: str, step: int, out: Path,
               rank: int, show: bool) -> float:
     """Token-weighted validation loss; rank 0 also writes a few greedy sample generations."""
     model = built.model

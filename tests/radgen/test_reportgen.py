@@ -422,7 +422,7 @@ import torch.distributed as dist
 from encoder.distributed import setup_distributed
 from radgen.config import load_config
 from radgen.data.reports import read_report_rows
-from radgen.training import _VisionInputs
+from radgen.training_inputs import VisionInputs
 from radgen.model.run import build_model
 
 overrides, manifest, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -432,7 +432,7 @@ built = build_model(load_config("reportgen", [], overrides))
 forward, seen = built.model.vision.forward, []
 built.model.vision.forward = lambda x: (seen.append(len(x)), forward(x))[1]
 skipped = []
-cache = _VisionInputs(built, read_report_rows(manifest, split="train"), True, torch.device("cpu"), 0, skipped,
+cache = VisionInputs(built, read_report_rows(manifest, split="train"), True, torch.device("cpu"), 0, skipped,
                       False, "encode")
 torch.save({"tokens": cache.tokens, "ok": cache.ok, "skipped": skipped, "encoded": sum(seen)},
            f"{out}/rank{rank}.pt")
@@ -448,7 +448,7 @@ def test_torchrun_vision_cache_is_sharded_and_gathered(tmp_path, synth, llm_dir,
     import sys
 
     from radgen.data.reports import read_report_rows
-    from radgen.training import _VisionInputs
+    from radgen.training_inputs import VisionInputs
 
     good = [json.loads(line) for line in (synth / "manifest.jsonl").open()]
     bad = tmp_path / "bad.png"
@@ -469,7 +469,7 @@ def test_torchrun_vision_cache_is_sharded_and_gathered(tmp_path, synth, llm_dir,
     assert res.returncode == 0, res.stderr[-4000:]
     built = build_model(load_config("reportgen", [], overrides))
     skipped = []
-    one = _VisionInputs(built, read_report_rows(manifest, split="train"), True, torch.device("cpu"), 0, skipped,
+    one = VisionInputs(built, read_report_rows(manifest, split="train"), True, torch.device("cpu"), 0, skipped,
                         False, "encode")
     assert len(one.ok) == 68 and [s["id"] for s in skipped] == ["r5", "r40"]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -486,14 +486,14 @@ def test_uncached_inputs_load_in_worker_threads(tmp_path, synth, llm_dir):
     import threading
 
     from radgen.data.reports import read_report_rows
-    from radgen.training import _VisionInputs
+    from radgen.training_inputs import VisionInputs
 
     rows = read_report_rows(synth, split="train")[:6]
     rows[2].image = str(tmp_path / "missing.png")
     built = build_model(_cfg(tmp_path / "unused", synth, llm_dir))
     got, threads = {}, set()
     for workers in (0, 2):
-        inputs = _VisionInputs(built, rows, False, torch.device("cpu"), workers, [], False, "train")
+        inputs = VisionInputs(built, rows, False, torch.device("cpu"), workers, [], False, "train")
         load = inputs.load_row
         inputs.load_row = lambda row: (threads.add(threading.current_thread().name), load(row))[1]
         got[workers] = inputs([5, 0, 2, 3])
