@@ -3,9 +3,9 @@
 * :class:`StopSignal`: SIGTERM (pre-emption, ``timeout``, ``kill``) sets a flag; the loop finishes
   its step, agrees with the other ranks (:func:`encoder.distributed.all_ranks_agree` /
   ``all_sum``), checkpoints and exits 143.
-* The CSV log: one row per logged step, rewritten atomically; on resume the rows after the
-  checkpoint are dropped (:func:`truncate_csv_log`), so a resumed run's log reads like an
-  uninterrupted one. Numbers are written with :func:`fmt_number`.
+* :class:`CsvLog`: one appended row per logged step; on resume the rows after the checkpoint are
+  dropped first, so a resumed run's log reads like an uninterrupted one. Numbers are written with
+  :func:`fmt_number`.
 * :func:`tensorboard_writer`: scalars to ``out/tensorboard`` when asked for and installed.
 """
 
@@ -15,12 +15,11 @@ import csv
 import io
 import signal
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from encoder.io import atomic_write_text
 
-__all__ = ["StopSignal", "fmt_number", "read_csv_log", "write_csv_log", "truncate_csv_log", "tensorboard_writer",
-           "TENSORBOARD_DIR"]
+__all__ = ["StopSignal", "CsvLog", "fmt_number", "read_csv_log", "tensorboard_writer", "TENSORBOARD_DIR"]
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -64,23 +63,39 @@ def read_csv_log(path: str | Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def write_csv_log(path: str | Path, rows: Iterable[dict], fields: Sequence[str]) -> None:
-    """Write ``rows`` (keys outside ``fields`` ignored) with a header, atomically."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+class CsvLog:
+    """A training loop's CSV log (rank 0 writes it): opened with the rows ``keep`` accepts from an
+    earlier run (those up to the checkpoint being resumed; by default none), then one appended and
+    flushed row per :meth:`write`. A resumed run's log reads like an uninterrupted one; a kill
+    loses at most the row being written. ``rows`` holds what the file holds, as written."""
 
+    def __init__(self, path: str | Path, fields: Sequence[str], keep: Callable[[dict], bool] = lambda row: False):
+        self.path, self.fields = Path(path), list(fields)
+        self.rows = [r for r in read_csv_log(self.path) if keep(r)]
+        buf = io.StringIO()  # the header and the kept rows, replaced atomically
+        w = csv.DictWriter(buf, fieldnames=self.fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())
+        self._fh = self.path.open("a", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=self.fields, extrasaction="ignore")
 
-def truncate_csv_log(path: str | Path, fields: Sequence[str], keep: Callable[[dict], bool]) -> list[dict]:
-    """Keep only the rows ``keep`` accepts (those before the checkpoint being resumed); returns them.
-    A missing log stays missing."""
-    rows = read_csv_log(path)
-    if Path(path).is_file():
-        rows = [r for r in rows if keep(r)]
-        write_csv_log(path, rows, fields)
-    return rows
+    def write(self, row: dict) -> dict:
+        """Append ``row`` (numbers through :func:`fmt_number`; keys outside the fields ignored)."""
+        row = {k: fmt_number(v) for k, v in row.items()}
+        self._writer.writerow(row)
+        self._fh.flush()
+        self.rows.append(row)
+        return row
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "CsvLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def tensorboard_writer(out: str | Path, required: bool = False):

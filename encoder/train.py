@@ -17,7 +17,6 @@ teacher with FSDP2. All collectives are skipped in a single process.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import signal
 import sys
@@ -50,7 +49,7 @@ from encoder.distributed import (
 from encoder.guards import CollapseGuard, NonFiniteGuard, train_config_errors
 from encoder.inference import resolve_device, resolve_precision, set_deterministic
 from encoder.io import atomic_write_text
-from encoder.loop import StopSignal, fmt_number, tensorboard_writer, truncate_csv_log
+from encoder.loop import CsvLog, StopSignal, tensorboard_writer
 from encoder.masking import MASK_STYLES
 from encoder.ssl import SSLConfig, SSLMetaArch, logs_to_host
 from encoder.vit import ViTConfig, ViTEncoder
@@ -428,13 +427,7 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    log_path = out / "log.csv"
-    if rank == 0:
-        truncate_csv_log(log_path, LOG_FIELDS, keep=lambda r: int(r["step"]) < start)
-    logf = open(log_path, "a", newline="") if rank == 0 else None
-    writer = csv.DictWriter(logf, LOG_FIELDS) if logf else None
-    if writer and log_path.stat().st_size == 0:
-        writer.writeheader()
+    log = CsvLog(out / "log.csv", LOG_FIELDS, keep=lambda r: int(r["step"]) < start) if rank == 0 else None
     tb = tensorboard_writer(out) if rank == 0 else None
 
     saved = {"step": start if ckpt_path.is_file() else None}
@@ -525,9 +518,8 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
                 acc["teacher_info"] = acc["teacher_batch_entropy"] - acc["teacher_entropy"]
             t_last = now
             logs = acc
-            if writer and (step % cfg.train.log_every == 0 or step == stop_at - 1):
-                writer.writerow({k: fmt_number(acc.get(k)) for k in LOG_FIELDS})
-                logf.flush()
+            if log and (step % cfg.train.log_every == 0 or step == stop_at - 1):
+                log.write({k: acc.get(k) for k in LOG_FIELDS})
                 if tb:
                     for k in LOG_FIELDS[4:]:
                         if isinstance(acc.get(k), float):
@@ -546,8 +538,8 @@ def train(cfg: DictConfig, images: Dataset) -> dict:
             done = stop_at
             save(done, logs)
     bar.close()
-    if logf:
-        logf.close()
+    if log:
+        log.close()
     if tb:
         tb.close()
     return {"status": status, "steps": done, "total_steps": total, "checkpoint": str(ckpt_path),

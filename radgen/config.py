@@ -75,7 +75,56 @@ def load_config(job: str, files: Iterable[str | os.PathLike] = (), overrides: It
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"{where}: {_short(exc)}") from None
+    errors = _coerce_types(base, cfg)
+    if errors:
+        raise ConfigError(f"{len(errors)} config value(s) of the wrong type for {job!r} (see {default}):\n  - "
+                          + "\n  - ".join(errors))
     return cfg
+
+
+def _coerce_types(base, cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Give every value the type of its default: where the default is a bool, an int or a float,
+    the resolved value becomes one (``"1e-3"`` from the command line becomes 0.001, an int where a
+    float is expected a float) or is reported; a null default, a string or a list takes any value.
+    So code reads ``cfg.stage2.lr`` as a float without casting it, and a wrong type is an error
+    before any work starts."""
+    errors: list[str] = []
+    for k, default in base.items():
+        key = f"{prefix}{k}"
+        if isinstance(default, dict):
+            sub = cfg.get(k)
+            if isinstance(sub, DictConfig):
+                errors += _coerce_types(default, sub, f"{key}.")
+            continue
+        if default is None or not isinstance(default, (bool, int, float)):
+            continue
+        value = cfg.get(k)
+        if value is None:
+            continue
+        kind = type(default)
+        try:
+            cfg[k] = _as(kind, value)
+        except ValueError:
+            errors.append(f"{key} = {value!r}: expected {'true/false' if kind is bool else kind.__name__}")
+    return errors
+
+
+def _as(kind: type, value):
+    """``value`` as ``kind`` (bool, int or float), or ``ValueError``."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(value)
+    if isinstance(value, bool):  # true is not 1 here
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise ValueError(value)
+    number = float(value)  # a float default: ints, numeric strings ("1e-3")
+    return number
 
 
 def _unknown_keys(base, layer, where: str, prefix: str = "") -> list[str]:

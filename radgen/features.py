@@ -31,7 +31,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -51,16 +51,16 @@ from encoder.specs import EncoderSpecError, load_encoder_spec
 from encoder.vit import ViTEncoder
 from radgen.data.images import ImageLoadError, load_image
 from radgen.data.manifest import image_folder_dataset, is_image_folder, read_manifest
-from radgen.data.stream import LOADERS, stream_batches
+from radgen.data.skips import SKIPPED_FILE, write_skip_log
+from radgen.data.stream import LOADERS, StreamBatch, stream_batches
 
 __all__ = [
     "FORMAT", "FeatureJobError", "FeatureSet", "extract_features", "load_features",
-    "image_encoder", "read_rows", "iter_image_batches", "ImageBatch", "LOADERS",
+    "image_encoder", "read_rows", "iter_image_batches", "LOADERS",
 ]
 
 FORMAT = "radgen-features/1"
-FEATURES_FILE, IDS_FILE, SKIPPED_FILE, META_FILE = (
-    "features.safetensors", "ids.json", "skipped.jsonl", "meta.json")
+FEATURES_FILE, IDS_FILE, META_FILE = "features.safetensors", "ids.json", "meta.json"
 # meta.json fields that must match for a cached result to be reused
 _CACHE_KEYS = ("format", "encoder_sha256", "data_sha256", "split", "image_size", "pool", "layers",
                "precision")
@@ -131,16 +131,6 @@ def _data_sha256(ids: Sequence[str], paths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class ImageBatch:
-    """One batch from :func:`iter_image_batches`: the loadable rows of a run of ``rows`` rows."""
-
-    ids: list[str]  # ids of the rows in ``images``, in order
-    images: torch.Tensor | None  # (len(ids), 3, S, S) preprocessed; None if no row loaded
-    skipped: list[dict] = field(default_factory=list)  # ``id`` + ImageLoadError record per failure
-    rows: int = 0  # rows covered (kept + skipped)
-
-
 def _load_row(rid: str, path: str, proc: RadDinoProcessor) -> tuple[torch.Tensor | None, dict | None]:
     try:
         img, _ = load_image(path)
@@ -155,16 +145,17 @@ def _load_item(item: tuple[str, str], proc: RadDinoProcessor):
 
 def iter_image_batches(ids: Sequence[str], paths: Sequence[str], proc: RadDinoProcessor,
                        batch_size: int, workers: int = 0, loader: str = "process",
-                       prefetch: int = 2) -> Iterator[ImageBatch]:
-    """Decode and preprocess rows in order, ``batch_size`` rows per :class:`ImageBatch`, streaming
-    through :func:`radgen.data.stream.stream_batches` (``loader`` ``"process"`` or ``"thread"``,
-    ``workers`` of them, ``prefetch`` batches ahead). A file that fails to load is reported in its
-    batch's ``skipped`` and the rest go on."""
+                       prefetch: int = 2) -> Iterator[StreamBatch]:
+    """Decode and preprocess rows in order, ``batch_size`` rows per
+    :class:`~radgen.data.stream.StreamBatch`, streaming through
+    :func:`radgen.data.stream.stream_batches` (``loader`` ``"process"`` or ``"thread"``, ``workers``
+    of them, ``prefetch`` batches ahead). Its ``items`` are the ``(id, path)`` pairs that loaded,
+    ``inputs`` their images (B, 3, S, S); a file that fails to load is one of the batch's
+    ``failures`` (``((id, path), {"id": ..., **ImageLoadError record})``) and the rest go on."""
     if loader not in LOADERS:
         raise FeatureJobError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
-    for b in stream_batches(list(zip(ids, paths)), partial(_load_item, proc=proc), batch_size, workers,
-                            loader=loader, prefetch=prefetch):
-        yield ImageBatch([rid for rid, _ in b.items], b.inputs, [rec for _, rec in b.failures], b.n)
+    yield from stream_batches(list(zip(ids, paths)), partial(_load_item, proc=proc), batch_size, workers,
+                              loader=loader, prefetch=prefetch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +193,7 @@ def _write(out: Path, ids: list[str], feats: np.ndarray, skipped: list[dict], me
                    metadata={"format": FORMAT})
     atomic_write_bytes(out / FEATURES_FILE, blob)
     atomic_write_text(out / IDS_FILE, json.dumps(ids, indent=0) + "\n")
-    atomic_write_text(out / SKIPPED_FILE, "".join(json.dumps(r) + "\n" for r in skipped))
+    write_skip_log(out / SKIPPED_FILE, skipped)
     meta["features_sha256"] = hashlib.sha256(blob).hexdigest()
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
 
@@ -306,13 +297,13 @@ def extract_features(
     fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
     with tqdm(total=len(ids), desc="features", unit="img", disable=not progress, bar_format=fmt) as bar:
         for batch in iter_image_batches(ids, paths, proc, batch_size, workers, loader):
-            if batch.images is not None:
+            if batch.inputs is not None:
                 n = len(kept)
-                batch_feats = encode(model, batch.images, layers=blocks, pool=pool)
-                feats[n:n + len(batch.ids)] = batch_feats.cpu().numpy()
-                kept.extend(batch.ids)
-            skipped.extend(batch.skipped)
-            bar.update(batch.rows)
+                batch_feats = encode(model, batch.inputs, layers=blocks, pool=pool)
+                feats[n:n + len(batch.items)] = batch_feats.cpu().numpy()
+                kept.extend(rid for rid, _ in batch.items)
+            skipped.extend(rec for _, rec in batch.failures)
+            bar.update(batch.n)
             if skipped:
                 bar.set_postfix(skipped=len(skipped))
     seconds = time.perf_counter() - t0

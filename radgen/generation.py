@@ -224,26 +224,26 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
                     records[row.id] = {"id": row.id, "image": record_image_path(row.image, root), "status": "error",
                                        "findings": None, **_ref(row), "error": err["error"],
                                        "reason": err["reason"], "model_sha256": mhash, "settings": rec_settings}
-                if b.pixel_values is not None:
+                if b.inputs is not None:
                     if gen.get("do_sample"):
                         torch.manual_seed(seed * 1_000_003 + rank * 10_007 + k)
-                    indications = [r.indication for r in b.rows]
+                    indications = [r.indication for r in b.items]
 
                     def generate(lo: int, hi: int, b=b, indications=indications) -> list:
                         with ctx:
                             return generate_reports(built, indications[lo:hi], gen,
-                                                    pixel_values=b.pixel_values[lo:hi], with_stated=True)
+                                                    pixel_values=b.inputs[lo:hi], with_stated=True)
 
-                    pairs = backoff.run(generate, len(b.rows))
-                    for row, (stated, text) in zip(b.rows, pairs):
+                    pairs = backoff.run(generate, len(b.items))
+                    for row, (stated, text) in zip(b.items, pairs):
                         records[row.id] = {"id": row.id, "image": record_image_path(row.image, root), "status": "ok",
                                            "findings": text, **({"stated": stated} if stated else {}),
                                            **_ref(row), "model_sha256": mhash, "settings": rec_settings}
-                batch_rows = b.rows + [f[0] for f in b.failures]
+                batch_rows = b.items + [f[0] for f in b.failures]
                 writer.write([records[r.id] for r in sorted(batch_rows, key=lambda r: order[r.id])])
-                n_ok += len(b.rows)
+                n_ok += len(b.items)
                 n_err += len(b.failures)
-                bar.update(len(b.rows) + len(b.failures))
+                bar.update(b.n)
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(reports_s=f"{(n_ok + n_err) / max(elapsed, 1e-9):.2f}", failed=n_err)
     finally:

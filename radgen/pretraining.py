@@ -12,11 +12,11 @@ from omegaconf import DictConfig
 
 from radgen.config import ConfigError
 from radgen.data.manifest import image_folder_dataset, is_image_folder, read_manifest
-from radgen.data.torch_datasets import ImageTensorDataset, read_skip_log
+from radgen.data.skips import SKIPPED_FILE, read_skip_log
+from radgen.data.torch_datasets import ImageTensorDataset
 
-__all__ = ["image_paths", "run_pretrain", "SKIPPED_FILE"]
+__all__ = ["image_paths", "run_pretrain"]
 
-SKIPPED_FILE = "skipped.jsonl"  # one record per image that failed to load (path, error, reason)
 
 
 def image_paths(path: str, split: str | None) -> list[str]:

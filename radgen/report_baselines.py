@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 
 from encoder.errors import InputError
+from radgen.data.skips import SKIPPED_FILE
 
 __all__ = [
     "NORMAL_TEMPLATE", "FORMAT", "BASELINES", "DEFAULT_POOL", "TIE_TOLERANCE", "BaselinesError", "normalise_text",
@@ -245,7 +246,7 @@ def run_baselines(data: str | os.PathLike, encoder_spec: str, out: str | os.Path
     keep = [k for k, rid in enumerate(tr_fs.ids) if rid in train_texts]
     if not keep:
         raise BaselinesError(f"{data}: no {train_split!r} row has both a report and a loadable image "
-                             f"(see {out / f'features_{train_split}' / 'skipped.jsonl'})")
+                             f"(see {out / f'features_{train_split}' / SKIPPED_FILE})")
     pool_ids = [tr_fs.ids[k] for k in keep]
     pool_feats = tr_fs.features[keep]
     test_pos = {rid: k for k, rid in enumerate(te_fs.ids)}

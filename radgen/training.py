@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from encoder.guards import NonFiniteGuard, train_config_errors
 from encoder.distributed import all_sum, setup_distributed, sum_gradients
 from encoder.inference import resolve_device, resolve_precision, set_deterministic
 from encoder.io import atomic_write_text
-from encoder.loop import StopSignal, fmt_number, read_csv_log, tensorboard_writer, write_csv_log
+from encoder.loop import CsvLog, StopSignal, tensorboard_writer
 from encoder.specs import is_generated_spec
 from encoder.train import cosine_schedule
 from radgen.config import ConfigError, load_config, save_config
@@ -48,7 +49,8 @@ from radgen.model.prompt import findings_list_text, normal_sentences, positive_f
 from radgen.model.oracle import check_oracle_labels, is_oracle_spec
 from radgen.model.run import (MODEL_JSON, BuiltModel, RunError, build_model, generate_reports,
                               line_guidance_scale, save_trained)
-from radgen.training_inputs import SKIPPED_FILE, VisionInputs, fit_head
+from radgen.data.skips import SKIPPED_FILE, write_skip_log
+from radgen.training_inputs import VisionInputs, fit_head
 
 __all__ = ["run_train", "validate_config", "STAGES", "STATE_FORMAT"]
 
@@ -106,35 +108,37 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
         for key in ("batch_size", "accum_steps"):
             if int(st[key]) < 1:
                 errors.append(f"{name}.{key} must be >= 1")
-        if st.max_steps is None and float(st.epochs) <= 0:
+        if st.max_steps is None and st.epochs <= 0:
             errors.append(f"{name}: epochs must be > 0 (or set max_steps; 0 skips the stage)")
         if st.max_steps is not None and int(st.max_steps) < 0:
             errors.append(f"{name}.max_steps must be >= 0")
-        if float(st.lr) <= 0:
+        if st.lr <= 0:
             errors.append(f"{name}.lr must be > 0")
-        if not 0 <= float(st.get("decay_ratio") or 0.0) < 1:
+        if not 0 <= st.decay_ratio < 1:
             errors.append(f"{name}.decay_ratio must be in [0, 1)")
-        elif float(st.warmup_ratio) + float(st.get("decay_ratio") or 0.0) > 1:
+        elif st.warmup_ratio + st.decay_ratio > 1:
             errors.append(f"{name}: warmup_ratio + decay_ratio must be <= 1 (no steps left at the full rate)")
         if str(st.task) not in STAGE_TASKS:
             errors.append(f"{name}.task {st.task!r}: choose one of {list(STAGE_TASKS)}")
-    if int(cfg.tasks.repeat_abnormal) < 1:
+    if cfg.tasks.repeat_abnormal < 1:
         errors.append("tasks.repeat_abnormal must be >= 1")
     for key in ("findings_head_max_false_alarm", "findings_head_min_precision"):
         if cfg.tasks.get(key) is not None and not 0 <= float(cfg.tasks[key]) <= 1:
             errors.append(f"tasks.{key} must be between 0 and 1 (or null)")
     for key in ("first_line_weight", "finding_sentence_weight"):
-        if float(cfg.tasks[key]) < 0:
+        if cfg.tasks[key] < 0:
             errors.append(f"tasks.{key} must be >= 0")
+    if cfg.tasks.finding_tags and not cfg.tasks.findings_first:
+        errors.append("tasks.finding_tags plans the findings after the stated line: it needs tasks.findings_first=true")
     if cfg.tasks.get("findings_head") and not cfg.tasks.findings_first:
         errors.append("tasks.findings_head states the findings line the LLM writes on after: it needs "
                       "tasks.findings_first=true (the LLM trained to continue from that line)")
     try:
-        line_guidance_scale(OmegaConf.to_container(cfg.generate), headed=bool(cfg.tasks.get("findings_head")))
+        line_guidance_scale(OmegaConf.to_container(cfg.generate), headed=cfg.tasks.findings_head)
     except RunError as exc:
         errors.append(f"generate.{exc}")
     errors += train_config_errors(cfg.train)
-    if int(cfg.prompt.max_target_tokens) < 2:
+    if cfg.prompt.max_target_tokens < 2:
         errors.append("prompt.max_target_tokens must be >= 2")
     if "{indication}" not in str(cfg.prompt.indication):
         errors.append("prompt.indication must contain '{indication}'")
@@ -193,7 +197,7 @@ def training_examples(rows: list[ReportRow], tasks, tokens, task: str = "report"
     With ``tasks.repeat_abnormal: k`` every row whose labels name a finding appears ``k`` times
     per epoch (so normal films, over half of most sets, do not drown the findings)."""
     def copies(r: ReportRow) -> int:
-        return int(tasks.repeat_abnormal) if positive_findings(r.labels) else 1
+        return tasks.repeat_abnormal if positive_findings(r.labels) else 1
 
     out = []
     if task == "report":
@@ -219,11 +223,11 @@ def lr_schedule(base: float, final: float, total: int, warmup: int, decay_ratio:
 
 def _stage_plan(cfg: DictConfig, stage: str, n_train: int, world: int) -> dict:
     st = cfg[stage]
-    global_batch = int(st.batch_size) * int(st.accum_steps) * world
+    global_batch = st.batch_size * st.accum_steps * world
     per_epoch = max(1, math.ceil(n_train / global_batch))
-    total = int(math.ceil(float(st.epochs) * per_epoch)) if st.max_steps is None else int(st.max_steps)
-    warmup = int(math.ceil(float(st.warmup_ratio) * total))
-    lr = lr_schedule(float(st.lr), float(st.min_lr), total, warmup, float(st.get("decay_ratio") or 0.0))
+    total = int(math.ceil(st.epochs * per_epoch)) if st.max_steps is None else int(st.max_steps)
+    warmup = int(math.ceil(st.warmup_ratio * total))
+    lr = lr_schedule(st.lr, st.min_lr, total, warmup, st.decay_ratio)
     return {"global_batch": global_batch, "per_epoch": per_epoch, "total": total, "lr": lr}
 
 
@@ -255,8 +259,8 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
     (a simulated kill, for tests)."""
     validate_config(cfg)
     out = Path(str(cfg.out))
-    set_deterministic(bool(cfg.train.deterministic))  # before any CUDA work (cuBLAS reads its env var once)
-    device = resolve_device(str(cfg.train.device))
+    set_deterministic(cfg.train.deterministic)  # before any CUDA work (cuBLAS reads its env var once)
+    device = resolve_device(cfg.train.device)
     rank, world = setup_distributed(device)
     summary_path = out / SUMMARY_FILE
     if (out / MODEL_JSON).is_file() and summary_path.is_file() and not any(out.glob(STATE_FILE + "*")):
@@ -269,7 +273,7 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
             raise ConfigError(f"{out} holds a run with a different config; resume it with the same "
                               "config or choose a new --out")
 
-    rows_all = read_report_rows(str(cfg.data.path), split=cfg.data.train_split, text_field=str(cfg.data.text_field),
+    rows_all = read_report_rows(str(cfg.data.path), split=cfg.data.train_split, text_field=cfg.data.text_field,
                                 indication_field=cfg.data.indication_field)
     rows_train = [r for r in rows_all if r.text and r.text.strip()]  # an empty report teaches nothing
     n_no_text = len(rows_all) - len(rows_train)
@@ -277,7 +281,7 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
         rows_train = rows_train[: int(cfg.data.max_train_samples)]
     rows_val = []
     if cfg.data.val_split:
-        rows_val = read_report_rows(str(cfg.data.path), split=cfg.data.val_split, text_field=str(cfg.data.text_field),
+        rows_val = read_report_rows(str(cfg.data.path), split=cfg.data.val_split, text_field=cfg.data.text_field,
                                     indication_field=cfg.data.indication_field, require_text=True)
         rows_val = rows_val[: int(cfg.data.max_val_samples or len(rows_val))]
     if not rows_train:
@@ -285,7 +289,7 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
 
     if is_oracle_spec(cfg.encoder.spec):
         check_oracle_labels(rows_train, cfg.data.path)
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(cfg.seed)
     built = build_model(cfg)
     built.model.to(device)
     if rank == 0:
@@ -293,31 +297,33 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
         save_config(cfg, out)
     show = progress and rank == 0
     skipped: list[dict] = []
-    train_in = VisionInputs(built, rows_train, bool(cfg.data.cache_vision), device, int(cfg.data.workers),
+    train_in = VisionInputs(built, rows_train, cfg.data.cache_vision, device, cfg.data.workers,
                              skipped, show, "encode train")
-    val_in = (VisionInputs(built, rows_val, bool(cfg.data.cache_vision), device, int(cfg.data.workers),
+    val_in = (VisionInputs(built, rows_val, cfg.data.cache_vision, device, cfg.data.workers,
                             skipped, show, "encode val") if rows_val else None)
     if rank == 0:
-        atomic_write_text(out / SKIPPED_FILE, "".join(json.dumps(r) + "\n" for r in skipped))
+        write_skip_log(out / SKIPPED_FILE, skipped)
     if cfg.tasks.get("findings_head"):
         fit_head(cfg, built, train_in, device, show)
-    ctx_precision = _autocast(device, str(cfg.train.precision))[1]
+    ctx_precision = _autocast(device, cfg.train.precision)[1]
 
-    log_rows = read_csv_log(out / LOG_FILE) if state else []
+    resumed_at = (STAGES.index(state["stage"]), int(state["step"])) if state else (-1, -1)
+    log = CsvLog(out / LOG_FILE, LOG_FIELDS, keep=lambda r: (STAGES.index(r["stage"]), int(r["step"])) <= resumed_at) \
+        if rank == 0 else nullcontext()
     done_stages = list(state["stages_done"]) if state else []
     n_train = len(train_in.ok)
     status = "complete"
     t_start = time.perf_counter()
     # SIGTERM (pre-emption): finish the step, checkpoint, exit 143; torchrun signals every rank
-    with StopSignal() as stop:
-        if float(cfg.tasks.finding_sentence_weight) != 1.0:  # the sentences no normal training report has
+    with StopSignal() as stop, log:
+        if cfg.tasks.finding_sentence_weight != 1.0:  # the sentences no normal training report has
             built.tokens.set_normal_sentences(normal_sentences(
                 [(train_in.rows[i].text, train_in.rows[i].labels) for i in train_in.ok]))
         for stage_i, stage in enumerate(STAGES):
             if stage in done_stages:
                 continue
             examples = training_examples([train_in.rows[i] for i in train_in.ok], cfg.tasks, built.tokens,
-                                         str(cfg[stage].task))
+                                         cfg[stage].task)
             if not examples:
                 raise ConfigError(f"{stage}.task={cfg[stage].task}: no training row has CheXpert labels")
             lengths = None
@@ -326,22 +332,21 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
                 lengths = [len(tok.prompt_ids(e.indication, e.instruction)) + len(tok.target_ids(e.target))
                            for e in examples]
             plan = _stage_plan(cfg, stage, len(examples), world)
-            plan.update(lengths=lengths, window=int(cfg.data.length_window))
+            plan.update(lengths=lengths, window=cfg.data.length_window)
             params = _trainable(built, stage)
-            opt = torch.optim.AdamW([p for _, p in params], lr=float(cfg[stage].lr),
-                                    weight_decay=float(cfg[stage].weight_decay), betas=(0.9, 0.999))
+            opt = torch.optim.AdamW([p for _, p in params], lr=cfg[stage].lr,
+                                    weight_decay=cfg[stage].weight_decay, betas=(0.9, 0.999))
             start, tokens0 = 0, (0, 0)
             if state and state["stage"] == stage:
                 _load_trainable(built, state)
                 opt.load_state_dict(state["optimizer"])
                 start = int(state["step"])
                 tokens0 = (int(state.get("tokens", 0)), int(state.get("input_tokens", 0)))
-                log_rows = [r for r in log_rows if (STAGES.index(r["stage"]), int(r["step"])) <= (stage_i, start)]
                 _truncate_samples(out / SAMPLES_FILE, stage_i, start)
             elif state:
                 _load_trainable(built, state)  # previous stage's final weights
             status = _run_stage(cfg, built, stage, stage_i, plan, params, opt, start, tokens0, train_in, examples, val_in,
-                                device, rank, world, out, log_rows, done_stages, stop, show, _stop_at)
+                                device, rank, world, out, log, done_stages, stop, show, _stop_at)
             state = None
             if status != "complete":
                 break
@@ -353,7 +358,7 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
     if status == "complete":
         if rank == 0:
             save_trained(built, out, stage="stage2")
-            last = [r for r in log_rows if r.get("val_loss")]
+            last = [r for r in log.rows if r.get("val_loss")]
             summary["final_val_loss"] = float(last[-1]["val_loss"]) if last else None
             atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
             for f in out.glob(STATE_FILE + "*"):  # checkpoint.pt, checkpoint.pt.1, their checksums
@@ -415,7 +420,7 @@ def _save_state(out: Path, built: BuiltModel, stage: str, step: int, opt, done_s
         "projector": {k: v.detach().cpu().clone() for k, v in built.model.projector.state_dict().items()},
         "lora": lora, "optimizer": opt.state_dict(), "tokens": int(tokens[0]), "input_tokens": int(tokens[1]),
         "config": OmegaConf.to_container(cfg, resolve=True),
-    }, fmt=STATE_FORMAT, keep=int(cfg.train.keep_checkpoints))
+    }, fmt=STATE_FORMAT, keep=cfg.train.keep_checkpoints)
 
 
 def _kept(out: Path) -> str:
@@ -428,7 +433,7 @@ def _kept(out: Path) -> str:
 def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, params, opt, start: int,
                seen: tuple[int, int], train_in: VisionInputs, examples: list, val_in: VisionInputs | None, device,
                rank: int, world: int,
-               out: Path, log_rows: list[dict], done_stages: list[str], stop: StopSignal, show: bool,
+               out: Path, log: CsvLog | None, done_stages: list[str], stop: StopSignal, show: bool,
                stop_at) -> str:
     from tqdm import tqdm
 
@@ -436,19 +441,19 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
     total = plan["total"]
     model = built.model
     model.train()
-    micro = int(st.batch_size)
+    micro = st.batch_size
     n = len(examples)
     tokens_seen, inputs_seen = seen  # target tokens, input tokens (all non-padding positions)
     t_last, tok_last, in_last = time.perf_counter(), tokens_seen, inputs_seen
     bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not show)
-    nonfinite = NonFiniteGuard(str(tr.on_nonfinite), int(tr.max_nonfinite_skips))
+    nonfinite = NonFiniteGuard(tr.on_nonfinite, tr.max_nonfinite_skips)
     tb = tensorboard_writer(out, required=True) if tr.tensorboard and rank == 0 else None
     for step in range(start, total):
-        torch.manual_seed(_stage_seed(int(cfg.seed), stage_i, step, rank))
+        torch.manual_seed(_stage_seed(cfg.seed, stage_i, step, rank))
         for g in opt.param_groups:
             g["lr"] = float(plan["lr"][step])
         batches, encoded = [], []
-        for idx in _batch_indices(int(cfg.seed), stage_i, step, plan, n, rank, world, micro):
+        for idx in _batch_indices(cfg.seed, stage_i, step, plan, n, rank, world, micro):
             ex = [examples[i] for i in idx]
             b = train_in([e.row for e in ex])
             if b is None:
@@ -463,7 +468,7 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
         n_in_all = all_sum(float(sum(int(e["attention_mask"].sum()) for e in encoded)), device, world)
         loss_total = 0.0
         for b, e in zip(batches, encoded):
-            ctx, _ = _autocast(device, str(tr.precision))
+            ctx, _ = _autocast(device, tr.precision)
             with ctx:
                 res = model(**{k: v.to(device) for k, v in e.items()},
                             **{k: v.to(device) for k, v in b.items() if k != "rows"})
@@ -472,7 +477,7 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
             loss_total += float(loss.detach())
         # the loss is already divided by the all-rank token count; a rank that loaded no row adds zeros
         sum_gradients([p for _, p in params], world)
-        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], float(st.grad_clip))
+        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], st.grad_clip)
         loss_total = all_sum(loss_total, device, world)
         ok = all_sum(0.0 if NonFiniteGuard.finite(loss_total, gnorm) else 1.0, device, world) == 0
         # no rank loaded a row: no update (as one process, whose parameters then have no gradient)
@@ -485,7 +490,7 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
         bar.update(1)
         bar.set_postfix(loss=f"{loss_total:.3f}")
         row = None
-        if done % max(1, int(tr.log_every)) == 0 or done == total:
+        if done % max(1, tr.log_every) == 0 or done == total:
             now = time.perf_counter()
             row = {"stage": stage, "step": done, "total_steps": total, "epoch": round(done / plan["per_epoch"], 3),
                    "lr": float(plan["lr"][step]), "loss": loss_total, "tokens": tokens_seen,
@@ -493,22 +498,21 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
                    "target_tokens_per_s": (tokens_seen - tok_last) / max(now - t_last, 1e-9),
                    "seconds": round(now - t_last, 3)}
             t_last, tok_last, in_last = now, tokens_seen, inputs_seen
-        evaluate = (int(tr.eval_every) > 0 and done % int(tr.eval_every) == 0) or done == total
+        evaluate = (tr.eval_every > 0 and done % tr.eval_every == 0) or done == total
         if evaluate and val_in is not None:
             row = row or {"stage": stage, "step": done, "total_steps": total,
                           "epoch": round(done / plan["per_epoch"], 3), "lr": float(plan["lr"][step])}
             row["val_loss"] = _validate(cfg, built, val_in, device, stage, done, out, rank, show=False)
             model.train()
         if row is not None and rank == 0:
-            log_rows.append({k: fmt_number(v) for k, v in row.items()})
-            write_csv_log(out / LOG_FILE, log_rows, LOG_FIELDS)
+            log.write(row)
             if tb is not None:
                 for key in ("loss", "val_loss", "lr", "tokens_per_s", "target_tokens_per_s"):
                     if row.get(key) is not None:
                         tb.add_scalar(f"{stage}/{key}", float(row[key]), done)
                 tb.flush()
         stopping = all_sum(1.0 if stop.flag else 0.0, device, world) > 0  # every rank stops together
-        ckpt = (done % max(1, int(tr.checkpoint_every)) == 0) or done == total or stopping
+        ckpt = (done % max(1, tr.checkpoint_every) == 0) or done == total or stopping
         if ckpt and rank == 0:
             _save_state(out, built, stage, done, opt, done_stages, cfg, (tokens_seen, inputs_seen))
         if ckpt:
@@ -536,23 +540,23 @@ def _validate(cfg, built: BuiltModel, val_in: VisionInputs, device, stage: str, 
     model = built.model
     model.eval()
     loss_sum, n_tok = 0.0, 0
-    bs = int(cfg[stage].batch_size)
+    bs = cfg[stage].batch_size
     idx = list(range(len(val_in.ok)))
     for s in range(0, len(idx), bs):
         b = val_in(idx[s:s + bs])
         e = built.tokens.train_batch([built.tokens.report_target(r.text, r.labels) for r in b["rows"]],
                                      [r.indication for r in b["rows"]])
         e.pop("label_weights", None)  # the validation loss is the plain token average
-        ctx, _ = _autocast(device, str(cfg.train.precision))
+        ctx, _ = _autocast(device, cfg.train.precision)
         with ctx:
             res = model(**{k: v.to(device) for k, v in e.items()},
                         **{k: v.to(device) for k, v in b.items() if k != "rows"})
         loss_sum += float(res["loss_sum"])
         n_tok += res["n_tokens"]
-    k = int(cfg.train.sample_generations)
+    k = cfg.train.sample_generations
     if rank == 0 and k > 0:
         b = val_in(idx[:k])
-        ctx, _ = _autocast(device, str(cfg.train.precision))
+        ctx, _ = _autocast(device, cfg.train.precision)
         with ctx:
             texts = generate_reports(built, [r.indication for r in b["rows"]], dict(cfg.generate),
                                      **{k2: v for k2, v in b.items() if k2 != "rows"})

@@ -19,12 +19,12 @@ from omegaconf import DictConfig
 
 from radgen.config import ConfigError
 from radgen.data.reports import ReportRow, image_batches
+from radgen.data.skips import SKIPPED_FILE
 from radgen.model.prompt import has_labels
 from radgen.model.run import BuiltModel
 
-__all__ = ["VisionInputs", "fit_head", "SKIPPED_FILE"]
+__all__ = ["VisionInputs", "fit_head"]
 
-SKIPPED_FILE = "skipped.jsonl"  # unreadable images of a run, one record each (written by the training loop)
 
 
 _CACHE_BATCH = 32  # images per vision forward while filling the cache
@@ -84,10 +84,10 @@ class VisionInputs:
         """``(row indices, their tokens on the CPU, {row index: skipped record})`` of one batch (one
         tensor, not one per row: pickling a row view would copy the whole batch's storage)."""
         failures = {index[id(row)]: {"id": row.id, **err} for row, err in b.failures}
-        if b.pixel_values is None:
+        if b.inputs is None:
             return [], None, failures
-        out = self.built.model.vision(b.pixel_values.to(self.device)).cpu()
-        return [index[id(r)] for r in b.rows], out, failures
+        out = self.built.model.vision(b.inputs.to(self.device)).cpu()
+        return [index[id(r)] for r in b.items], out, failures
 
     def __call__(self, idx: list[int]) -> dict | None:
         """``{"vision_tokens"|"pixel_values": tensor, "rows": [...]}`` for positions of ``self.ok``
@@ -100,7 +100,7 @@ class VisionInputs:
             if row.id not in self.failed:
                 self.failed.add(row.id)
                 print(f"warning: skipping {err['path']}: {err['reason']}", file=sys.stderr)
-        return None if b.pixel_values is None else {"pixel_values": b.pixel_values, "rows": b.rows}
+        return None if b.inputs is None else {"pixel_values": b.inputs, "rows": b.items}
 
 
 def fit_head(cfg: DictConfig, built: BuiltModel, train_in: "VisionInputs", device: torch.device,

@@ -19,9 +19,9 @@ import torch
 from eval.chexpert import CHEXPERT_14
 from radgen.data.images import ImageLoadError, load_image
 from radgen.data.manifest import FEATURES, ManifestError, image_folder_dataset, is_image_folder, read_manifest
-from radgen.data.stream import stream_batches
+from radgen.data.stream import StreamBatch, stream_batches
 
-__all__ = ["ReportRow", "read_report_rows", "image_batches", "image_loader", "ImageBatch", "record_image_path"]
+__all__ = ["ReportRow", "read_report_rows", "image_batches", "image_loader", "record_image_path"]
 
 
 def record_image_path(path: str, root: Path) -> str:
@@ -72,13 +72,6 @@ def read_report_rows(data: str | os.PathLike, split: str | None = None, text_fie
     return rows
 
 
-@dataclass
-class ImageBatch:
-    rows: list[ReportRow]           # the rows whose image loaded, in order
-    pixel_values: torch.Tensor | None  # (B, 3, S, S), or None when every image failed
-    failures: list[tuple[ReportRow, dict]]  # (row, ImageLoadError record) of the others
-
-
 def image_loader(preprocess: Callable) -> Callable[[ReportRow], torch.Tensor]:
     """``row -> preprocess(image of row)``: reads the row's image file (raising
     :class:`ImageLoadError` for a missing or unreadable one); ``preprocess`` maps a float (H, W)
@@ -92,8 +85,10 @@ def image_loader(preprocess: Callable) -> Callable[[ReportRow], torch.Tensor]:
 
 
 def image_batches(rows: Sequence[ReportRow], load_row: Callable[[ReportRow], torch.Tensor], batch_size: int,
-                  workers: int = 2) -> Iterator[ImageBatch]:
+                  workers: int = 2) -> Iterator[StreamBatch]:
     """Batches of the model inputs of ``rows`` in order; the next batch loads while this one is used.
+    Each :class:`~radgen.data.stream.StreamBatch` holds the rows that loaded (``items``), their
+    stacked inputs (``inputs``, (B, ...)) and ``(row, ImageLoadError record)`` ``failures``.
 
     ``load_row`` maps a row to its input tensor (:func:`image_loader` for images; the oracle
     control builds its tokens from the row's labels) and raises :class:`ImageLoadError` for one
@@ -106,5 +101,4 @@ def image_batches(rows: Sequence[ReportRow], load_row: Callable[[ReportRow], tor
         except ImageLoadError as exc:
             return None, exc.record()
 
-    for b in stream_batches(rows, load, batch_size, workers, loader="thread", prefetch=1):
-        yield ImageBatch(b.items, b.inputs, b.failures)
+    yield from stream_batches(rows, load, batch_size, workers, loader="thread", prefetch=1)

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from radgen.data.images import ImageLoadError, load_image
 
-__all__ = ["ImageTensorDataset", "read_skip_log"]
+__all__ = ["ImageTensorDataset"]
 
 
 class ImageTensorDataset(Dataset):
@@ -24,7 +24,7 @@ class ImageTensorDataset(Dataset):
     and replaced by the next loadable image, so a long pretraining run does not die on one bad
     file; ``skipped`` keeps the error records, and with ``skip_log`` each is also appended to
     that JSONL file (data-loader workers are separate processes: the file is what they share;
-    :func:`read_skip_log` counts each path once).
+    :func:`radgen.data.skips.read_skip_log` counts each path once).
     """
 
     def __init__(self, paths: list[str], image_size: int | None = None, cache: bool = False,
@@ -71,18 +71,3 @@ class ImageTensorDataset(Dataset):
                 self.cache[j] = x
             return x
         raise RuntimeError("no loadable image in the dataset")
-
-
-def read_skip_log(path: str | os.PathLike) -> list[dict]:
-    """The records of a ``skip_log``, one per path (a torn last line from a kill is ignored)."""
-    seen: dict[str, dict] = {}
-    p = Path(path)
-    if not p.is_file():
-        return []
-    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        seen.setdefault(r.get("path"), r)
-    return list(seen.values())

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from encoder.features import POOLS
 from encoder.inference import PRECISIONS
-from radgen.features import LOADERS, SKIPPED_FILE, extract_features
+from radgen.data.skips import SKIPPED_FILE
+from radgen.features import LOADERS, extract_features
 
 
 def add_features_parser(subparsers) -> argparse.ArgumentParser:

@@ -325,7 +325,10 @@ def _findings_first_note(manifest: dict) -> str:
         return ""
     return ("\nThis model was trained findings-first: its output starts with one line stating the positive "
             "findings (`Positive: Cardiomegaly.` or `No finding.`), then the findings text. radgen removes "
-            "that line; do the same with `report.split(\"\\n\", 1)[-1].strip()`.\n")
+            "that line; do the same with `report.split(\"\\n\", 1)[-1].strip()`.\n"
+            + ("It also writes each stated finding's sentence first, after a tag such as `[Edema] `; radgen "
+               "removes the tags (`re.sub(r\"\\[[A-Za-z ]+\\]\\s*\", \"\", text)`).\n"
+               if manifest["prompt"].get("finding_tags") else ""))
 
 
 def _readme(manifest: dict) -> str:
@@ -486,7 +489,7 @@ def export_llava(built, out: str | os.PathLike, *, settings: Mapping | None = No
                        "user_text_with_indication": tokens.prompt.user_text("{indication}"),
                        "system": tokens.prompt.system,
                        # the model first states its findings on one line, then writes them (radgen strips the line)
-                       "findings_first": tokens.findings_first},
+                       "findings_first": tokens.findings_first, "finding_tags": tokens.finding_tags},
             "image_size": size, "patch_size": patch, "n_image_tokens": tokens.n_image_tokens,
             "image_token": image_token, "image_token_id": image_token_id,
             "vision": {**model.vision.features.to_dict(), "llava_feature_layer": config.vision_feature_layer,

@@ -519,7 +519,7 @@ def _without_system_turn(tokenizer: PreTrainedTokenizerBase, user_text: str) -> 
         return alone
     P, M, Q = both[:i], both[i + 1:j], both[j + 1:]
     for k in range(len(M) + 1):
-        end, header = M[:k], M[k:]
+        header = M[k:]
         sys_header = header.replace("user", "system")
         if header and "user" in header and P.endswith(sys_header):
             prompt = P[: len(P) - len(sys_header)] + header + user_text + Q

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
 from eval.chexpert import CHEXPERT_14, NO_FINDING
+from eval.chexpert.labeler import label_report
 
 from radgen.model.llm import chat_prompt
 from radgen.model.splice import build_example, expand_image_placeholder, pad_batch
 
 __all__ = ["PromptConfig", "ReportTokenizer", "findings_list_text", "positive_findings", "FIRST_LINE_END",
-           "NO_FINDING_LINE",
+           "NO_FINDING_LINE", "tag_findings", "strip_finding_tags",
            "sentence_spans", "normal_sentences", "has_labels"]
 
 FIRST_LINE_END = "\n"  # ends the stated findings line of a findings-first target
@@ -60,6 +62,50 @@ def sentence_spans(text: str, start: int = 0) -> list[tuple[int, int]]:
     return spans
 
 
+_FINDING_NAMES = tuple(o for o in CHEXPERT_14 if o != NO_FINDING)
+_TAG = re.compile(r"\[(?:" + "|".join(re.escape(o) for o in _FINDING_NAMES) + r")\]\s*")
+
+
+@lru_cache(maxsize=65536)
+def _sentence_findings(sentence: str) -> frozenset[str]:
+    """The findings the rule-based CheXpert labeler reads as positive in one sentence."""
+    return frozenset(o for o, v in label_report(sentence).items() if v == 1 and o != NO_FINDING)
+
+
+def tag_findings(text: str, labels: dict | None) -> str:
+    """A findings text planned after its stated line: the sentences that state each positive
+    finding come first, in the line's order (:func:`positive_findings`), each after its tag
+    (``"[Edema] Moderate interstitial edema."``); the other sentences follow in their own order.
+
+    A sentence states a finding when the rule-based CheXpert labeler
+    (:func:`eval.chexpert.labeler.label_report`) reads it as positive for that finding; one that
+    states two is tagged with the first of the line. A finding no sentence states (a parent label
+    such as Lung Opacity) gets no tag. No knowledge of a report grammar is used. The writer then
+    binds each stated finding to the sentence right after its tag, where in a free-order report it
+    must find, among sentences that co-occur, which one each name of the line asks for. Rows
+    without a positive finding: the text as it is. :func:`strip_finding_tags` undoes the tags."""
+    pos = positive_findings(labels)
+    text = text.strip()
+    if not pos:
+        return text
+    sents = [text[b:e] for b, e in sentence_spans(text)]
+    found = [_sentence_findings(s) for s in sents]
+    used: set[int] = set()
+    planned = []
+    for o in pos:
+        for i, s in enumerate(sents):
+            if i not in used and o in found[i]:
+                used.add(i)
+                planned.append(f"[{o}] {s}")
+    return " ".join(planned + [s for i, s in enumerate(sents) if i not in used])
+
+
+def strip_finding_tags(text: str) -> str:
+    """``text`` without the ``[Finding]`` tags of :func:`tag_findings` (only the 13 finding names
+    count as tags; other brackets stay)."""
+    return _TAG.sub("", text).strip()
+
+
 def normal_sentences(reports: list[tuple[str, dict | None]]) -> frozenset[str]:
     """Every sentence of the reports of films labelled with no finding (``(text, labels)`` pairs;
     rows without labels are left out): the sentences that say nothing about a finding."""
@@ -93,7 +139,7 @@ class ReportTokenizer:
 
     def __init__(self, tokenizer, prompt: PromptConfig, image_token_id: int, n_image_tokens: int,
                  max_target_tokens: int = 256, findings_first: bool = False, first_line_weight: float = 1.0,
-                 finding_sentence_weight: float = 1.0):
+                 finding_sentence_weight: float = 1.0, finding_tags: bool = False):
         if tokenizer.eos_token_id is None:
             raise ValueError("the LLM's tokenizer has no end-of-sequence token")
         self.tokenizer = tokenizer
@@ -103,6 +149,7 @@ class ReportTokenizer:
         self.max_target_tokens = int(max_target_tokens)
         self.findings_first = bool(findings_first)
         self.first_line_weight = float(first_line_weight)
+        self.finding_tags = bool(finding_tags)  # findings_first targets planned by tag_findings
         # loss weight of the sentences no normal report contains; the set comes from the training
         # reports (set_normal_sentences): without it every sentence weighs 1
         self.finding_sentence_weight = float(finding_sentence_weight)
@@ -203,11 +250,15 @@ class ReportTokenizer:
     def report_target(self, text: str, labels: dict | None = None) -> str:
         """The target the model learns for a report: the findings text, or with ``findings_first``
         the line :func:`findings_list_text` of the row's labels, a newline, then the findings
-        (rows without labels: the findings alone)."""
+        (with ``finding_tags``, planned by :func:`tag_findings`; rows without labels: the findings
+        alone)."""
         if not self.findings_first:
             return text
         head = findings_list_text(labels)
-        return text if head is None else f"{head}{FIRST_LINE_END}{text.strip()}"
+        if head is None:
+            return text
+        body = tag_findings(text, labels) if self.finding_tags else text.strip()
+        return f"{head}{FIRST_LINE_END}{body}"
 
     def decode(self, ids) -> str:
         """The generated findings text (with ``findings_first``, the stated list line removed:
@@ -215,10 +266,12 @@ class ReportTokenizer:
         return self.split_output(self.tokenizer.decode(ids, skip_special_tokens=True))[1]
 
     def split_output(self, text: str) -> tuple[str | None, str]:
-        """``(stated findings line or None, findings)`` of a generated text."""
+        """``(stated findings line or None, findings)`` of a generated text (with ``finding_tags``,
+        the tags removed from the findings)."""
         text = text.strip()
+        head = None
         if self.findings_first and FIRST_LINE_END in text:
-            head, body = text.split(FIRST_LINE_END, 1)
-            if head.startswith(("Positive:", "No finding")):
-                return head.strip(), body.strip()
-        return None, text
+            first, body = text.split(FIRST_LINE_END, 1)
+            if first.startswith(("Positive:", "No finding")):
+                head, text = first.strip(), body.strip()
+        return head, strip_finding_tags(text) if self.finding_tags else text

@@ -145,7 +145,8 @@ def build_model(cfg, encoder=None, with_lora: bool = True) -> BuiltModel:
                              max_target_tokens=int(cfg.prompt.max_target_tokens),
                              findings_first=bool(tasks.get("findings_first", False)),
                              first_line_weight=float(tasks.get("first_line_weight", 1.0)),
-                             finding_sentence_weight=float(tasks.get("finding_sentence_weight", 1.0)))
+                             finding_sentence_weight=float(tasks.get("finding_sentence_weight", 1.0)),
+                             finding_tags=bool(tasks.get("finding_tags", False)))
     info = {
         "format": FORMAT,
         "encoder": encoder_info,
@@ -160,7 +161,7 @@ def build_model(cfg, encoder=None, with_lora: bool = True) -> BuiltModel:
         "lora": {"r": int(lora.r), "alpha": float(lora.alpha), "dropout": float(lora.dropout),
                  "target_modules": targets} if with_lora else None,
         "prompt": {**prompt.to_dict(), "max_target_tokens": tokens.max_target_tokens,
-                   "findings_first": tokens.findings_first},
+                   "findings_first": tokens.findings_first, "finding_tags": tokens.finding_tags},
         # manifest columns the model reads at generation time (the indication goes in the prompt)
         "data": {"text_field": str(cfg.data.text_field), "indication_field": cfg.data.indication_field},
         "generate": dict(cfg.generate) if "generate" in cfg else {},

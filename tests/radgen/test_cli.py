@@ -76,6 +76,22 @@ def test_every_unknown_key_is_reported_at_once(tmp_path: Path):
     assert "command-line override: unknown key seeed (did you mean seed?)" in text
 
 
+def test_values_take_their_defaults_type():
+    # "1e-3" is a string to YAML 1.1 (no dot); an int where a float is expected becomes a float
+    cfg = load_config("reportgen", [], ["stage2.lr=1e-3", "stage2.grad_clip=2", "seed=7", "stage2.max_steps=60"])
+    assert cfg.stage2.lr == 0.001 and isinstance(cfg.stage2.lr, float)
+    assert cfg.stage2.grad_clip == 2.0 and isinstance(cfg.stage2.grad_clip, float)
+    assert cfg.seed == 7 and isinstance(cfg.seed, int)
+    assert cfg.stage2.max_steps == 60  # a null default takes any value
+    with pytest.raises(ConfigError) as err:
+        load_config("reportgen", [], ["stage2.lr=fast", "seed=1.5", "train.tensorboard=1"])
+    text = str(err.value)
+    assert "3 config value(s) of the wrong type" in text
+    assert "stage2.lr = 'fast': expected float" in text
+    assert "seed = 1.5: expected int" in text
+    assert "train.tensorboard = 1: expected true/false" in text
+
+
 def test_console_script_info():
     exe = Path(sys.executable).parent / "radgen"
     res = subprocess.run([str(exe), "info"], capture_output=True, text=True, timeout=120)

@@ -214,8 +214,8 @@ def test_loader_streams_a_bounded_number_of_batches(messy_folder: Path, monkeypa
     batch, prefetch, seen = 4, 2, 0
     for b in fj.iter_image_batches(ids, paths, RadDinoProcessor(56, 56), batch, workers=workers,
                                    loader="thread", prefetch=prefetch):
-        seen += b.rows
-        assert b.ids == ids[seen - b.rows:seen] and b.images.shape == (b.rows, 3, 56, 56)
+        seen += b.n
+        assert [rid for rid, _ in b.items] == ids[seen - b.n:seen] and b.inputs.shape == (b.n, 3, 56, 56)
         assert len(started) <= seen + prefetch * batch  # loaded ahead: at most `prefetch` batches
     assert seen == 40 and sorted(started) == list(range(40))
     with pytest.raises(FeatureJobError, match="loader"):

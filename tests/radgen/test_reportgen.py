@@ -142,7 +142,7 @@ def test_batched_greedy_equals_one_at_a_time_token_for_token(overfit, eight):
 
     rows = read_report_rows(eight, indication_field="indication")
     proc = RadDinoProcessor(shortest_edge=56, crop_size=56)
-    pix = next(image_batches(rows, image_loader(proc.one), 8, 0)).pixel_values
+    pix = next(image_batches(rows, image_loader(proc.one), 8, 0)).inputs
     kw = generation_kwargs({"max_new_tokens": 40}, built.tokens)
     batch = built.tokens.generation_batch([r.indication for r in rows])
     assert len(set(int(m.sum()) for m in batch["attention_mask"])) > 3  # really mixed lengths
@@ -162,7 +162,7 @@ def test_save_then_load_regenerates_identical_text(overfit, eight):
     from radgen.data.reports import image_batches, image_loader, read_report_rows
 
     rows = read_report_rows(eight, indication_field="indication")
-    pix = next(image_batches(rows, image_loader(RadDinoProcessor(56, 56).one), 8, 0)).pixel_values
+    pix = next(image_batches(rows, image_loader(RadDinoProcessor(56, 56).one), 8, 0)).inputs
     settings = {"max_new_tokens": 60}
     before = generate_reports(summary["model"], [r.indication for r in rows], settings, pixel_values=pix)
     loaded = load_run(out)
