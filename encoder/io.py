@@ -1,8 +1,9 @@
-"""File helpers shared by every layer: atomic writes (a crash never leaves half a file) and
-UTF-8 reading that says where a bad byte is."""
+"""File helpers shared by every layer: atomic writes (a crash never leaves half a file), UTF-8
+reading that says where a bad byte is, and JSON Lines parsing that says which line is bad."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -12,7 +13,7 @@ from typing import Callable
 from encoder.errors import InputError
 
 __all__ = ["CheckpointError", "NotUTF8Error", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "install_folder",
-           "read_utf8"]
+           "parse_jsonl", "read_utf8"]
 
 
 class CheckpointError(InputError):
@@ -91,6 +92,20 @@ def read_utf8(path: str | os.PathLike) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise NotUTF8Error(data[: exc.start].count(b"\n") + 1, exc.start, data[exc.start]) from None
+
+
+def parse_jsonl(text: str, source: str | os.PathLike) -> list:
+    """The JSON value of each non-blank line of ``text`` (JSON Lines). A bad line raises
+    ``ValueError("SOURCE:LINE: invalid JSON (why)")``, lines counted from 1 with blank ones
+    included; callers re-raise it as their own error."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{source}:{n}: invalid JSON ({exc.msg})") from None
+    return rows
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

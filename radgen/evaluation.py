@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from encoder.errors import InputError
-from encoder.io import NotUTF8Error, atomic_write_text, read_utf8
+from encoder.io import NotUTF8Error, atomic_write_text, parse_jsonl, read_utf8
 from eval.chexpert.observations import CHEXPERT_14
 from eval.score import METRICS, ScoreOptions, compare, compute_outputs, summarise
 
@@ -42,14 +42,10 @@ def _rows(path: Path) -> list[dict]:
     except NotUTF8Error as e:
         raise EvaluateError(f"{path}:{e.line}: {e}") from None
     if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise EvaluateError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        return rows
+        try:
+            return parse_jsonl(text, path)
+        except ValueError as e:
+            raise EvaluateError(str(e)) from None
     if suffix == ".json":
         try:
             rows = json.loads(text)

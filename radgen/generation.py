@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from encoder.errors import InputError
-from encoder.io import atomic_write_text, install_folder
+from encoder.io import atomic_write_text, install_folder, parse_jsonl
 from radgen.data.reports import ReportRow, image_batches, read_report_rows, record_image_path
 from radgen.model.oracle import check_oracle_labels
 from radgen.model.run import (GENERATION_KEYS, BuiltModel, generate_reports, generation_kwargs,
@@ -71,14 +71,10 @@ def read_records(path: str | os.PathLike, repair: bool = False) -> list[dict]:
         for r in rows:
             r["settings"] = json.loads(r["settings"]) if r.get("settings") else {}
         return rows
-    out = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise GenerateError(f"{path}, line {i}: not JSON ({exc.msg})") from None
-    return out
+    try:
+        return parse_jsonl(text, path)
+    except ValueError as exc:
+        raise GenerateError(str(exc)) from None
 
 
 def _count_records(path: Path) -> tuple[int, int]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from encoder.io import install_folder
+import pytest
+
+from encoder.io import install_folder, parse_jsonl
 
 
 def _folder(path: Path, text: str) -> Path:
@@ -29,3 +31,9 @@ def test_install_into_an_empty_or_absent_target(tmp_path: Path):
     assert (tmp_path / "empty" / "weights.bin").read_text() == "a"
     assert (tmp_path / "absent" / "weights.bin").read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["absent", "empty"]
+
+
+def test_jsonl_lines_are_counted_with_the_blank_ones():
+    assert parse_jsonl('{"a": 1}\n\n  \n{"b": 2}\n', "x.jsonl") == [{"a": 1}, {"b": 2}]
+    with pytest.raises(ValueError, match=r"^x\.jsonl:3: invalid JSON \("):
+        parse_jsonl('{"a": 1}\n\n{"b": \n', "x.jsonl")
