@@ -192,7 +192,8 @@ def run_generate(model_dir: str | os.PathLike, images: str | os.PathLike, out: s
                  if k not in ("pad_token_id", "eos_token_id")}
     guidance = line_guidance_scale(gen, headed=built.head is not None)  # checked before any work
     rec_settings = {**effective, "precision": precision, **({"seed": seed} if gen.get("do_sample") else {}),
-                    **({"line_guidance": guidance} if guidance != 1.0 else {})}
+                    **({"line_guidance": guidance} if guidance != 1.0 else {}),
+                    **({"stop_on_repeat": True} if gen.get("stop_on_repeat") else {})}
 
     part = out if world == 1 else out.with_name(f"{out.name}.part{rank}-of-{world}")
     if rank == 0 and overwrite and not resume:

@@ -24,6 +24,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--keep-repeats", action="store_true",
+                   help="let a report repeat a sentence until the token limit (default: the run's generate.stop_on_repeat)")
     p.add_argument("--line-guidance", type=float, metavar="S",
                    help="runs with a findings head: guide the writer on the stated line with scale S "
                         "(1: off; classifier-free guidance against the line 'No finding.')")
@@ -57,7 +59,7 @@ def cmd_generate(args) -> int:
     settings = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
                 "do_sample": True if args.sample else None, "temperature": args.temperature,
                 "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
-                "line_guidance": args.line_guidance}
+                "line_guidance": args.line_guidance, "stop_on_repeat": False if args.keep_repeats else None}
     s = run_generate(model_dir, args.images, args.out, settings, batch_size=args.batch_size,
                      split=args.split, resume=args.resume, overwrite=args.overwrite,
                      workers=args.workers, device=args.device, precision=args.precision,

@@ -33,6 +33,7 @@ from encoder.errors import InputError
 from encoder.io import atomic_write_bytes, atomic_write_text, install_folder
 from encoder.specs import load_encoder_spec
 from radgen.model.findings_head import FindingsHead
+from radgen.model.repeats import RepeatedSentenceStop, drop_repeated_sentences
 from radgen.model.guidance import PairedGuidance
 from radgen.model.llm import SYSTEM_DEFAULT, add_image_token, apply_lora, folder_sha256, load_llm, resolve_llm_path
 from radgen.model.model import ReportGenerator
@@ -250,7 +251,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", che
 
 
 GENERATION_KEYS = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p",
-                   "repetition_penalty", "line_guidance")
+                   "repetition_penalty", "line_guidance", "stop_on_repeat")
 
 
 def model_sha256(run_dir: str | os.PathLike) -> str:
@@ -269,7 +270,8 @@ def model_sha256(run_dir: str | os.PathLike) -> str:
 
 def generation_kwargs(settings: dict, tokens: ReportTokenizer) -> dict:
     """HF ``generate`` arguments from radgen's generation settings (greedy unless told otherwise)."""
-    kw = {k: settings[k] for k in GENERATION_KEYS if settings.get(k) is not None and k != "line_guidance"}
+    kw = {k: settings[k] for k in GENERATION_KEYS
+          if settings.get(k) is not None and k not in ("line_guidance", "stop_on_repeat")}
     kw["max_new_tokens"] = int(kw.get("max_new_tokens", 160))
     kw["num_beams"] = int(kw.get("num_beams", 1))
     if not kw.get("do_sample"):
@@ -319,6 +321,11 @@ def generate_reports(built: BuiltModel, indications: list[str | None], settings:
         stated = [findings_list_text(d) for d in built.head.decide(vision_tokens.to(device))]
     scale = line_guidance_scale(settings, headed=stated is not None)
     kwargs = generation_kwargs(settings, built.tokens)
+    stop_on_repeat = bool(settings.get("stop_on_repeat"))
+    if stop_on_repeat:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([RepeatedSentenceStop(built.tokens.tokenizer)])
     if scale != 1.0:  # each film twice: after its stated line, then after the neutral line
         indications = list(indications) * 2
         stated = stated + [NO_FINDING_LINE] * len(stated)
@@ -343,4 +350,6 @@ def generate_reports(built: BuiltModel, indications: list[str | None], settings:
                  for row in out]
     else:
         pairs = [(line, built.tokens.decode(row)) for line, row in zip(stated, out)]
+    if stop_on_repeat:
+        pairs = [(line, drop_repeated_sentences(text)) for line, text in pairs]
     return pairs if with_stated else [text for _, text in pairs]

@@ -1,0 +1,53 @@
+"""A report never says the same sentence twice: stop a row of greedy decoding when it repeats one.
+
+A writer trained for few steps sometimes fails to end its report and loops ("No displaced rib
+fracture." again and again) until the token limit: the batch then runs to that limit, and the
+text is scored with the loop in it. :class:`RepeatedSentenceStop` ends a row as soon as it
+completes a sentence it has already written (a per-row HF stopping criterion), and
+:func:`drop_repeated_sentences` removes that repeat from the text. ``generate.stop_on_repeat``
+turns both on (``radgen generate --keep-repeats`` off).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import StoppingCriteria
+
+from radgen.model.prompt import sentence_spans
+
+__all__ = ["RepeatedSentenceStop", "drop_repeated_sentences", "ends_with_a_repeat"]
+
+
+def _sentences(text: str) -> list[str]:
+    return [text[b:e].strip() for b, e in sentence_spans(text)]
+
+
+def ends_with_a_repeat(text: str) -> bool:
+    """Whether the last sentence of ``text`` is complete and said before in it."""
+    text = text.strip()
+    if not text.endswith((".", "!", "?")):
+        return False
+    sents = _sentences(text)
+    return len(sents) > 1 and sents[-1] in sents[:-1]
+
+
+def drop_repeated_sentences(text: str) -> str:
+    """``text`` with every sentence after its first occurrence removed (order kept)."""
+    seen, out = set(), []
+    for s in _sentences(text.strip()):
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return " ".join(out)
+
+
+class RepeatedSentenceStop(StoppingCriteria):
+    """Per-row stop: True for a row whose generated text (``input_ids`` (B, T): the new tokens)
+    has just completed a sentence it already wrote."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        return torch.tensor([ends_with_a_repeat(t) for t in texts], dtype=torch.bool, device=input_ids.device)
