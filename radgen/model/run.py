@@ -33,13 +33,13 @@ from encoder.errors import InputError
 from encoder.io import atomic_write_bytes, atomic_write_text, install_folder
 from encoder.specs import load_encoder_spec
 from radgen.model.findings_head import FindingsHead
-from radgen.model.repeats import RepeatedSentenceStop, drop_repeated_sentences
 from radgen.model.guidance import PairedGuidance
 from radgen.model.llm import SYSTEM_DEFAULT, add_image_token, apply_lora, folder_sha256, load_llm, resolve_llm_path
 from radgen.model.model import ReportGenerator
 from radgen.model.oracle import OracleVision, is_oracle_spec, oracle_tokens
 from radgen.model.projector import build_projector
 from radgen.model.prompt import NO_FINDING_LINE, PromptConfig, ReportTokenizer, findings_list_text
+from radgen.model.repeats import RepeatedSentenceStop, drop_repeated_sentences
 from radgen.model.vision import FrozenVision, VisionFeatures
 
 __all__ = ["FORMAT", "RunError", "BuiltModel", "build_model", "save_trained", "load_run",
