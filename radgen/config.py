@@ -123,8 +123,7 @@ def _as(kind: type, value):
         if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             return int(value)
         raise ValueError(value)
-    number = float(value)  # a float default: ints, numeric strings ("1e-3")
-    return number
+    return float(value)  # a float default: ints, numeric strings ("1e-3")
 
 
 def _unknown_keys(base, layer, where: str, prefix: str = "") -> list[str]:

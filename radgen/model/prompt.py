@@ -19,6 +19,7 @@ from torch import Tensor
 from eval.chexpert import CHEXPERT_14, NO_FINDING
 from eval.chexpert.labeler import label_report
 
+from radgen.model.findings_head import FINDINGS
 from radgen.model.llm import chat_prompt
 from radgen.model.splice import build_example, expand_image_placeholder, pad_batch
 
@@ -62,8 +63,7 @@ def sentence_spans(text: str, start: int = 0) -> list[tuple[int, int]]:
     return spans
 
 
-_FINDING_NAMES = tuple(o for o in CHEXPERT_14 if o != NO_FINDING)
-_TAG = re.compile(r"\[(?:" + "|".join(re.escape(o) for o in _FINDING_NAMES) + r")\]\s*")
+_TAG = re.compile(r"\[(?:" + "|".join(re.escape(o) for o in FINDINGS) + r")\]\s*")
 
 
 @lru_cache(maxsize=65536)
