@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-__all__ = ["STRATEGIES", "setup_distributed", "resolve_strategy", "shard_ssl_model", "average_gradients",
+__all__ = ["STRATEGIES", "setup_distributed", "close_distributed", "resolve_strategy", "shard_ssl_model", "average_gradients",
            "sum_gradients", "all_sum", "all_ranks_agree", "set_gradient_sync", "broadcast_model", "sync_diff", "full_state",
            "load_full_state"]
 
@@ -50,6 +50,25 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def close_distributed(timeout_s: float = 60.0) -> None:
+    """Tear down the process group, the ranks together; a no-op when there is none.
+
+    Left to the interpreter's shutdown, or torn down by one rank while another still talks to it,
+    gloo's threads can abort the process ("terminate called without an active exception", seen in
+    the 2-rank pretraining tests under load), failing a run that succeeded. So gloo ranks first meet
+    at a barrier bounded in time, so that a rank whose peer died still exits."""
+    from datetime import timedelta
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+    except Exception:  # a peer that failed or left: nothing to wait for
+        pass
+    dist.destroy_process_group()
 
 
 def resolve_strategy(strategy: str, world: int) -> str:

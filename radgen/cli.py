@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"radgen {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
-        _close_process_group()
+        if "torch.distributed" in sys.modules:  # a command that never imported torch has no group to close
+            from encoder.distributed import close_distributed
+
+            close_distributed()
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -97,26 +100,6 @@ def _os_error_text(exc: OSError) -> str:
     if exc.filename:
         return f"{exc.filename}: {exc.strerror or exc}"
     return str(exc.strerror or exc)
-
-
-def _close_process_group() -> None:
-    """Tear down a torchrun job's process group before the interpreter exits, the ranks together.
-
-    Left to the interpreter's shutdown, or torn down by one rank while another still talks to it,
-    gloo's threads can abort the process ("terminate called without an active exception", seen in
-    the 2-rank pretraining test under load), failing a run that succeeded. So gloo ranks first meet
-    at a barrier, bounded in time so that a rank whose peer died still exits."""
-    from datetime import timedelta
-
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return
-    try:
-        if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
-            dist.monitored_barrier(timeout=timedelta(seconds=60))
-    except Exception:  # a peer that failed or left: nothing to wait for
-        pass
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

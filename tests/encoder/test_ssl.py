@@ -99,7 +99,7 @@ _EMPTY_RANK_SCRIPT = r"""
 import sys
 import torch
 import torch.distributed as dist
-from encoder.distributed import setup_distributed, shard_ssl_model
+from encoder.distributed import close_distributed, setup_distributed, shard_ssl_model
 from encoder.ssl import SSLConfig, SSLMetaArch
 from encoder.vit import build_vit
 from encoder.augment import MultiCrop, MultiCropConfig, collate_multicrop
@@ -126,7 +126,7 @@ for _ in range(2):
 torch.save({"ibot": model.ibot_loss.center, "dino": model.dino_loss.center, "loss": loss.detach()},
            f"{out}/rank{rank}.pt")
 dist.barrier()
-dist.destroy_process_group()
+close_distributed()
 """
 
 

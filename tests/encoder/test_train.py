@@ -291,8 +291,8 @@ def test_load_full_state_accepts_position_keyed_optimizer_state():
 _RANK_SCRIPT = r"""
 import json, sys
 import torch
-import torch.distributed as dist
 import encoder.train as et
+from encoder.distributed import close_distributed
 from encoder.guards import TrainingStopped
 from radgen.config import load_config
 
@@ -309,7 +309,7 @@ try:
 except TrainingStopped as exc:
     res = {"status": "stopped", "message": str(exc).split(":")[0]}
 print(json.dumps({"rank": rank, **res}), flush=True)
-dist.destroy_process_group()
+close_distributed()
 """
 
 

@@ -418,8 +418,7 @@ def test_torchrun_rank_without_loadable_images(tmp_path, synth, llm_dir, one_thr
 _CACHE_SCRIPT = r"""
 import json, sys
 import torch
-import torch.distributed as dist
-from encoder.distributed import setup_distributed
+from encoder.distributed import close_distributed, setup_distributed
 from radgen.config import load_config
 from radgen.data.reports import read_report_rows
 from radgen.training_inputs import VisionInputs
@@ -436,7 +435,7 @@ cache = VisionInputs(built, read_report_rows(manifest, split="train"), True, tor
                       False, "encode")
 torch.save({"tokens": cache.tokens, "ok": cache.ok, "skipped": skipped, "encoded": sum(seen)},
            f"{out}/rank{rank}.pt")
-dist.destroy_process_group()
+close_distributed()
 """
 
 
