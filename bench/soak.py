@@ -126,7 +126,7 @@ def build_run(folder: Path) -> None:
     tiny.make_tiny_llm_folder(folder / "llm", tiny.RADIOLOGY_SENTENCES)
     from radgen.config import load_config
     from radgen.data.synth.generate import generate_dataset
-    from radgen.training import run_train
+    from radgen.train import run_train
 
     synth = folder / "synth"
     generate_dataset(load_config("synth", [], [f"out={synth}", "n=16", "size=64", "workers=1", "seed=5"]),

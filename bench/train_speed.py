@@ -1,6 +1,6 @@
 """Training throughput of the report generator's stage-2 step, before and after this week's changes.
 
-Two variants of the step ``radgen train`` runs in stage 2 (``radgen/training.py``), each on a
+Two variants of the step ``radgen train`` runs in stage 2 (``radgen/train/loop.py``), each on a
 fresh model from ``configs/reportgen`` + ``cpu_smollm2`` (SmolLM2-135M-Instruct with LoRA r=16 on
 every linear layer, mlp2x_gelu projector, random ``vit_tiny`` at 112 px: 64 image tokens):
 
@@ -92,7 +92,7 @@ def build(image_size: int, seed: int, overrides=()):
 
 
 def stage2_params(built: BuiltModel) -> list[nn.Parameter]:
-    """What stage 2 trains: the projector and every LoRA matrix (as ``radgen.training._trainable``)."""
+    """What stage 2 trains: the projector and every LoRA matrix (as ``radgen.train.loop._trainable``)."""
     model = built.model
     model.requires_grad_(False)
     model.projector.requires_grad_(True)

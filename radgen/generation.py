@@ -287,7 +287,7 @@ def merge_lora(model_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """A standalone run folder: the LLM with LoRA merged (``dest/llm``), projector, model.json."""
     import shutil
 
-    from radgen.model.llm import folder_sha256
+    from radgen.model.llm_source import folder_sha256
     from radgen.model.run import HEAD_FILE, MODEL_JSON, PROJECTOR_FILE
 
     model_dir, dest = Path(model_dir), Path(dest)

@@ -51,7 +51,7 @@ def test_jobs_put_rank_1_on_cuda_1(two_gpus, monkeypatch, tmp_path, job):
 
             run_generate(tmp_path / "run", tmp_path / "images", tmp_path / "out.jsonl", progress=False)
         elif job == "train":
-            import radgen.training as tr
+            import radgen.train.loop as tr
             from radgen.config import load_config
 
             monkeypatch.setattr(tr, "setup_distributed", chosen)
@@ -73,7 +73,7 @@ def test_auto_precision_needs_native_bf16(two_gpus, monkeypatch, tmp_path, nativ
     import encoder.train as et
     from encoder.inference import resolve_precision
     from radgen.config import load_config
-    from radgen.training import _autocast
+    from radgen.train.loop import _autocast
 
     # torch.cuda.is_bf16_supported() is True on pre-Ampere GPUs too (emulated): only the
     # including_emulation=False answer tells them apart.

@@ -43,7 +43,7 @@ def cmd_info(args) -> int:
     print("lookup paths (every loader takes a local path; nothing is downloaded at run time):")
     print(f"  configs:        {configs_dir()}")
     print(f"  RADGEN_HOME:    {os.environ.get('RADGEN_HOME', str(Path.home() / '.cache' / 'radgen'))}")
-    from radgen.model.llm import builtin_llm_cache_dir  # light: transformers is imported lazily there
+    from radgen.model.llm_source import builtin_llm_cache_dir  # light: transformers is imported lazily there
     print(f"  built-in LLM:   {builtin_llm_cache_dir()}")
     print(f"  HF_HOME:        {os.environ.get('HF_HOME', str(Path.home() / '.cache' / 'huggingface'))}"
           f"  (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')})")

@@ -1,4 +1,4 @@
-"""``radgen train``: the command line over :mod:`radgen.training`."""
+"""``radgen train``: the command line over :mod:`radgen.train`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from radgen.config import add_config_args, load_config
 from radgen.model.run import ADAPTER_DIR
-from radgen.training import run_train
+from radgen.train import run_train
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:

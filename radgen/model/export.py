@@ -52,7 +52,7 @@ from encoder.errors import InputError
 from encoder.io import atomic_write_text, install_folder
 from encoder.vit import ViTConfig
 from encoder.weights import HF_POS_INTERP, preprocessor_for, save_hf_dinov2
-from radgen.model.llm import _TEMPLATE_VARS, PLAIN_PROMPT, SYSTEM_DEFAULT, chat_prompt
+from radgen.model.chat import _TEMPLATE_VARS, PLAIN_PROMPT, SYSTEM_DEFAULT, chat_prompt
 from radgen.model.projector import PROJECTORS
 from radgen.model.vision import VisionFeatures
 

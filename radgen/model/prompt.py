@@ -2,7 +2,7 @@
 
 The user turn is ``<image>`` + newline + the instruction (+ newline + the indication line when a
 manifest column supplies one), wrapped in the tokenizer's chat template when it has one
-(:func:`radgen.model.llm.chat_prompt`). The single ``<image>`` id is expanded to as many ids as
+(:func:`radgen.model.chat.chat_prompt`). The single ``<image>`` id is expanded to as many ids as
 the projector emits tokens (:func:`~radgen.model.splice.expand_image_placeholder`). The target is
 the findings text followed by the end-of-sequence token, which is what generation stops on.
 """
@@ -20,7 +20,7 @@ from eval.chexpert import CHEXPERT_14, NO_FINDING
 from eval.chexpert.labeler import label_report
 
 from radgen.model.findings_head import FINDINGS
-from radgen.model.llm import chat_prompt
+from radgen.model.chat import chat_prompt
 from radgen.model.splice import build_example, expand_image_placeholder, pad_batch
 
 __all__ = ["PromptConfig", "ReportTokenizer", "findings_list_text", "positive_findings", "FIRST_LINE_END",

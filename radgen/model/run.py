@@ -34,7 +34,9 @@ from encoder.io import atomic_write_bytes, atomic_write_text, install_folder
 from encoder.specs import load_encoder_spec
 from radgen.model.findings_head import FindingsHead
 from radgen.model.guidance import PairedGuidance
-from radgen.model.llm import SYSTEM_DEFAULT, add_image_token, apply_lora, folder_sha256, load_llm, resolve_llm_path
+from radgen.model.chat import SYSTEM_DEFAULT
+from radgen.model.llm import add_image_token, apply_lora, load_llm
+from radgen.model.llm_source import folder_sha256, resolve_llm_path
 from radgen.model.model import ReportGenerator
 from radgen.model.oracle import OracleVision, is_oracle_spec, oracle_tokens
 from radgen.model.projector import build_projector

@@ -103,7 +103,7 @@ def resolve_job_configs(cfg: DictConfig, out: Path) -> dict[str, DictConfig]:
                                   f"encoder.spec={spec}", f"seed={int(cfg.seed)}"])
     from encoder.train import validate_config as validate_encoder
     from radgen.probes import PROBES
-    from radgen.training import validate_config as validate_reportgen
+    from radgen.train import validate_config as validate_reportgen
 
     try:
         validate_encoder(jobs["encoder"])
@@ -170,7 +170,7 @@ def _stage_probe(demo: Demo, d: Path) -> dict:
 
 
 def _stage_generator(demo: Demo, d: Path) -> dict:
-    from radgen.training import run_train
+    from radgen.train import run_train
 
     summary = run_train(demo.jobs["reportgen"], progress=demo.progress)
     if summary["status"] == "preempted":
@@ -200,7 +200,7 @@ def _stage_controls(demo: Demo, d: Path) -> dict:
     the oracle (the film's own labels: a ceiling of the generator alone, not a result) and the
     frozen pixels (the findings are in them). Each: train, then generate on the test split."""
     from radgen.generation import run_generate
-    from radgen.training import run_train
+    from radgen.train import run_train
 
     g, info = demo.cfg.generate, {}
     for spec in demo.cfg.controls:

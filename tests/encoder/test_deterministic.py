@@ -65,7 +65,7 @@ def test_jobs_set_the_flags_before_choosing_a_device(restore_mode, monkeypatch, 
             monkeypatch.setattr(et, "setup_distributed", started)
             et.train(load_config("encoder", [], [f"out={tmp_path}", "train.deterministic=true"]), [])
         else:
-            import radgen.training as tr
+            import radgen.train.loop as tr
 
             monkeypatch.setattr(tr, "setup_distributed", started)
             monkeypatch.setattr(tr, "validate_config", lambda cfg: None)

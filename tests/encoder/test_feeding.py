@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from encoder.augment import MultiCrop, MultiCropConfig, collate_multicrop
 from encoder.ssl import SSLConfig, SSLMetaArch
-from encoder.train import CollateMultiCrop, ResumableSampler, build_loader
+from encoder.feeding import CollateMultiCrop, ResumableSampler, build_loader
 from encoder.vit import build_vit
 
 MASKS = {"mask_ratio_range": (0.1, 0.5), "mask_probability": 0.5}
@@ -37,7 +37,7 @@ def test_loader_pins_only_on_cuda_and_keeps_its_workers():
 def test_workers_collate_the_same_batches():
     """Collation (and the iBOT masks) in 2 worker processes equals collation in this process, and
     micro-batch k's masks are drawn as the training loop drew them before (seed, 3, k, rank)."""
-    from encoder.train import _mix
+    from encoder.feeding import mix_seed as _mix
 
     inline, workers = iter(_loader("cpu")), iter(_loader("cpu", workers=2))
     for k in range(3, 6):  # the sampler starts at micro-batch 3 (a resumed run)

@@ -17,8 +17,8 @@ from radgen.data.batching import epoch_batches, padding_fraction
 from radgen.data.reports import read_report_rows
 from radgen.data.synth.generate import generate_dataset
 from encoder.specs import encoder_config, load_encoder_spec
-from radgen.training import run_train
-from radgen.model.llm import _without_system_turn, chat_prompt
+from radgen.train import run_train
+from radgen.model.chat import _without_system_turn, chat_prompt
 from radgen.model.oracle import ORACLE_DIM, OracleError, OracleVision, check_oracle_labels, oracle_tokens
 from radgen.model.run import build_model
 from radgen.model.vision import FrozenVision, VisionFeatures

@@ -131,7 +131,7 @@ def test_processor_chat_template_renders_radgen_prompt(tiny_llm_dir, template):
     from transformers import AutoTokenizer
     from tiny_llm import CHATML_TEMPLATE
 
-    from radgen.model.llm import chat_prompt
+    from radgen.model.chat import chat_prompt
     from radgen.model.prompt import PromptConfig
 
     tok = AutoTokenizer.from_pretrained(str(tiny_llm_dir))
@@ -196,7 +196,7 @@ def test_export_refuses_before_loading(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 def _train(out: Path, llm: Path, manifest: Path, overrides: list[str]) -> Path:
     from radgen.config import load_config
-    from radgen.training import run_train
+    from radgen.train import run_train
 
     cfg = load_config("reportgen", [], [
         f"out={out}", f"data.path={manifest}", "encoder.spec=random:vit_tiny:56:0", f"llm.path={llm}",

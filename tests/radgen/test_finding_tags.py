@@ -7,7 +7,7 @@ import pytest
 
 from radgen.config import ConfigError, load_config
 from radgen.model.prompt import FIRST_LINE_END, strip_finding_tags, tag_findings
-from radgen.training import validate_config
+from radgen.train import validate_config
 from test_finding_weights import _folders, _report_tokenizer  # noqa: E402  (pytest puts this folder on sys.path)
 
 LABELS = {"No Finding": None, "Cardiomegaly": 1, "Lung Opacity": 1, "Edema": 0, "Pleural Effusion": 1}

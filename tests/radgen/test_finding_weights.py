@@ -86,7 +86,8 @@ def test_cut_targets_and_the_line_weight_combine(tmp_path):
 
 def test_config_refuses_a_negative_weight(tmp_path):
     from radgen.config import load_config
-    from radgen.training import ConfigError, validate_config
+    from radgen.config import ConfigError
+    from radgen.train import validate_config
 
     cfg = load_config("reportgen", ["cpu_smollm2"], [f"out={tmp_path}", "data.path=x", "encoder.spec=oracle",
                                                       "tasks.finding_sentence_weight=-1"])

@@ -101,7 +101,7 @@ def test_generator_with_findings_head_states_the_oracle_findings(tmp_path_factor
     own findings line (every finding with enough training positives); the run is not exportable,
     and a merged copy of it (merge_lora) keeps the head."""
     from radgen.generation import read_records, run_generate
-    from radgen.training import run_train
+    from radgen.train import run_train
     from radgen.model.export import run_problems
     from radgen.model.run import HEAD_FILE, load_run
     from tiny_llm import RADIOLOGY_SENTENCES, make_tiny_llm_folder

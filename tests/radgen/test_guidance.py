@@ -49,7 +49,7 @@ def test_line_guidance_scale_is_checked():
 
 def test_train_config_refuses_line_guidance_without_a_head():
     from radgen.config import ConfigError, load_config
-    from radgen.training import validate_config
+    from radgen.train import validate_config
 
     cfg = load_config("reportgen", ["cpu_smollm2"], ["out=x", "data.path=y", "encoder.spec=oracle",
                                                       "generate.line_guidance=2"])

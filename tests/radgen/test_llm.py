@@ -1,4 +1,4 @@
-"""radgen.model.llm: resolving, loading and adapting the LLM (tiny local folders; one slow real test)."""
+"""radgen.model.llm and llm_source: resolving, loading and adapting the LLM (tiny local folders; one slow real test)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from radgen.model import llm as llm_mod
-from radgen.model.llm import (LLMError, add_image_token, apply_lora, builtin_llm_folder, chat_prompt,
-                              folder_sha256, load_llm, lora_target_names, resolve_llm_path)
+from radgen.model import llm_source as llm_mod
+from radgen.model.chat import chat_prompt
+from radgen.model.llm import add_image_token, apply_lora, load_llm, lora_target_names
+from radgen.model.llm_source import LLMError, builtin_llm_folder, folder_sha256, resolve_llm_path
 from tiny_llm import RADIOLOGY_SENTENCES, make_tiny_llm_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")

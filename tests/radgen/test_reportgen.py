@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from radgen.config import ConfigError, load_config
 from radgen.data.synth.generate import generate_dataset
 from radgen.generation import read_records, run_generate
-from radgen.training import run_train, validate_config
+from radgen.train import run_train, validate_config
 from radgen.model.run import build_model, generate_reports, load_run
 from radgen.model.splice import IGNORE_INDEX
 
@@ -421,7 +421,7 @@ import torch
 from encoder.distributed import close_distributed, setup_distributed
 from radgen.config import load_config
 from radgen.data.reports import read_report_rows
-from radgen.training_inputs import VisionInputs
+from radgen.train.inputs import VisionInputs
 from radgen.model.run import build_model
 
 overrides, manifest, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -447,7 +447,7 @@ def test_torchrun_vision_cache_is_sharded_and_gathered(tmp_path, synth, llm_dir,
     import sys
 
     from radgen.data.reports import read_report_rows
-    from radgen.training_inputs import VisionInputs
+    from radgen.train.inputs import VisionInputs
 
     good = [json.loads(line) for line in (synth / "manifest.jsonl").open()]
     bad = tmp_path / "bad.png"
@@ -485,7 +485,7 @@ def test_uncached_inputs_load_in_worker_threads(tmp_path, synth, llm_dir):
     import threading
 
     from radgen.data.reports import read_report_rows
-    from radgen.training_inputs import VisionInputs
+    from radgen.train.inputs import VisionInputs
 
     rows = read_report_rows(synth, split="train")[:6]
     rows[2].image = str(tmp_path / "missing.png")
@@ -555,7 +555,7 @@ def test_lr_schedule_warmup_stable_decay():
     import numpy as np
 
     from encoder.train import cosine_schedule
-    from radgen.training import lr_schedule
+    from radgen.train.plan import lr_schedule
 
     s = lr_schedule(1.0, 0.0, 10, warmup=2, decay_ratio=0.2)
     assert np.allclose(s, [0.0, 0.5, 1, 1, 1, 1, 1, 1, 0.5, 0.0])
@@ -569,7 +569,7 @@ def test_resume_check_fills_keys_added_since_the_checkpoint():
     from omegaconf import OmegaConf
 
     from radgen.config import load_config
-    from radgen.training import _core, _with_defaults
+    from radgen.train.loop import _core, _with_defaults
 
     cfg = OmegaConf.to_container(load_config("reportgen", ["cpu_smollm2"], ["out=x", "data.path=y"]), resolve=True)
     old = OmegaConf.to_container(OmegaConf.create(cfg))

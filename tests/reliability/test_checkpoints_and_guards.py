@@ -15,7 +15,7 @@ from corpus import TINY_PRETRAIN
 from encoder.checkpoint import CheckpointError, load_checkpoint, load_latest_checkpoint, save_checkpoint
 from encoder.guards import TrainingStopped
 from radgen.config import load_config
-from radgen.training import STATE_FORMAT
+from radgen.train import STATE_FORMAT
 
 pytestmark = pytest.mark.reliability
 
@@ -248,7 +248,7 @@ def _poison_generator(monkeypatch, at_calls: set[int]):
 
 def test_generator_inf_loss_stops_then_resumes_exactly(tmp_path: Path, synth: Path, tiny_llm_dir, monkeypatch,
                                                       one_thread, ledger):
-    from radgen.training import run_train
+    from radgen.train import run_train
 
     out = tmp_path / "inf"
     _poison_generator(monkeypatch, {4})  # stage 2, step 2 (one micro-batch per step)
@@ -268,7 +268,7 @@ def test_generator_inf_loss_stops_then_resumes_exactly(tmp_path: Path, synth: Pa
 
 
 def test_generator_nan_skip(tmp_path: Path, synth: Path, tiny_llm_dir, monkeypatch, one_thread, ledger):
-    from radgen.training import run_train
+    from radgen.train import run_train
 
     _poison_generator(monkeypatch, {1})
     s = run_train(_rg(tmp_path / "skip", synth, tiny_llm_dir, "train.on_nonfinite=skip"), progress=False)

@@ -24,7 +24,7 @@ from corpus import bad_files_for_kill
 from radgen.config import load_config
 from radgen.data.synth.generate import generate_dataset
 from radgen.generation import read_records
-from radgen.training import run_train
+from radgen.train import run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 REPO = Path(__file__).resolve().parents[2]

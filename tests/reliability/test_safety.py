@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from corpus import REPO
 
-from radgen.model.llm import LLMError, load_llm
+from radgen.model.llm import load_llm
+from radgen.model.llm_source import LLMError
 from radgen.model.run import FORMAT, RunError, load_run
 
 pytestmark = pytest.mark.reliability

@@ -1,4 +1,4 @@
-"""``radgen train``: the report generator's two stages, one process or ``torchrun``, exact resume.
+"""The report generator's training loop: two stages, one process or ``torchrun``, exact resume.
 
 Stage 1 trains the projector only (the LLM and its LoRA adapter frozen; LoRA starts at zero, so
 this is the plain LLM reading projected image tokens); stage 2 trains projector + LoRA. Each stage
@@ -23,39 +23,32 @@ included), ``samples.jsonl`` (sample generations at each evaluation), ``skipped.
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
-from encoder.guards import NonFiniteGuard, train_config_errors
+from encoder.guards import NonFiniteGuard
 from encoder.distributed import all_sum, setup_distributed, sum_gradients
 from encoder.inference import resolve_device, resolve_precision, set_deterministic
 from encoder.io import atomic_write_text
 from encoder.loop import CsvLog, StopSignal, tensorboard_writer
-from encoder.specs import is_generated_spec
-from encoder.train import cosine_schedule
 from radgen.config import ConfigError, load_config, save_config
-from radgen.data.batching import epoch_batches
-from radgen.data.reports import ReportRow, read_report_rows
-from radgen.model.prompt import findings_list_text, normal_sentences, positive_findings
-from radgen.model.oracle import check_oracle_labels, is_oracle_spec
-from radgen.model.run import (MODEL_JSON, BuiltModel, RunError, build_model, generate_reports,
-                              line_guidance_scale, save_trained)
+from radgen.data.reports import read_report_rows
 from radgen.data.skips import SKIPPED_FILE, write_skip_log
-from radgen.training_inputs import VisionInputs, fit_head
+from radgen.model.oracle import check_oracle_labels, is_oracle_spec
+from radgen.model.prompt import normal_sentences
+from radgen.model.run import MODEL_JSON, BuiltModel, build_model, generate_reports, save_trained
+from radgen.train.config import STAGES, validate_config
+from radgen.train.inputs import VisionInputs, fit_head
+from radgen.train.plan import batch_indices, stage_plan, stage_seed, training_examples
 
-__all__ = ["run_train", "validate_config", "STAGES", "STATE_FORMAT"]
+__all__ = ["run_train", "STATE_FORMAT"]
 
-STAGES = ("stage1", "stage2")
-STAGE_TASKS = ("report", "findings_list")  # what a stage trains on (training_examples)
 STATE_FORMAT = "radgen-reportgen-state/1"
 STATE_FILE, LOG_FILE, SAMPLES_FILE, SUMMARY_FILE = "checkpoint.pt", "log.csv", "samples.jsonl", "summary.json"
 # tokens: target tokens trained on so far; input_tokens: every input position so far (prompt, image
@@ -64,103 +57,9 @@ LOG_FIELDS = ["stage", "step", "total_steps", "epoch", "lr", "loss", "val_loss",
               "tokens_per_s", "target_tokens_per_s", "seconds"]
 
 
-# ----------------------------------------------------------------------------------------------
-# Config validation (everything checked before any model is loaded)
-# ----------------------------------------------------------------------------------------------
-def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
-    """Raise one :class:`ConfigError` listing every problem of a ``configs/reportgen`` config.
-
-    ``check_files=False`` skips the existence of ``data.path`` and ``encoder.spec`` (a pipeline
-    validating before an earlier stage has written them)."""
-    from radgen.model.projector import PROJECTORS
-    from radgen.model.vision import SELECTS
-
-    errors = []
-    if not cfg.out:
-        errors.append("out is not set (--out RUN_DIR)")
-    if not cfg.data.path:
-        errors.append("data.path is not set (--data MANIFEST)")
-    elif check_files and not Path(str(cfg.data.path)).exists():
-        errors.append(f"data.path {cfg.data.path}: no such file or folder")
-    spec = cfg.encoder.spec
-    if not spec:
-        errors.append("encoder.spec is not set (--encoder SPEC)")
-    elif (check_files and not is_generated_spec(spec) and not is_oracle_spec(spec)
-          and not Path(str(spec)).exists()):
-        errors.append(f"encoder.spec {spec}: no such checkpoint file or folder")
-    llm = str(cfg.llm.path or "")
-    if not llm:
-        errors.append("llm.path is not set")
-    elif not llm.startswith("builtin") and not (Path(llm) / "config.json").is_file():
-        errors.append(f"llm.path {llm}: not a local Hugging Face model folder (no config.json)")
-    if cfg.projector.name not in PROJECTORS:
-        errors.append(f"projector.name {cfg.projector.name!r}: choose one of {sorted(PROJECTORS)}")
-    if cfg.encoder.select not in SELECTS:
-        errors.append(f"encoder.select {cfg.encoder.select!r}: choose one of {list(SELECTS)}")
-    if cfg.encoder.pool is not None and int(cfg.encoder.pool) < 1:
-        errors.append("encoder.pool must be a positive integer or null")
-    if cfg.train.precision not in ("auto", "fp32", "bf16"):
-        errors.append(f"train.precision {cfg.train.precision!r}: choose auto, fp32 or bf16")
-    if cfg.llm.dtype not in ("float32", "bfloat16"):
-        errors.append(f"llm.dtype {cfg.llm.dtype!r}: choose float32 or bfloat16")
-    for name in STAGES:
-        st = cfg[name]
-        for key in ("batch_size", "accum_steps"):
-            if int(st[key]) < 1:
-                errors.append(f"{name}.{key} must be >= 1")
-        if st.max_steps is None and st.epochs <= 0:
-            errors.append(f"{name}: epochs must be > 0 (or set max_steps; 0 skips the stage)")
-        if st.max_steps is not None and int(st.max_steps) < 0:
-            errors.append(f"{name}.max_steps must be >= 0")
-        if st.lr <= 0:
-            errors.append(f"{name}.lr must be > 0")
-        if not 0 <= st.decay_ratio < 1:
-            errors.append(f"{name}.decay_ratio must be in [0, 1)")
-        elif st.warmup_ratio + st.decay_ratio > 1:
-            errors.append(f"{name}: warmup_ratio + decay_ratio must be <= 1 (no steps left at the full rate)")
-        if str(st.task) not in STAGE_TASKS:
-            errors.append(f"{name}.task {st.task!r}: choose one of {list(STAGE_TASKS)}")
-    if cfg.tasks.repeat_abnormal < 1:
-        errors.append("tasks.repeat_abnormal must be >= 1")
-    for key in ("findings_head_max_false_alarm", "findings_head_min_precision"):
-        if cfg.tasks.get(key) is not None and not 0 <= float(cfg.tasks[key]) <= 1:
-            errors.append(f"tasks.{key} must be between 0 and 1 (or null)")
-    for key in ("first_line_weight", "finding_sentence_weight"):
-        if cfg.tasks[key] < 0:
-            errors.append(f"tasks.{key} must be >= 0")
-    if cfg.tasks.finding_tags and not cfg.tasks.findings_first:
-        errors.append("tasks.finding_tags plans the findings after the stated line: it needs tasks.findings_first=true")
-    if cfg.tasks.get("findings_head") and not cfg.tasks.findings_first:
-        errors.append("tasks.findings_head states the findings line the LLM writes on after: it needs "
-                      "tasks.findings_first=true (the LLM trained to continue from that line)")
-    try:
-        line_guidance_scale(OmegaConf.to_container(cfg.generate), headed=cfg.tasks.findings_head)
-    except RunError as exc:
-        errors.append(f"generate.{exc}")
-    errors += train_config_errors(cfg.train)
-    if cfg.prompt.max_target_tokens < 2:
-        errors.append("prompt.max_target_tokens must be >= 2")
-    if "{indication}" not in str(cfg.prompt.indication):
-        errors.append("prompt.indication must contain '{indication}'")
-    if cfg.train.tensorboard:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            errors.append("train.tensorboard needs the tensorboard package (pip install tensorboard)")
-    if errors:
-        raise ConfigError("invalid report-generator config:\n  " + "\n  ".join(errors))
-
-
-# ----------------------------------------------------------------------------------------------
-# Small helpers
-# ----------------------------------------------------------------------------------------------
 def _autocast(device: torch.device, precision: str):
     prec = resolve_precision(precision, device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16"), prec
-
-
-def _stage_seed(seed: int, stage: int, step: int, rank: int) -> int:
-    return (int(seed) * 1_000_003 + stage * 100_003 + step * 101 + rank) % (2**63 - 1)
 
 
 def _trainable(built: BuiltModel, stage: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -175,82 +74,6 @@ def _trainable(built: BuiltModel, stage: str) -> list[tuple[str, torch.nn.Parame
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-@dataclass(frozen=True)
-class Example:
-    """One training example: a row (position in the loadable rows) and what it is asked."""
-    row: int
-    target: str
-    indication: str | None = None
-    instruction: str | None = None  # None: the configured findings instruction
-
-
-def training_examples(rows: list[ReportRow], tasks, tokens, task: str = "report") -> list[Example]:
-    """The examples of one epoch of a stage whose ``task`` is:
-
-    * ``report``: every row's report (its findings, or with ``tasks.findings_first`` its stated
-      findings line and then the findings: :meth:`~radgen.model.prompt.ReportTokenizer.report_target`),
-      then (``tasks.findings_list``) every labelled row asked for its list of positive findings
-      (multi-task: the same image tokens, another instruction, a short target that is all signal);
-    * ``findings_list``: only those list questions (a stage that aligns the projector on the
-      short, image-dependent target before the reports).
-
-    With ``tasks.repeat_abnormal: k`` every row whose labels name a finding appears ``k`` times
-    per epoch (so normal films, over half of most sets, do not drown the findings)."""
-    def copies(r: ReportRow) -> int:
-        return tasks.repeat_abnormal if positive_findings(r.labels) else 1
-
-    out = []
-    if task == "report":
-        for k, r in enumerate(rows):
-            out += [Example(k, tokens.report_target(r.text, r.labels), r.indication)] * copies(r)
-    if task == "findings_list" or tasks.findings_list:
-        for k, r in enumerate(rows):
-            if (t := findings_list_text(r.labels)) is not None:
-                out += [Example(k, t, r.indication, str(tasks.findings_list_instruction))] * copies(r)
-    return out
-
-
-def lr_schedule(base: float, final: float, total: int, warmup: int, decay_ratio: float = 0.0) -> np.ndarray:
-    """Per-step learning rates (total,): linear warm-up over ``warmup`` steps, then cosine from
-    ``base`` to ``final``; with ``decay_ratio`` > 0, warm-up, constant ``base``, then linear to
-    ``final`` over the last ``round(decay_ratio * total)`` steps (warmup-stable-decay)."""
-    decay = int(round(decay_ratio * total))
-    if decay <= 0 or total - decay < warmup:
-        return cosine_schedule(base, final, total, warmup) if total else np.zeros(0)
-    stable = cosine_schedule(base, base, total - decay, warmup)
-    return np.concatenate([stable, np.linspace(base, final, decay + 1)[1:]])
-
-
-def _stage_plan(cfg: DictConfig, stage: str, n_train: int, world: int) -> dict:
-    st = cfg[stage]
-    global_batch = st.batch_size * st.accum_steps * world
-    per_epoch = max(1, math.ceil(n_train / global_batch))
-    total = int(math.ceil(st.epochs * per_epoch)) if st.max_steps is None else int(st.max_steps)
-    warmup = int(math.ceil(st.warmup_ratio * total))
-    lr = lr_schedule(st.lr, st.min_lr, total, warmup, st.decay_ratio)
-    return {"global_batch": global_batch, "per_epoch": per_epoch, "total": total, "lr": lr}
-
-
-def _batch_indices(seed: int, stage_i: int, step: int, plan: dict, n: int, rank: int, world: int,
-                   micro: int) -> list[list[int]]:
-    """This rank's micro-batches of step ``step``: the epoch's global batches
-    (:func:`radgen.data.batching.epoch_batches`, seeded by ``(seed, stage, epoch)``), this one
-    dealt out over ranks and cut into micro-batches."""
-    epoch, within = divmod(step, plan["per_epoch"])
-    cache = plan.setdefault("epochs", {})
-    if epoch not in cache:
-        cache.clear()  # one epoch's order at a time
-        cache[epoch] = epoch_batches(n, plan["global_batch"], _stage_seed(seed, stage_i, epoch, 7),
-                                     lengths=plan.get("lengths"), window=plan.get("window", 64),
-                                     min_size=world)  # every rank gets rows
-    idx = cache[epoch][within]
-    mine = idx[rank::world]
-    return [mine[s:s + micro] for s in range(0, len(mine), micro)]
-
-
-# ----------------------------------------------------------------------------------------------
-# The job
-# ----------------------------------------------------------------------------------------------
 def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False,
               _stop_at: tuple[str, int] | None = None) -> dict:
     """Train (or resume) the run ``cfg.out``; returns a summary dict (``status``: complete |
@@ -331,7 +154,7 @@ def run_train(cfg: DictConfig, progress: bool = True, return_model: bool = False
                 tok = built.tokens
                 lengths = [len(tok.prompt_ids(e.indication, e.instruction)) + len(tok.target_ids(e.target))
                            for e in examples]
-            plan = _stage_plan(cfg, stage, len(examples), world)
+            plan = stage_plan(cfg, stage, len(examples), world)
             plan.update(lengths=lengths, window=cfg.data.length_window)
             params = _trainable(built, stage)
             opt = torch.optim.AdamW([p for _, p in params], lr=cfg[stage].lr,
@@ -449,11 +272,11 @@ def _run_stage(cfg, built: BuiltModel, stage: str, stage_i: int, plan: dict, par
     nonfinite = NonFiniteGuard(tr.on_nonfinite, tr.max_nonfinite_skips)
     tb = tensorboard_writer(out, required=True) if tr.tensorboard and rank == 0 else None
     for step in range(start, total):
-        torch.manual_seed(_stage_seed(cfg.seed, stage_i, step, rank))
+        torch.manual_seed(stage_seed(cfg.seed, stage_i, step, rank))
         for g in opt.param_groups:
             g["lr"] = float(plan["lr"][step])
         batches, encoded = [], []
-        for idx in _batch_indices(cfg.seed, stage_i, step, plan, n, rank, world, micro):
+        for idx in batch_indices(cfg.seed, stage_i, step, plan, n, rank, world, micro):
             ex = [examples[i] for i in idx]
             b = train_in([e.row for e in ex])
             if b is None:
