@@ -37,16 +37,18 @@ from PIL import Image
 from encoder.errors import InputError
 from encoder.io import atomic_write_text
 from eval.chexpert.observations import CHEXPERT_14
-from eval.probes.classify import UNCERTAIN_RULES, binary_labels, knn_probe, logistic_probe, macro_score
+from eval.probes.classify import (UNCERTAIN_RULES, auroc, binary_labels, knn_probe, logistic_probe, macro_auroc,
+                                  macro_score)
 from eval.probes.regress import ridge_probe
-from eval.probes.result import HIGHER_IS_BETTER, ProbeScore
-from eval.probes.segment import position_features, segmentation_probe
+from eval.probes.result import HIGHER_IS_BETTER, ProbeScore, finite_or_none
+from eval.probes.segment import dice_iou, position_features, segmentation_probe
+from eval.stats import paired_delta_ci
 from radgen.data.images import ImageLoadError, load_image, pixel_features
 from radgen.data.manifest import read_manifest
 from encoder.specs import encoder_config, random_like_spec
 from radgen.features import FeatureJobError, extract_features
 
-__all__ = ["PROBES", "ProbeStudyError", "ProbeRun", "is_random_spec", "run_probes", "summarize",
+__all__ = ["PROBES", "ProbeStudyError", "ProbeRun", "is_random_spec", "run_probes", "paired_gaps", "summarize",
            "format_report", "headline", "write_report", "resolve_encoders"]
 
 PROBES = ("logistic", "knn", "ridge", "segment")
@@ -69,6 +71,7 @@ class ProbeRun:
     predictions: dict = field(default_factory=dict)  # for plots: "age" and "segment" examples
     timings: dict = field(default_factory=dict)  # stage -> seconds
     image_size: int = 0
+    paired: list[dict] = field(default_factory=list)  # pretrained - mean random init, paired CIs (paired_gaps)
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -262,6 +265,13 @@ def run_probes(
 
     results: list[dict] = []
     predictions: dict = {"age": {}, "segment": {}}
+    # Headline numbers' per-test-image inputs, for the paired gaps: key -> model -> (row ids, arrays)
+    per_image: dict[tuple, dict[str, tuple]] = {}
+    headline_keys = {h[:3] for h in HEADLINE}
+
+    def keep_inputs(key: tuple, name: str, ids: np.ndarray, *arrays: np.ndarray) -> None:
+        if key in headline_keys:
+            per_image.setdefault(key, {})[name] = (np.asarray(ids), tuple(np.asarray(a) for a in arrays))
     for name, kind, spec, rows, x, patches in models:
         keep = common[rows]
         rows, x = rows[keep], x[keep]
@@ -296,6 +306,7 @@ def run_probes(
                                               n_resamples=n_resamples, seed=seed)
                     for sc in scores:
                         add(sc)
+                    keep_inputs((probe, target, "auroc"), name, rows[te & ok], yte, s)
                     if target != SEX:  # the macro average is over findings
                         col = np.where(ok[te])[0]
                         ys[col, j], ss[col, j] = yte, s
@@ -303,6 +314,7 @@ def run_probes(
                 if fitted:
                     cols = [targets.index(t) for t in fitted]
                     add(macro_score(probe, ys[:, cols], ss[:, cols], int(tr.sum()), n_resamples, seed, fitted))
+                    keep_inputs((probe, "macro", "auroc"), name, rows[te], ys[:, cols], ss[:, cols])
         if ages is not None and "ridge" in probes:
             with timed(f"ridge {name}"):
                 a = ages[rows]
@@ -316,6 +328,7 @@ def run_probes(
                     for sc in scores:
                         add(sc)
                     predictions["age"][name] = (a[te & ok], pred)
+                    keep_inputs(("ridge", "age", "mae"), name, rows[te & ok], a[te & ok], pred)
         if do_seg and patches is not None:
             with timed(f"segment {name}"):
                 m, hm = masks[rows], has_mask[rows]
@@ -329,6 +342,8 @@ def run_probes(
                                                       n_resamples=n_resamples, seed=seed)
                     for sc in scores:
                         results.append({**info, "dim": int(patches.shape[1]), **sc.to_dict()})
+                    for lab, struct in structures.items():
+                        keep_inputs(("segment", struct, "dice"), name, rows[te_s], dice_iou(pred, m[te_s], lab)[0])
                     predictions["segment"][name] = pred[:n_examples]
                     if "rows" not in predictions["segment"]:
                         predictions["segment"]["rows"] = rows[te_s][:n_examples]
@@ -338,7 +353,55 @@ def run_probes(
             "images": np.stack([np.asarray(_centre_square(Image.fromarray(load_image(paths[i])[0]), mask_size,
                                                          Image.BILINEAR)) for i in ex_rows]),
             "true": masks[ex_rows], "structures": structures}
-    return ProbeRun(results, predictions, timings, int(image_size))
+    kinds = {m[0]: m[1] for m in models}
+    with timed("paired gaps"):
+        paired = paired_gaps(per_image, kinds, n_resamples=n_resamples, seed=seed)
+    return ProbeRun(results, predictions, timings, int(image_size), paired)
+
+
+def _mean_finite(values: np.ndarray) -> float:
+    ok = np.isfinite(values)
+    return float(values[ok].mean()) if ok.any() else float("nan")
+
+
+# How each headline metric is recomputed from its per-test-image inputs (as its probe scores it).
+_PAIRED_METRICS = {"macro": macro_auroc, "auroc": auroc, "dice": _mean_finite,
+                   "mae": lambda y, p: float(np.mean(np.abs(np.asarray(y) - np.asarray(p))))}
+
+
+def paired_gaps(per_image: dict[tuple, dict[str, tuple]], kinds: dict[str, str], *, n_resamples: int = 1000,
+                seed: int = 0) -> list[dict]:
+    """Each pretrained encoder minus the mean of the random inits, with a *paired* bootstrap CI.
+
+    ``per_image``: ``(probe, target, metric)`` -> model -> ``(row ids (N,), arrays)`` whose rows
+    are the test images that metric is computed on (labels and scores, per-image Dice, ...).
+    The models' rows are matched by id, and every resample draws the same test images for all
+    of them (:func:`eval.stats.paired_delta_ci`). A gap is ``beyond`` when its whole interval is on
+    the metric's good side of 0 and ``behind`` when it is on the other."""
+    out = []
+    for (probe, target, metric), by_model in per_image.items():
+        rand = [n for n in by_model if kinds.get(n) == "random"]
+        fn = _PAIRED_METRICS["macro" if target == "macro" else metric]
+        for name in (n for n in by_model if kinds.get(n) == "encoder"):
+            if not rand:
+                continue
+            groups = [by_model[n] for n in (name, *rand)]
+            common = set(groups[0][0].tolist()).intersection(*(set(g[0].tolist()) for g in groups[1:]))
+            if len(common) < 2:
+                continue
+            aligned = []
+            for ids, arrays in groups:
+                pick = [i for i in np.argsort(ids, kind="stable") if ids[i] in common]
+                aligned.append(tuple(a[pick] for a in arrays))
+            d, lo, hi = paired_delta_ci(fn, aligned[0], aligned[1:], n_resamples=n_resamples, seed=seed)
+            sign = 1 if HIGHER_IS_BETTER.get(metric, True) else -1
+            ok = np.isfinite(lo) and np.isfinite(hi)
+            out.append({"model": name, "probe": probe, "target": target, "metric": metric,
+                        "delta": finite_or_none(d), "low": finite_or_none(lo), "high": finite_or_none(hi),
+                        "n_test": len(common), "n_random": len(rand),
+                        "beyond": bool(ok and min(sign * lo, sign * hi) > 0),
+                        "behind": bool(ok and max(sign * lo, sign * hi) < 0)})
+    return out
 
 
 # ---- summaries and tables ---------------------------------------------------------------------
@@ -369,14 +432,17 @@ def resolve_encoders(encoders: dict[str, str], random_seeds: int = 0, random_arc
     return encoders, int(image_size)
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize(rows: list[dict], paired: list[dict] | None = None) -> list[dict]:
     """Per pretrained model and (probe, target, metric): the gap to the random inits.
 
     Each dict: ``model``, ``probe``, ``target``, ``metric``, ``value`` (pretrained) with its CI
     half-width, ``random_mean``, ``random_spread`` (max - min over seeds), ``n_random``, ``delta``
     (pretrained - random mean), ``better_by`` (delta in the metric's good direction),
-    ``beyond_ci`` (better_by > the pretrained CI half-width), ``pixels``. ``None`` where missing.
+    ``beyond_ci`` (better_by > the pretrained CI half-width: a rough screen), ``pixels``; and from
+    ``paired`` (:func:`paired_gaps`, the headline numbers) ``paired_low`` / ``paired_high`` (the
+    paired 95% CI of ``delta``), ``beyond_paired_ci`` / ``behind_paired_ci``. ``None`` where missing.
     """
+    by_pair = {(g["model"], g["probe"], g["target"], g["metric"]): g for g in paired or []}
     keys = list(dict.fromkeys((r["probe"], r["target"], r["metric"]) for r in rows))
     val = {(r["model"], r["probe"], r["target"], r["metric"]): r for r in rows}
     pretrained = list(dict.fromkeys(r["model"] for r in rows if r["kind"] == "encoder")) or [None]
@@ -400,6 +466,9 @@ def summarize(rows: list[dict]) -> list[dict]:
                         "n_random": len(rand), "delta": delta, "better_by": better,
                         "beyond_ci": None if better is None or half is None else bool(better > half),
                         "pixels": pix})
+            g = by_pair.get((model, probe, target, metric))
+            out[-1].update({"paired_low": g and g["low"], "paired_high": g and g["high"],
+                            "beyond_paired_ci": g and g["beyond"], "behind_paired_ci": g and g["behind"]})
     return out
 
 
@@ -437,19 +506,24 @@ def format_report(run: ProbeRun, title: str = "") -> str:
     rows = run.rows
     lines = [f"## {title}", ""] if title else []
     lines += [headline(rows), ""]
-    summary = [s for s in summarize(rows) if s["n_random"] and s["model"] is not None]
+    summary = [s for s in summarize(rows, run.paired) if s["n_random"] and s["model"] is not None]
     if summary:
         lines += ["Pretrained vs random init (delta = pretrained - mean over seeds; spread = max - min over "
-                  "seeds; 'beyond CI' = better by more than the pretrained CI half-width):", "",
-                  "| model | probe | target | metric | pretrained | random mean | delta | spread | "
-                  "beyond CI | pixels |", "|---|---|---|---|---:|---:|---:|---:|---|---:|"]
+                  "seeds; paired CI = 95% bootstrap CI of delta, the same test images drawn for every model "
+                  "(headline numbers); 'beyond' = that interval on the good side of 0, 'behind' on the other; "
+                  "'screen' = better by more than the pretrained CI half-width):", "",
+                  "| model | probe | target | metric | pretrained | random mean | delta | paired CI | verdict | "
+                  "spread | screen | pixels |", "|---|---|---|---|---:|---:|---:|---|---|---:|---|---:|"]
         for s in summary:
             if s["value"] is None:
                 continue
             beyond = "—" if s["beyond_ci"] is None else ("yes" if s["beyond_ci"] else "no")
+            pci = "—" if s["paired_low"] is None else f"[{s['paired_low']:+.3f}, {s['paired_high']:+.3f}]"
+            verdict = ("—" if s["beyond_paired_ci"] is None else "beyond" if s["beyond_paired_ci"]
+                       else "behind" if s["behind_paired_ci"] else "level")
             lines.append(f"| {s['model']} | {s['probe']} | {s['target']} | {s['metric']} | {_f(s['value'])} | "
-                         f"{_f(s['random_mean'])} | {_f(s['delta'], '{:+.3f}')} | {_f(s['random_spread'])} | "
-                         f"{beyond} | {_f(s['pixels'])} |")
+                         f"{_f(s['random_mean'])} | {_f(s['delta'], '{:+.3f}')} | {pci} | {verdict} | "
+                         f"{_f(s['random_spread'])} | {beyond} | {_f(s['pixels'])} |")
         lines.append("")
     lines += ["| model | probe | target | metric | value [95% CI] | n_train | n_test | n_pos | note |",
               "|---|---|---|---|---|---:|---:|---:|---|"]
@@ -468,8 +542,10 @@ def write_report(run: ProbeRun, out: str | os.PathLike, meta: dict, title: str =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "probe.json", out / "probe.md"]
-    atomic_write_text(out / "probe.json", json.dumps({**meta, "rows": run.rows, "summary": summarize(run.rows),
-                                                      "timings": run.timings}, indent=2, default=str) + "\n")
+    atomic_write_text(out / "probe.json", json.dumps({**meta, "rows": run.rows,
+                                                      "summary": summarize(run.rows, run.paired),
+                                                      "paired": run.paired, "timings": run.timings},
+                                                     indent=2, default=str) + "\n")
     atomic_write_text(out / "probe.md", format_report(run, title) + "\n")
     written.append(plots.write_rows_csv(run.rows, out / "probe.csv"))
     colors = plots.model_colors(run.rows)

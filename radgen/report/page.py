@@ -362,13 +362,26 @@ def _section_probe(found, run: Path, assets: Path) -> str:
                 and s["target"] in {h[1] for h in present} and (s["probe"], s["target"], s["metric"])
                 in {h[:3] for h in present}]
         if gaps:
+            paired = any(s.get("paired_low") is not None for s in gaps)
+
+            def verdict(s: dict) -> str:
+                if s.get("paired_low") is None:  # an older probe.json: the rough screen only
+                    return "yes" if s["beyond_ci"] else "no"
+                pci = f"[{s['paired_low']:+.3f}, {s['paired_high']:+.3f}]"
+                word = "beyond" if s["beyond_paired_ci"] else ("behind" if s["behind_paired_ci"] else "level")
+                return f"{word} {pci}"
+
+            def cls(s: dict) -> str:
+                if s.get("paired_low") is not None:
+                    return "ahead" if s["beyond_paired_ci"] else ("behind" if s["behind_paired_ci"] else "")
+                return "ahead" if s["beyond_ci"] else ("behind" if (s["better_by"] or 0) < 0 else "")
+
             grow = [[f"{s['probe']} {s['target']} {s['metric']}", _fmt(s["value"]), _fmt(s["random_mean"]),
-                     f"<span class='{'ahead' if s['beyond_ci'] else ('behind' if (s['better_by'] or 0) < 0 else '')}'>"
-                     f"{s['better_by']:+.3f}</span>", "yes" if s["beyond_ci"] else "no", _fmt(s["pixels"])]
+                     f"<span class='{cls(s)}'>{s['better_by']:+.3f}</span>", verdict(s), _fmt(s["pixels"])]
                     for s in gaps]
             body += "<h3>pretrained vs random init</h3>" + _table(
-                ["probe / target / metric", "pretrained", "random (mean)", "better by", "beyond CI", "raw pixels"],
-                grow, "probe")
+                ["probe / target / metric", "pretrained", "random (mean)", "better by",
+                 "paired 95% CI of the gap" if paired else "beyond CI", "raw pixels"], grow, "probe")
             behind = [s for s in gaps if (s["better_by"] or 0) < 0]
             pix_behind = [s for s in gaps if s["pixels"] is not None and s["metric"] != "mae" and s["value"] < s["pixels"]]
             notes = []

@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from eval.chexpert.observations import CHEXPERT_5, CHEXPERT_14, parse_label
 from eval.probes.linear import logistic_probe
-from eval.stats import bootstrap_ci
+from eval.stats import bootstrap_ci, paired_delta_ci
 
 
 def test_observations():
@@ -54,3 +54,22 @@ def test_logistic_probe_separable_vs_noise():
     noise = logistic_probe("noise", rng.normal(size=(200, 5)), y[:200], rng.normal(size=(100, 5)),
                            y[200:], n_resamples=100)
     assert 0.3 < noise.auroc < 0.7
+
+
+def test_paired_delta_ci_draws_the_same_rows_for_every_system():
+    """A system that beats its comparators by 0.1 on every row: the paired interval is [0.1, 0.1]
+    although the systems' own intervals overlap; the point is the metric's difference of means."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    d, lo, hi = paired_delta_ci(np.mean, (x + 0.1,), [(x,), (x,)], n_resamples=200)
+    assert d == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    _, a_lo, a_hi = bootstrap_ci(np.mean, x + 0.1, n_resamples=200)
+    _, b_lo, b_hi = bootstrap_ci(np.mean, x, n_resamples=200)
+    assert a_lo < b_hi  # unpaired, the two intervals overlap
+    y = np.r_[np.zeros(100), np.ones(100)]
+    d, lo, hi = paired_delta_ci(roc_auc_score, (y, y + rng.normal(0, 0.5, 200)),
+                                [(y, rng.normal(size=200)), (y, rng.normal(size=200))], n_resamples=200)
+    assert 0 < lo <= d <= hi
+    with pytest.raises(ValueError):
+        paired_delta_ci(np.mean, (x,), [(x[:10],)])
+

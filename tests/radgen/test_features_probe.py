@@ -292,6 +292,37 @@ def test_run_probes_end_to_end(synth: Path, ckpt: Path, tmp_path: Path):
         run_probes(synth, encoders, 56, probes=("logistic", "svm"))
 
 
+def test_paired_gaps_reproduce_the_probes_numbers(synth: Path, ckpt: Path, tmp_path: Path):
+    """The paired gap of each headline number is recomputed from per-image inputs: its point
+    equals pretrained minus the random inits' mean of the probes' own numbers, its CI holds it, and
+    the verdict follows the CI's sign; the tables and probe.json carry it."""
+    from radgen.probes import HEADLINE
+
+    encoders = {"pretrained": str(ckpt), "random-0": f"random-like:{ckpt}:0", "random-1": f"random-like:{ckpt}:1"}
+    run = run_probes(synth, encoders, image_size=56, targets=TARGETS, pixel_size=None, mask_size=32,
+                     seg_epochs=3, n_resamples=50, seed=0, cache_dir=tmp_path / "cache", min_pos=1, batch_size=16)
+    by = {(r["model"], r["probe"], r["target"], r["metric"]): r["value"] for r in run.rows}
+    keys = {(g["probe"], g["target"], g["metric"]) for g in run.paired}
+    assert keys <= {h[:3] for h in HEADLINE}
+    assert {("logistic", "macro", "auroc"), ("knn", "macro", "auroc"), ("segment", "heart", "dice"),
+            ("ridge", "age", "mae")} <= keys
+    for g in run.paired:
+        key = (g["probe"], g["target"], g["metric"])
+        want = by[("pretrained", *key)] - np.mean([by[("random-0", *key)], by[("random-1", *key)]])
+        assert g["model"] == "pretrained" and g["n_random"] == 2
+        assert g["delta"] == pytest.approx(want, abs=1e-9), key
+        assert g["low"] <= g["delta"] <= g["high"]
+        good = -1 if g["metric"] == "mae" else 1
+        assert g["beyond"] == (min(good * g["low"], good * g["high"]) > 0)
+        assert g["behind"] == (max(good * g["low"], good * g["high"]) < 0)
+    gap = next(s for s in summarize(run.rows, run.paired) if s["model"] == "pretrained" and s["target"] == "heart"
+               and s["metric"] == "dice")
+    assert gap["paired_low"] is not None and gap["beyond_paired_ci"] in (True, False)
+    assert "paired CI" in format_report(run)
+    write_report(run, tmp_path / "out", {"data": str(synth)})
+    assert json.loads((tmp_path / "out" / "probe.json").read_text())["paired"] == json.loads(json.dumps(run.paired))
+
+
 def test_probe_accepts_a_hugging_face_dinov2_folder(synth: Path, tmp_path: Path):
     """A local HF Dinov2 folder (as microsoft/rad-dino is) goes through the same command."""
     from transformers import Dinov2Config, Dinov2Model
