@@ -382,10 +382,14 @@ def _section_probe(found, run: Path, assets: Path) -> str:
             body += "<h3>pretrained vs random init</h3>" + _table(
                 ["probe / target / metric", "pretrained", "random (mean)", "better by",
                  "paired 95% CI of the gap" if paired else "beyond CI", "raw pixels"], grow, "probe")
-            behind = [s for s in gaps if (s["better_by"] or 0) < 0]
             pix_behind = [s for s in gaps if s["pixels"] is not None and s["metric"] != "mae" and s["value"] < s["pixels"]]
             notes = []
-            if behind:
+            if paired:  # behind = the whole paired interval on the wrong side of 0
+                behind = [s for s in gaps if s.get("behind_paired_ci")]
+                if behind:
+                    notes.append(f"the pretrained encoder is behind random init beyond the paired 95% CI on "
+                                 f"{len(behind)} of {len(gaps)} headline numbers")
+            elif behind := [s for s in gaps if (s["better_by"] or 0) < 0]:
                 notes.append(f"the pretrained encoder is behind random init on {len(behind)} of {len(gaps)} headline numbers")
             if pix_behind:
                 notes.append(f"behind raw pixels on {len(pix_behind)}")

@@ -469,3 +469,32 @@ def test_probes_without_validate_rows_and_with_partial_masks(synth: Path, tmp_pa
     assert by["ridge", "age", "mae"]["value"] is not None
     n_test_masked = sum(1 for i, r in enumerate(rows) if r["split"] == "test" and i % 2 == 0)
     assert by["segment", "heart", "dice"]["n_test"] <= n_test_masked
+
+
+def test_results_page_judges_the_gap_by_its_paired_ci(tmp_path: Path):
+    """With paired gaps the page's verdict column and its plain-words line follow the paired CI
+    (a pretrained value below the random mean but inside the CI is not called behind); a
+    probe.json from before the paired gap keeps the old screen."""
+    from radgen.report.page import _section_probe
+
+    def rows(value: float) -> list[dict]:
+        return [{"model": m, "kind": k, "spec": "x", "dim": 3, "probe": "segment", "target": "heart",
+                 "metric": "dice", "value": v, "low": v - 0.05, "high": v + 0.05, "n_train": 10, "n_test": 20,
+                 "n_pos": None} for m, k, v in (("pretrained", "encoder", value), ("random-0", "random", 0.5))]
+
+    def page(value: float, low: float, high: float, behind: bool, with_paired: bool = True) -> str:
+        paired = [{"model": "pretrained", "probe": "segment", "target": "heart", "metric": "dice",
+                   "delta": value - 0.5, "low": low, "high": high, "n_test": 20, "n_random": 1,
+                   "beyond": low > 0, "behind": behind}] if with_paired else []
+        folder = tmp_path / f"p{value}{with_paired}"
+        folder.mkdir()
+        r = rows(value)
+        (folder / "probe.json").write_text(json.dumps({"rows": r, "summary": summarize(r, paired), "paired": paired}))
+        return _section_probe({"probe": [folder / "probe.json"]}, folder, folder)
+
+    level = page(0.49, -0.03, 0.01, behind=False)
+    assert "level [-0.030, +0.010]" in level and "Plainly" not in level
+    behind = page(0.3, -0.25, -0.15, behind=True)
+    assert "behind [-0.250, -0.150]" in behind and "beyond the paired 95% CI on 1 of 1" in behind
+    old = page(0.49, 0, 0, behind=False, with_paired=False)
+    assert "beyond CI" in old and "behind random init on 1 of 1" in old
