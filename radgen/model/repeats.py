@@ -49,5 +49,10 @@ class RepeatedSentenceStop(StoppingCriteria):
         self.tokenizer = tokenizer
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        return torch.tensor([ends_with_a_repeat(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+        # Only a row whose newest token closes a sentence can have just completed a repeat; the
+        # others are not decoded (this runs at every decoding step).
+        last = self.tokenizer.batch_decode(input_ids[:, -1:], skip_special_tokens=True)
+        done = [any(c in t for c in ".!?") and
+                ends_with_a_repeat(self.tokenizer.decode(row, skip_special_tokens=True))
+                for t, row in zip(last, input_ids)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
