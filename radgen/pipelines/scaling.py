@@ -10,7 +10,10 @@ test rows and bootstrap resamples. Writes ``OUT/scaling.json``, ``scaling.md``, 
 Resumable: a fraction whose pretraining finished is recorded in ``OUT/fractions.json`` and
 reused; an interrupted one resumes from its checkpoint (exact resume of ``pretrain-encoder``).
 By default every fraction runs the config's schedule (same epochs: larger fractions take more
-steps); pass ``optim.max_steps=N`` to give each fraction the same compute.
+steps). ``optim.steps_per_epoch=N`` gives every fraction the same schedule and compute
+(``optim.epochs * N`` steps; the sampler cycles a small subset). ``optim.max_steps`` only cuts
+each schedule short, so it does not equalise fractions whose schedules are shorter than it.
+``scaling.md`` and ``scaling.json`` record the steps each fraction ran.
 """
 
 from __future__ import annotations
@@ -90,6 +93,10 @@ def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], f
         atomic_write_text(state_file, json.dumps(done, indent=2) + "\n")
         encoders[f"pretrained-{key}"] = done[key]["checkpoint"]
         n_images[f"pretrained-{key}"] = len(idx)
+    steps = {f"pretrained-{k}": int(v["steps"]) for k, v in done.items() if f"pretrained-{k}" in encoders}
+    if len(set(steps.values())) > 1:
+        print(f"[scaling] note: the fractions ran different numbers of steps ({', '.join(map(str, steps.values()))}); "
+              "optim.steps_per_epoch=N gives each the same schedule", file=sys.stderr)
     first = next(iter(encoders.values()))
     encoders.update({f"random-{k}": random_like_spec(first, k) for k in range(random_seeds)})
     image_size = int(cfg0.crops.global_size)
@@ -111,12 +118,13 @@ def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], f
                 continue
             if r["model"] in n_images:
                 points.append({"series": label, "metric": metric, "n_images": n_images[r["model"]],
-                               "value": r["value"], "low": r["low"], "high": r["high"]})
+                               "steps": steps[r["model"]], "value": r["value"], "low": r["low"], "high": r["high"]})
         rand = [r["value"] for r in run.rows if r["kind"] == "random" and r["value"] is not None
                 and (r["probe"], r["target"], r["metric"]) == (probe, target, metric)]
         if rand:
             points.append({"series": f"{label}, random init (mean of {len(rand)})", "metric": metric,
-                           "n_images": max(n_images.values()), "value": float(np.mean(rand)), "low": None, "high": None})
+                           "n_images": max(n_images.values()), "steps": None, "value": float(np.mean(rand)),
+                           "low": None, "high": None})
     pngs = []
     for metric, name, label in (("auroc", "scaling.png", "AUROC"), ("dice", "scaling_dice.png", "Dice"),
                                 ("mae", "scaling_age.png", "age MAE (years)")):
@@ -124,12 +132,13 @@ def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], f
         if pts:
             pngs.append(plots.plot_scaling(pts, out_p / name, metric_label=label,
                                            title=f"{label} vs pretraining images (95% CI)"))
-    lines = [f"## {title}", "", "| series | pretraining images | value [95% CI] |", "|---|---:|---|"]
+    lines = [f"## {title}", "", "| series | pretraining images | steps | value [95% CI] |", "|---|---:|---:|---|"]
     for p in points:
         ci = "" if p["low"] is None else f" [{p['low']:.3f}, {p['high']:.3f}]"
-        lines.append(f"| {p['series']} | {p['n_images']} | {p['value']:.3f}{ci} |")
+        lines.append(f"| {p['series']} | {p['n_images']} | {p['steps'] if p['steps'] is not None else '—'} | "
+                     f"{p['value']:.3f}{ci} |")
     lines += ["", format_report(run)]
     atomic_write_text(out_p / "scaling.md", "\n".join(lines) + "\n")
-    atomic_write_text(out_p / "scaling.json", json.dumps({"points": points, "n_images": n_images,
+    atomic_write_text(out_p / "scaling.json", json.dumps({"points": points, "n_images": n_images, "steps": steps,
                                                           "encoders": encoders}, indent=2) + "\n")
     return {"points": points, "pngs": [str(p) for p in pngs], "table": "\n".join(lines)}

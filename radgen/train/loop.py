@@ -32,8 +32,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from encoder.checkpoint import load_latest_checkpoint, save_checkpoint
-from encoder.guards import NonFiniteGuard
 from encoder.distributed import all_sum, setup_distributed, sum_gradients
+from encoder.guards import NonFiniteGuard
 from encoder.inference import resolve_device, resolve_precision, set_deterministic
 from encoder.io import atomic_write_text
 from encoder.loop import CsvLog, StopSignal, tensorboard_writer

@@ -359,7 +359,11 @@ def test_probe_scaling_curve_and_resume(synth: Path, tmp_path: Path, capsys):
             "--target", "sex (F)", "--pixel-size", "8", "--seg-epochs", "2", "--mask-size", "28",
             "--min-pos", "1", "--resamples", "10", "--quiet", *TINY_PRETRAIN]
     assert main(args) == 0
-    points = json.loads((out / "scaling.json").read_text())["points"]
+    scaling = json.loads((out / "scaling.json").read_text())
+    points = scaling["points"]
+    assert scaling["steps"] == {"pretrained-9img": 2, "pretrained-18img": 2, "pretrained-36img": 2}
+    assert {p["steps"] for p in points if "random init" not in p["series"]} == {2}
+    assert "| series | pretraining images | steps |" in (out / "scaling.md").read_text()
     for series in ("sex AUROC (logistic)", "heart Dice"):
         assert sorted(p["n_images"] for p in points if p["series"] == series) == [9, 18, 36]
     assert any("random init" in p["series"] for p in points)
