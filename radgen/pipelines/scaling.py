@@ -72,6 +72,7 @@ def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], f
     done = json.loads(state_file.read_text()) if state_file.is_file() else {}
     encoders: dict[str, str] = {}
     n_images: dict[str, int] = {}
+    steps: dict[str, int] = {}
     t0 = time.perf_counter()
     for f, idx in zip(sorted(fractions), subsets):
         key = f"{len(idx)}img"
@@ -93,7 +94,7 @@ def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], f
         atomic_write_text(state_file, json.dumps(done, indent=2) + "\n")
         encoders[f"pretrained-{key}"] = done[key]["checkpoint"]
         n_images[f"pretrained-{key}"] = len(idx)
-    steps = {f"pretrained-{k}": int(v["steps"]) for k, v in done.items() if f"pretrained-{k}" in encoders}
+        steps[f"pretrained-{key}"] = int(done[key]["steps"])
     if len(set(steps.values())) > 1:
         print(f"[scaling] note: the fractions ran different numbers of steps ({', '.join(map(str, steps.values()))}); "
               "optim.steps_per_epoch=N gives each the same schedule", file=sys.stderr)
