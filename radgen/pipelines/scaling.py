@@ -31,7 +31,7 @@ from radgen.config import ConfigError, load_config
 from radgen.data.manifest import read_manifest
 from encoder.specs import random_like_spec
 
-__all__ = ["nested_subsets", "run_scaling"]
+__all__ = ["nested_subsets", "run_scaling", "steps_note"]
 
 
 def nested_subsets(n: int, fractions: list[float], seed: int = 0) -> list[np.ndarray]:
@@ -40,6 +40,17 @@ def nested_subsets(n: int, fractions: list[float], seed: int = 0) -> list[np.nda
         raise ConfigError(f"probe scaling: fractions must be in (0, 1], got {fractions}")
     perm = np.random.default_rng(np.random.SeedSequence([seed, 7])).permutation(n)
     return [np.sort(perm[:max(1, int(round(f * n)))]) for f in sorted(fractions)]
+
+
+def steps_note(steps: dict[str, int]) -> str | None:
+    """A warning when the fractions ran different numbers of steps (their compute differs), else None.
+
+    ``steps``: encoder name -> optimiser steps its pretraining ran, in fraction order.
+    """
+    if len(set(steps.values())) <= 1:
+        return None
+    return (f"the fractions ran different numbers of steps ({', '.join(map(str, steps.values()))}); "
+            "optim.steps_per_epoch=N gives each the same schedule")
 
 
 def _pretrain(cfg, done: dict, key: str, progress: bool) -> dict:
@@ -95,9 +106,9 @@ def run_scaling(out: str, data: str, configs: list[str], overrides: list[str], f
         encoders[f"pretrained-{key}"] = done[key]["checkpoint"]
         n_images[f"pretrained-{key}"] = len(idx)
         steps[f"pretrained-{key}"] = int(done[key]["steps"])
-    if len(set(steps.values())) > 1:
-        print(f"[scaling] note: the fractions ran different numbers of steps ({', '.join(map(str, steps.values()))}); "
-              "optim.steps_per_epoch=N gives each the same schedule", file=sys.stderr)
+    note = steps_note(steps)
+    if note:
+        print(f"[scaling] note: {note}", file=sys.stderr)
     first = next(iter(encoders.values()))
     encoders.update({f"random-{k}": random_like_spec(first, k) for k in range(random_seeds)})
     image_size = int(cfg0.crops.global_size)

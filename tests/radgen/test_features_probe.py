@@ -359,6 +359,7 @@ def test_probe_scaling_curve_and_resume(synth: Path, tmp_path: Path, capsys):
             "--target", "sex (F)", "--pixel-size", "8", "--seg-epochs", "2", "--mask-size", "28",
             "--min-pos", "1", "--resamples", "10", "--quiet", *TINY_PRETRAIN]
     assert main(args) == 0
+    assert "ran different numbers of steps" not in capsys.readouterr().err  # every fraction ran 2
     scaling = json.loads((out / "scaling.json").read_text())
     points = scaling["points"]
     assert scaling["steps"] == {"pretrained-9img": 2, "pretrained-18img": 2, "pretrained-36img": 2}
@@ -377,6 +378,15 @@ def test_probe_scaling_curve_and_resume(synth: Path, tmp_path: Path, capsys):
     stamps = [c.stat().st_mtime_ns for c in ckpts]
     assert main(args) == 0  # resumed: nothing is pretrained again
     assert [c.stat().st_mtime_ns for c in ckpts] == stamps
+
+
+def test_scaling_steps_note():
+    """Fractions that ran different step counts (same epochs, more images) are flagged; equal ones are not."""
+    from radgen.pipelines.scaling import steps_note
+
+    assert steps_note({"pretrained-400img": 400, "pretrained-800img": 400}) is None
+    note = steps_note({"pretrained-400img": 100, "pretrained-800img": 200, "pretrained-1600img": 400})
+    assert note is not None and "(100, 200, 400)" in note and "steps_per_epoch" in note
 
 
 def test_cli_parsers(synth: Path, ckpt: Path, tmp_path: Path, capsys):
