@@ -37,6 +37,9 @@ def cmd_pretrain(args) -> int:
         print("  last step: " + ", ".join(f"{k} {last[k]:.4g}" for k in
                                           ("loss", "dino", "ibot", "koleo", "teacher_entropy", "cls_std")
                                           if isinstance(last.get(k), float)) + f", collapse {last.get('collapse')}")
+        if isinstance(last.get("teacher_start_share"), float):  # what a probe of the teacher reads
+            print(f"  teacher: {last['teacher_start_share']:.0%} of its weights are still its starting weights "
+                  "(the EMA's share; docs/encoder.md)")
     if summary["skipped"]:
         kinds = Counter(r["error"] for r in summary["skipped"])
         print(f"  {len(summary['skipped'])} of {summary['n_images']} images unreadable, skipped and recorded in "

@@ -14,7 +14,7 @@ import torch
 
 from encoder.checkpoint import load_checkpoint
 from encoder.specs import load_encoder
-from encoder.train import build_param_groups, build_model, cosine_schedule, train
+from encoder.train import build_param_groups, build_model, cosine_schedule, teacher_start_share, train
 from radgen.config import load_config
 
 TINY = [
@@ -80,6 +80,11 @@ def test_exact_resume(tmp_path: Path):
     for ra, rb in zip(a, b):
         for k in ("loss", "dino", "ibot", "koleo"):
             assert abs(float(ra[k]) - float(rb[k])) <= 1e-6 * max(1.0, abs(float(ra[k])))
+        assert ra["teacher_start_share"] == rb["teacher_start_share"]  # carried across the resume
+    # the teacher's EMA share of its starting weights: the product of the momentum schedule so far
+    mom = [float(r["momentum"]) for r in a]
+    assert float(a[-1]["teacher_start_share"]) == pytest.approx(float(np.prod(mom)), rel=1e-4)
+    assert teacher_start_share(np.array(mom), 0) == 1.0
     wa = load_checkpoint(full / "checkpoint.pt")["model"]
     wb = load_checkpoint(split / "checkpoint.pt")["model"]
     assert wa.keys() == wb.keys()
