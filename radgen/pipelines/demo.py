@@ -150,7 +150,7 @@ def _stage_encoder(demo: Demo, d: Path) -> dict:
         raise DemoInterrupted(f"encoder pretraining stopped at step {summary['steps']} (SIGTERM)")
     last = summary.get("last") or {}
     return {"steps": summary["steps"], "last_loss": last.get("loss"), "collapse": last.get("collapse"),
-            "device": summary.get("device")}
+            "teacher_start_share": last.get("teacher_start_share"), "device": summary.get("device")}
 
 
 def _stage_probe(demo: Demo, d: Path) -> dict:

@@ -414,6 +414,14 @@ def _section_probe(found, run: Path, assets: Path) -> str:
     return _sec("probe", "Encoder probes: pretrained vs random init vs raw pixels", intro + "".join(parts))
 
 
+def _start_share_note(share: float | None) -> str:
+    """What a probe of this teacher reads: how much of it is still its starting weights (logs since 2026-12-06)."""
+    if share is None:
+        return ""
+    return (f" The teacher is still {share:.0%} its starting weights (the EMA's share); the probes read the teacher, "
+            "so a high share compares the init with itself as much as the training.")
+
+
 def _section_curves(found, run: Path, assets: Path) -> str:
     figs = []
     for i, p in enumerate(found["pretrain_log"]):
@@ -427,7 +435,8 @@ def _section_curves(found, run: Path, assets: Path) -> str:
                     f"<p class=note>{len(log)} logged steps up to step {last.get('step')}; last loss "
                     f"{_fmt(as_number(last.get('loss')))}, teacher entropy {_fmt(as_number(last.get('teacher_entropy')))}, "
                     f"CLS std {_fmt(as_number(last.get('cls_std')), 4)}; collapse monitor at the end: "
-                    f"<b>{html.escape(str(last.get('collapse')))}</b> ({flagged} logged steps flagged).</p>")
+                    f"<b>{html.escape(str(last.get('collapse')))}</b> ({flagged} logged steps flagged)."
+                    + _start_share_note(as_number(last.get("teacher_start_share"))) + "</p>")
     for i, p in enumerate(found["train_log"]):
         log = read_csv(p)
         if not log:

@@ -8,6 +8,7 @@ skip-on-rerun and redo-after-delete on it.
 from __future__ import annotations
 
 import copy
+import csv
 import html.parser
 import json
 import os
@@ -117,6 +118,9 @@ def test_every_stage_runs_and_the_page_has_every_section(demo_run):
     imgs = [r for k, r in parser.refs if k == "img"]
     assert sum("example_" in r for r in imgs) == 3
     assert any("pretrain_" in r for r in imgs) and any("train_" in r for r in imgs)
+    # the teacher's share of its starting weights, from the encoder's log, beside its curves
+    share = float(list(csv.DictReader(open(out / "encoder" / "log.csv")))[-1]["teacher_start_share"])
+    assert 0.0 < share < 1.0 and f"still {share:.0%} its starting weights" in text
     # every baseline is compared on both headline metrics, and the probe table has all three kinds
     for b in ("normal_template", "most_common", "nearest_neighbour"):
         assert f"vs {b} (B)" in text
