@@ -5,7 +5,10 @@
 * ``random-like:<spec>:<seed>``: a seeded random init with exactly the ``ViTConfig`` of ``<spec>``
   (arch, patch size, img_size, registers, ...): the fair untrained control for a pretrained encoder;
 * ``pixels[:<patch>[:<img_size>]]``: frozen, nothing learned, patch tokens = the pixels of each
-  patch (:mod:`encoder.pixels`).
+  patch (:mod:`encoder.pixels`);
+* ``student:<checkpoint>``: the student backbone of a training checkpoint (a bare path reads the
+  teacher, as DINOv2 evaluates it). The student has moved further from its init than the EMA
+  teacher of a short run, so probing both tells training from init (docs/encoder.md).
 
 :func:`load_encoder_spec` builds the encoder, :func:`encoder_config` its ``ViTConfig`` reading as
 little as possible; a spec that does not parse or names nothing raises :class:`EncoderSpecError`.
@@ -24,9 +27,10 @@ from encoder.pixels import is_pixels_spec, parse_pixels_spec, pixel_encoder
 from encoder.vit import ViTConfig, ViTEncoder
 
 __all__ = ["EncoderSpecError", "SPEC_FORMS", "load_encoder_spec", "load_encoder", "encoder_config", "random_encoder",
-           "random_like_spec", "is_generated_spec", "parse_random"]
+           "random_like_spec", "is_generated_spec", "parse_random", "spec_file"]
 
-SPEC_FORMS = "random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed> / pixels[:<patch>]"
+SPEC_FORMS = "random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed> / pixels[:<patch>] / student:<checkpoint>"
+STUDENT = "student:"
 
 
 class EncoderSpecError(InputError):
@@ -37,6 +41,14 @@ def is_generated_spec(spec: str) -> bool:
     """Whether ``spec`` builds its encoder without a file (``random:``, ``random-like:``, ``pixels``)."""
     spec = str(spec)
     return spec.startswith(("random:", "random-like:")) or is_pixels_spec(spec)
+
+
+def spec_file(spec: str) -> str | None:
+    """The checkpoint file or folder a spec reads (None for generated encoders)."""
+    spec = str(spec)
+    if is_generated_spec(spec):
+        return None
+    return spec[len(STUDENT):] if spec.startswith(STUDENT) else spec
 
 
 def random_encoder(cfg: ViTConfig | dict, seed: int = 0) -> ViTEncoder:
@@ -97,6 +109,8 @@ def encoder_config(spec: str) -> ViTConfig:
     spec = str(spec)
     if spec.startswith("random-like:"):
         return encoder_config(_parse_random_like(spec)[0])
+    if spec.startswith(STUDENT):  # the student's architecture is the teacher's
+        return encoder_config(spec[len(STUDENT):])
     if spec.startswith("random:"):
         return parse_random(spec)[0]
     if is_pixels_spec(spec):
@@ -150,6 +164,12 @@ def load_encoder_spec(spec: str, which: str = "teacher") -> ViTEncoder:
         return random_encoder(cfg, seed)
     if is_pixels_spec(spec):
         return pixel_encoder(*_parse_pixels(spec))
+    if spec.startswith(STUDENT):
+        path = spec[len(STUDENT):]
+        if not Path(path).is_file():
+            raise EncoderSpecError(f"encoder {spec!r}: {STUDENT} needs a training checkpoint file "
+                                   f"(one with student and teacher), and {path!r} is not a file")
+        return load_encoder(path, which="student")
     if not Path(spec).exists():
         raise _missing(spec)
     return load_encoder(spec, which=which)

@@ -20,8 +20,8 @@ def add_features_parser(subparsers) -> argparse.ArgumentParser:
                     "write features.safetensors, ids.json, skipped.jsonl and meta.json to --out. "
                     "A matching earlier result in --out is reused.")
     p.add_argument("--encoder", required=True, metavar="SPEC",
-                   help="checkpoint file, HF Dinov2 folder, random:<arch>:<img_size>:<seed> or "
-                        "random-like:<spec>:<seed>")
+                   help="checkpoint file (its teacher), student:<checkpoint>, HF Dinov2 folder, "
+                        "random:<arch>:<img_size>:<seed> or random-like:<spec>:<seed>")
     p.add_argument("--data", required=True, metavar="PATH", help="manifest file, folder with a manifest, or image folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output (and cache) folder")
     p.add_argument("--image-size", type=int, default=224, help="preprocessing size (default 224)")

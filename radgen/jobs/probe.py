@@ -53,8 +53,8 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
                     "inits of the same architecture and raw pixels. 'radgen probe scaling --help': "
                     "the data-scaling study.")
     p.add_argument("--encoder", action="append", default=[], metavar="NAME=SPEC",
-                   help="encoder to probe (repeatable): checkpoint file, HF Dinov2 folder, "
-                        "random:<arch>:<img_size>:<seed> or random-like:<spec>:<seed>")
+                   help="encoder to probe (repeatable): checkpoint file (its teacher), student:<checkpoint>, "
+                        "HF Dinov2 folder, random:<arch>:<img_size>:<seed> or random-like:<spec>:<seed>")
     p.add_argument("--random-seeds", type=int, default=0, metavar="N",
                    help="add N random-init encoders (random-0 ...) with the first checkpoint's "
                         "ViTConfig, or --random-arch")

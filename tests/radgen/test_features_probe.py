@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import radgen.features as fj
-from encoder.checkpoint import save_checkpoint
+from encoder.checkpoint import CheckpointError, save_checkpoint
 from encoder.specs import load_encoder
 from encoder.vit import ViTConfig, ViTEncoder
 from radgen.config import load_config
 from radgen.data.synth.generate import generate_dataset
-from encoder.specs import EncoderSpecError, load_encoder_spec, random_like_spec
+from encoder.specs import EncoderSpecError, encoder_config, load_encoder_spec, random_like_spec, spec_file
 from radgen.features import FeatureJobError, extract_features, load_features
 from radgen.probes import (ProbeStudyError, format_report, resolve_encoders, run_probes, summarize,
                               write_report)
@@ -71,7 +71,7 @@ def _sd_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-def test_encoder_specs(ckpt: Path):
+def test_encoder_specs(ckpt: Path, tmp_path: Path):
     pre = load_encoder_spec(str(ckpt))
     assert _sd_equal(pre, load_encoder(ckpt))
     state = torch.get_rng_state()
@@ -86,6 +86,21 @@ def test_encoder_specs(ckpt: Path):
         load_encoder_spec("no/such/checkpoint.pt")
     with pytest.raises(EncoderSpecError):
         load_encoder_spec("random-like:" + str(ckpt))  # no seed
+    # student:<checkpoint> reads the student backbone; its config and random-like controls are the teacher's
+    with pytest.raises(CheckpointError, match="no student backbone"):  # the fixture holds a teacher only
+        load_encoder_spec(f"student:{ckpt}")
+    both = tmp_path / "both.pt"
+    other = ViTEncoder(ViTConfig(**TINY))
+    save_checkpoint(both, {"vit_config": pre.cfg.to_dict(),
+                           "model": {**{f"teacher.backbone.{k}": v for k, v in pre.state_dict().items()},
+                                     **{f"student.backbone.{k}": v for k, v in other.state_dict().items()}}})
+    student = load_encoder_spec(f"student:{both}")
+    assert _sd_equal(student, other) and _sd_equal(load_encoder_spec(str(both)), pre)
+    assert encoder_config(f"student:{both}") == pre.cfg
+    assert _sd_equal(load_encoder_spec(random_like_spec(f"student:{both}", 0)), r0)
+    assert spec_file(f"student:{both}") == str(both) and spec_file("pixels:16") is None
+    with pytest.raises(EncoderSpecError, match="training checkpoint file"):
+        load_encoder_spec(f"student:{tmp_path}")
 
 
 def test_skip_and_record_in_an_image_folder(messy_folder: Path, ckpt: Path, tmp_path: Path):
