@@ -27,7 +27,7 @@ from encoder.pixels import is_pixels_spec, parse_pixels_spec, pixel_encoder
 from encoder.vit import ViTConfig, ViTEncoder
 
 __all__ = ["EncoderSpecError", "SPEC_FORMS", "load_encoder_spec", "load_encoder", "encoder_config", "random_encoder",
-           "random_like_spec", "is_generated_spec", "parse_random", "spec_file"]
+           "random_like_spec", "is_generated_spec", "parse_random", "missing_file", "which_of"]
 
 SPEC_FORMS = "random:<arch>:<img_size>:<seed> / random-like:<spec>:<seed> / pixels[:<patch>] / student:<checkpoint>"
 STUDENT = "student:"
@@ -43,12 +43,21 @@ def is_generated_spec(spec: str) -> bool:
     return spec.startswith(("random:", "random-like:")) or is_pixels_spec(spec)
 
 
-def spec_file(spec: str) -> str | None:
-    """The checkpoint file or folder a spec reads (None for generated encoders)."""
+def missing_file(spec: str) -> str | None:
+    """Why the checkpoint file or folder a spec reads is not there (None: present, or nothing to read)."""
     spec = str(spec)
     if is_generated_spec(spec):
         return None
-    return spec[len(STUDENT):] if spec.startswith(STUDENT) else spec
+    if spec.startswith(STUDENT):
+        path = spec[len(STUDENT):]
+        return None if path and Path(path).is_file() else \
+            f"{STUDENT} needs a training checkpoint file (one with student and teacher), and {path!r} is not a file"
+    return None if Path(spec).exists() else "no such checkpoint file or folder"
+
+
+def which_of(spec: str, which: str = "teacher") -> str:
+    """Which backbone of a training checkpoint a spec reads: ``student`` for ``student:`` specs, else ``which``."""
+    return "student" if str(spec).startswith(STUDENT) else which
 
 
 def random_encoder(cfg: ViTConfig | dict, seed: int = 0) -> ViTEncoder:
@@ -164,12 +173,10 @@ def load_encoder_spec(spec: str, which: str = "teacher") -> ViTEncoder:
         return random_encoder(cfg, seed)
     if is_pixels_spec(spec):
         return pixel_encoder(*_parse_pixels(spec))
-    if spec.startswith(STUDENT):
-        path = spec[len(STUDENT):]
-        if not Path(path).is_file():
-            raise EncoderSpecError(f"encoder {spec!r}: {STUDENT} needs a training checkpoint file "
-                                   f"(one with student and teacher), and {path!r} is not a file")
-        return load_encoder(path, which="student")
+    if spec.startswith(STUDENT):  # the spec names the backbone itself, whatever ``which`` says
+        if problem := missing_file(spec):
+            raise EncoderSpecError(f"encoder {spec!r}: {problem}")
+        return load_encoder(spec[len(STUDENT):], which="student")
     if not Path(spec).exists():
         raise _missing(spec)
     return load_encoder(spec, which=which)

@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 
 from encoder.errors import InputError
+from encoder.specs import which_of
 from radgen.data.skips import SKIPPED_FILE
 
 __all__ = [
@@ -184,7 +185,7 @@ def run_encoder(run_dir: str | os.PathLike) -> dict:
     try:
         info = json.loads(mj.read_text(encoding="utf-8"))
         enc = info["encoder"]
-        if enc.get("which", "teacher") != "teacher":  # extract_features loads the teacher weights
+        if enc.get("which", "teacher") != which_of(enc["spec"]):  # extract_features reads what the spec names
             raise BaselinesError(f"{mj}: the run reads the {enc['which']!r} weights; pass --encoder instead")
         return {"spec": str(enc["spec"]), "image_size": int(info["image_size"]), "sha256": enc.get("sha256")}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:

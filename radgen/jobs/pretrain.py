@@ -38,8 +38,8 @@ def cmd_pretrain(args) -> int:
                                           ("loss", "dino", "ibot", "koleo", "teacher_entropy", "cls_std")
                                           if isinstance(last.get(k), float)) + f", collapse {last.get('collapse')}")
         if isinstance(last.get("teacher_start_share"), float):  # what a probe of the teacher reads
-            print(f"  teacher: {last['teacher_start_share']:.0%} of its weights are still its starting weights "
-                  "(the EMA's share; docs/encoder.md)")
+            print(f"  teacher: the EMA still gives its starting weights {last['teacher_start_share']:.0%} "
+                  "(probes of the teacher read at least that much init; docs/encoder.md)")
     if summary["skipped"]:
         kinds = Counter(r["error"] for r in summary["skipped"])
         print(f"  {len(summary['skipped'])} of {summary['n_images']} images unreadable, skipped and recorded in "

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from encoder.checkpoint import weights_sha256
 from encoder.errors import InputError
 from encoder.io import atomic_write_bytes, atomic_write_text, install_folder
-from encoder.specs import load_encoder_spec
+from encoder.specs import load_encoder_spec, which_of
 from radgen.model.findings_head import FindingsHead
 from radgen.model.guidance import PairedGuidance
 from radgen.model.chat import SYSTEM_DEFAULT
@@ -120,7 +120,7 @@ def build_model(cfg, encoder=None, with_lora: bool = True) -> BuiltModel:
             encoder = load_encoder_spec(str(cfg.encoder.spec), which=str(cfg.encoder.which))
         vision = FrozenVision(encoder, features)
         image_size = int(cfg.data.image_size or encoder.cfg.img_size)
-        encoder_info = {"spec": str(cfg.encoder.spec), "which": str(cfg.encoder.which),
+        encoder_info = {"spec": str(cfg.encoder.spec), "which": which_of(cfg.encoder.spec, str(cfg.encoder.which)),
                         "sha256": weights_sha256(encoder), "vit_config": asdict(encoder.cfg)}
     llm_path = resolve_llm_path(str(cfg.llm.path))
     llm, tokenizer = load_llm(str(llm_path), dtype=_dtype(cfg.llm.dtype),

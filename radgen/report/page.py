@@ -418,8 +418,8 @@ def _start_share_note(share: float | None) -> str:
     """What a probe of this teacher reads: how much of it is still its starting weights (logs since 2026-12-06)."""
     if share is None:
         return ""
-    return (f" The teacher is still {share:.0%} its starting weights (the EMA's share); the probes read the teacher, "
-            "so a high share compares the init with itself as much as the training.")
+    return (f" The EMA teacher still gives its starting weights {share:.0%}; a probe of the teacher (the default) "
+            "reads at least that much init, so a high share compares the init with itself as much as the training.")
 
 
 def _section_curves(found, run: Path, assets: Path) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from encoder.guards import train_config_errors
-from encoder.specs import is_generated_spec, spec_file
+from encoder.specs import missing_file
 from radgen.config import ConfigError
 from radgen.model.oracle import is_oracle_spec
 from radgen.model.run import RunError, line_guidance_scale
@@ -36,9 +36,8 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
     spec = cfg.encoder.spec
     if not spec:
         errors.append("encoder.spec is not set (--encoder SPEC)")
-    elif (check_files and not is_generated_spec(spec) and not is_oracle_spec(spec)
-          and not Path(str(spec_file(spec))).exists()):
-        errors.append(f"encoder.spec {spec}: no such checkpoint file or folder")
+    elif check_files and not is_oracle_spec(spec) and (problem := missing_file(spec)):
+        errors.append(f"encoder.spec {spec}: {problem}")
     llm = str(cfg.llm.path or "")
     if not llm:
         errors.append("llm.path is not set")

@@ -120,7 +120,7 @@ def test_every_stage_runs_and_the_page_has_every_section(demo_run):
     assert any("pretrain_" in r for r in imgs) and any("train_" in r for r in imgs)
     # the teacher's share of its starting weights, from the encoder's log, beside its curves
     share = float(list(csv.DictReader(open(out / "encoder" / "log.csv")))[-1]["teacher_start_share"])
-    assert 0.0 < share < 1.0 and f"still {share:.0%} its starting weights" in text
+    assert 0.0 < share < 1.0 and f"still gives its starting weights {share:.0%}" in text
     # every baseline is compared on both headline metrics, and the probe table has all three kinds
     for b in ("normal_template", "most_common", "nearest_neighbour"):
         assert f"vs {b} (B)" in text

@@ -17,7 +17,7 @@ from encoder.specs import load_encoder
 from encoder.vit import ViTConfig, ViTEncoder
 from radgen.config import load_config
 from radgen.data.synth.generate import generate_dataset
-from encoder.specs import EncoderSpecError, encoder_config, load_encoder_spec, random_like_spec, spec_file
+from encoder.specs import EncoderSpecError, encoder_config, load_encoder_spec, missing_file, random_like_spec, which_of
 from radgen.features import FeatureJobError, extract_features, load_features
 from radgen.probes import (ProbeStudyError, format_report, resolve_encoders, run_probes, summarize,
                               write_report)
@@ -98,9 +98,12 @@ def test_encoder_specs(ckpt: Path, tmp_path: Path):
     assert _sd_equal(student, other) and _sd_equal(load_encoder_spec(str(both)), pre)
     assert encoder_config(f"student:{both}") == pre.cfg
     assert _sd_equal(load_encoder_spec(random_like_spec(f"student:{both}", 0)), r0)
-    assert spec_file(f"student:{both}") == str(both) and spec_file("pixels:16") is None
-    with pytest.raises(EncoderSpecError, match="training checkpoint file"):
-        load_encoder_spec(f"student:{tmp_path}")
+    assert missing_file(f"student:{both}") is None and missing_file("pixels:16") is None
+    assert which_of(f"student:{both}") == "student" and which_of(str(both)) == "teacher"
+    for bad in (f"student:{tmp_path}", "student:"):  # a folder, nothing: refused before any work
+        assert "training checkpoint file" in missing_file(bad)
+        with pytest.raises(EncoderSpecError, match="training checkpoint file"):
+            load_encoder_spec(bad)
 
 
 def test_skip_and_record_in_an_image_folder(messy_folder: Path, ckpt: Path, tmp_path: Path):

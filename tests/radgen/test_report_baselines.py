@@ -257,3 +257,11 @@ def test_cli_takes_the_encoder_from_a_run_folder(synth, tmp_path, capsys, one_th
     (run / "model.json").write_text("{}")
     assert main(args) == 2
     assert "not a report-generator run folder" in capsys.readouterr().err
+    # a run on a checkpoint's student: refused when only `which` says so, taken when the spec names it
+    from radgen.report_baselines import BaselinesError, run_encoder
+
+    (run / "model.json").write_text(json.dumps({**info, "encoder": {**info["encoder"], "which": "student"}}))
+    with pytest.raises(BaselinesError, match="'student' weights"):
+        run_encoder(run)
+    (run / "model.json").write_text(json.dumps({**info, "encoder": {"spec": "student:x.pt", "which": "student"}}))
+    assert run_encoder(run)["spec"] == "student:x.pt"

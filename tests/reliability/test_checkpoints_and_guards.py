@@ -8,6 +8,7 @@ import errno
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from corpus import TINY_PRETRAIN
@@ -189,6 +190,18 @@ def test_pretrain_nan_skip_drops_the_step(tmp_path: Path, monkeypatch, one_threa
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     rows = _log(out)
     assert [r["nonfinite_skipped"] for r in rows] == ["0", "1", "1", "2", "2", "2"]
+    # a skipped step leaves the teacher, and so its share of its starting weights, unchanged
+    share = [float(r["teacher_start_share"]) for r in rows]
+    assert share[1] == share[0] and share[3] == share[2] and share[2] < share[1]
+    kept = [float(r["momentum"]) for i, r in enumerate(rows) if i not in (1, 3)]
+    assert share[-1] == pytest.approx(float(np.prod(kept)), rel=1e-4)
+    # stopped after the first skip and resumed: the share is carried, not re-derived from the schedule
+    split = tmp_path / "split"
+    _poison_loss(monkeypatch, {1})
+    train(load_config("encoder", [], [f"out={split}", *TINY, "train.on_nonfinite=skip", "optim.max_steps=2"]), _images())
+    _poison_loss(monkeypatch, {1})  # the resumed run's second forward is step 3
+    train(load_config("encoder", [], [f"out={split}", *TINY, "train.on_nonfinite=skip"]), _images())
+    assert [r["teacher_start_share"] for r in _log(split)] == [r["teacher_start_share"] for r in rows]
     with pytest.raises(TrainingStopped, match="max_nonfinite_skips=1"):
         _poison_loss(monkeypatch, {0, 1})
         train(load_config("encoder", [], [f"out={tmp_path / 'many'}", *TINY, "train.on_nonfinite=skip",
