@@ -43,13 +43,17 @@ def is_generated_spec(spec: str) -> bool:
     return spec.startswith(("random:", "random-like:")) or is_pixels_spec(spec)
 
 
+def _student_path(spec: str) -> str | None:
+    """The checkpoint path of a ``student:`` spec (None for any other spec)."""
+    return spec[len(STUDENT):] if spec.startswith(STUDENT) else None
+
+
 def missing_file(spec: str) -> str | None:
     """Why the checkpoint file or folder a spec reads is not there (None: present, or nothing to read)."""
     spec = str(spec)
     if is_generated_spec(spec):
         return None
-    if spec.startswith(STUDENT):
-        path = spec[len(STUDENT):]
+    if (path := _student_path(spec)) is not None:
         return None if path and Path(path).is_file() else \
             f"{STUDENT} needs a training checkpoint file (one with student and teacher), and {path!r} is not a file"
     return None if Path(spec).exists() else "no such checkpoint file or folder"
@@ -57,7 +61,7 @@ def missing_file(spec: str) -> str | None:
 
 def which_of(spec: str, which: str = "teacher") -> str:
     """Which backbone of a training checkpoint a spec reads: ``student`` for ``student:`` specs, else ``which``."""
-    return "student" if str(spec).startswith(STUDENT) else which
+    return "student" if _student_path(str(spec)) is not None else which
 
 
 def random_encoder(cfg: ViTConfig | dict, seed: int = 0) -> ViTEncoder:
@@ -118,8 +122,8 @@ def encoder_config(spec: str) -> ViTConfig:
     spec = str(spec)
     if spec.startswith("random-like:"):
         return encoder_config(_parse_random_like(spec)[0])
-    if spec.startswith(STUDENT):  # the student's architecture is the teacher's
-        return encoder_config(spec[len(STUDENT):])
+    if (path := _student_path(spec)) is not None:  # the student's architecture is the teacher's
+        return encoder_config(path)
     if spec.startswith("random:"):
         return parse_random(spec)[0]
     if is_pixels_spec(spec):
@@ -173,10 +177,10 @@ def load_encoder_spec(spec: str, which: str = "teacher") -> ViTEncoder:
         return random_encoder(cfg, seed)
     if is_pixels_spec(spec):
         return pixel_encoder(*_parse_pixels(spec))
-    if spec.startswith(STUDENT):  # the spec names the backbone itself, whatever ``which`` says
+    if (path := _student_path(spec)) is not None:  # the spec names the backbone itself, whatever ``which`` says
         if problem := missing_file(spec):
             raise EncoderSpecError(f"encoder {spec!r}: {problem}")
-        return load_encoder(spec[len(STUDENT):], which="student")
+        return load_encoder(path, which="student")
     if not Path(spec).exists():
         raise _missing(spec)
     return load_encoder(spec, which=which)
