@@ -41,7 +41,7 @@ from eval.probes.classify import (UNCERTAIN_RULES, auroc, binary_labels, knn_pro
                                   macro_score)
 from eval.probes.regress import ridge_probe
 from eval.probes.result import HIGHER_IS_BETTER, ProbeScore, finite_or_none
-from eval.probes.segment import dice_iou, position_features, segmentation_probe
+from eval.probes.segment import position_features, segmentation_probe
 from eval.stats import paired_delta_ci
 from radgen.data.images import ImageLoadError, load_image, pixel_features
 from radgen.data.manifest import read_manifest
@@ -267,7 +267,8 @@ def run_probes(
     predictions: dict = {"age": {}, "segment": {}}
     # Headline numbers' per-test-image inputs, for the paired gaps: key -> model -> (row ids, arrays)
     per_image: dict[tuple, dict[str, tuple]] = {}
-    headline_keys = {h[:3] for h in HEADLINE}
+    # the threshold-free companion of every Dice gets a paired gap too (not a headline number)
+    headline_keys = {h[:3] for h in HEADLINE} | {("segment", s, "pixel_auroc") for s in (structures.values() if do_seg else ())}
 
     def keep_inputs(key: tuple, name: str, ids: np.ndarray, *arrays: np.ndarray) -> None:
         if key in headline_keys:
@@ -337,13 +338,13 @@ def run_probes(
                     add(ProbeScore("segment", "all", "dice", None, n_train=int(tr_s.sum()), n_test=int(te_s.sum()),
                                    note="no masks in train or test"))
                 else:
-                    scores, pred = segmentation_probe(patches[tr_s], m[tr_s], patches[va_s], m[va_s],
-                                                      patches[te_s], m[te_s], structures, epochs=seg_epochs,
-                                                      n_resamples=n_resamples, seed=seed)
+                    scores, pred, per_img = segmentation_probe(patches[tr_s], m[tr_s], patches[va_s], m[va_s],
+                                                               patches[te_s], m[te_s], structures,
+                                                               epochs=seg_epochs, n_resamples=n_resamples, seed=seed)
                     for sc in scores:
                         results.append({**info, "dim": int(patches.shape[1]), **sc.to_dict()})
-                    for lab, struct in structures.items():
-                        keep_inputs(("segment", struct, "dice"), name, rows[te_s], dice_iou(pred, m[te_s], lab)[0])
+                    for (struct, metric), values in per_img.items():
+                        keep_inputs(("segment", struct, metric), name, rows[te_s], values)
                     predictions["segment"][name] = pred[:n_examples]
                     if "rows" not in predictions["segment"]:
                         predictions["segment"]["rows"] = rows[te_s][:n_examples]
@@ -365,7 +366,7 @@ def _mean_finite(values: np.ndarray) -> float:
 
 
 # How each headline metric is recomputed from its per-test-image inputs (as its probe scores it).
-_PAIRED_METRICS = {"macro": macro_auroc, "auroc": auroc, "dice": _mean_finite,
+_PAIRED_METRICS = {"macro": macro_auroc, "auroc": auroc, "dice": _mean_finite, "pixel_auroc": _mean_finite,
                    "mae": lambda y, p: float(np.mean(np.abs(np.asarray(y) - np.asarray(p))))}
 
 

@@ -9,7 +9,7 @@ import pytest
 from eval.probes.classify import (auroc, average_precision, binary_labels, fit_logistic, knn_probe, logistic_probe, macro_auroc,
                                   macro_score)
 from eval.probes.regress import ridge_probe
-from eval.probes.segment import dice_iou, position_features, segmentation_probe
+from eval.probes.segment import dice_iou, pixel_auroc, position_features, segmentation_probe
 
 
 def _split(x, y, n_train, n_val):
@@ -100,14 +100,33 @@ def test_segmentation_probe_dice_near_one_with_informative_tokens_and_low_with_n
     masks, feats = _blobs(120, rng)
     names = {1: "left_disc", 2: "right_disc"}
     parts = (feats[:80], masks[:80], feats[80:100], masks[80:100], feats[100:], masks[100:])
-    scores, pred = segmentation_probe(*parts, names, epochs=40, n_resamples=100)
+    scores, pred, per_image = segmentation_probe(*parts, names, epochs=40, n_resamples=100)
     dice = {s.target: s.value for s in scores if s.metric == "dice"}
     assert min(dice.values()) > 0.95, dice
+    assert min(s.value for s in scores if s.metric == "pixel_auroc") > 0.97
     assert pred.shape == masks[100:].shape
+    assert per_image[("left_disc", "dice")].shape == (20,)
+    assert np.nanmean(per_image[("left_disc", "dice")]) == pytest.approx(dice["left_disc"])
     noise = rng.normal(size=feats.shape).astype(np.float32)
     parts = (noise[:80], masks[:80], noise[80:100], masks[80:100], noise[100:], masks[100:])
-    scores, _ = segmentation_probe(*parts, names, epochs=10, n_resamples=100)
+    scores, _, _ = segmentation_probe(*parts, names, epochs=10, n_resamples=100)
     assert max(s.value for s in scores if s.metric == "dice") < 0.6
+    # noise tokens rank a structure's pixels no better than chance, up to what its 1x1 head's
+    # bias learns (no position: the same probability everywhere within each patch pattern)
+    assert max(s.value for s in scores if s.metric == "pixel_auroc") < 0.65
+
+
+def test_pixel_auroc_is_threshold_free_where_argmax_dice_is_not():
+    true = np.zeros((2, 4, 4), int)
+    true[:, :1] = 1  # a small structure: the top row
+    prob = np.full((2, 4, 4), 0.2)
+    prob[:, :1] = 0.3  # ranked first everywhere, but below 0.5 (a background softmax of 0.7 wins argmax)
+    prob[1, 0, 0] = 0.1  # one of its pixels ranked last in image 1
+    a = pixel_auroc(prob, true, 1)
+    assert a[0] == 1.0 and a[1] == pytest.approx(1 - 12 / (4 * 12))
+    pred = (prob > 0.5).astype(int)  # what argmax over {background, structure} would do
+    assert np.nansum(dice_iou(pred, true, 1)[0]) == 0.0
+    assert np.isnan(pixel_auroc(prob, np.ones_like(true), 1)).all()  # all structure: nothing to rank
 
 
 def test_dice_iou_exact_and_position_features():

@@ -321,9 +321,10 @@ def test_paired_gaps_reproduce_the_probes_numbers(synth: Path, ckpt: Path, tmp_p
                      seg_epochs=3, n_resamples=50, seed=0, cache_dir=tmp_path / "cache", min_pos=1, batch_size=16)
     by = {(r["model"], r["probe"], r["target"], r["metric"]): r["value"] for r in run.rows}
     keys = {(g["probe"], g["target"], g["metric"]) for g in run.paired}
-    assert keys <= {h[:3] for h in HEADLINE}
+    pixel = {("segment", s, "pixel_auroc") for s in ("right_lung", "left_lung", "heart")}
+    assert keys <= {h[:3] for h in HEADLINE} | pixel  # the Dice's threshold-free companions too
     assert {("logistic", "macro", "auroc"), ("knn", "macro", "auroc"), ("segment", "heart", "dice"),
-            ("ridge", "age", "mae")} <= keys
+            ("ridge", "age", "mae")} | pixel <= keys
     for g in run.paired:
         key = (g["probe"], g["target"], g["metric"])
         want = by[("pretrained", *key)] - np.mean([by[("random-0", *key)], by[("random-1", *key)]])
