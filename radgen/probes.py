@@ -132,7 +132,7 @@ def run_probes(
     pixel_size: int | None = 32,
     mask_size: int = 64,
     seg_pixel_grid: int = 32,
-    seg_epochs: int = 30,
+    seg_epochs: int = 60,
     knn_k: int = 20,
     n_resamples: int = 1000,
     seed: int = 0,
