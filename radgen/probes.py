@@ -265,13 +265,15 @@ def run_probes(
 
     results: list[dict] = []
     predictions: dict = {"age": {}, "segment": {}}
-    # Headline numbers' per-test-image inputs, for the paired gaps: key -> model -> (row ids, arrays)
+    # Per-test-image inputs of the numbers that get a paired gap: key -> model -> (row ids, arrays).
+    # The headline numbers, and the threshold-free companion of every Dice (not a headline number).
     per_image: dict[tuple, dict[str, tuple]] = {}
-    # the threshold-free companion of every Dice gets a paired gap too (not a headline number)
-    headline_keys = {h[:3] for h in HEADLINE} | {("segment", s, "pixel_auroc") for s in (structures.values() if do_seg else ())}
+    paired_keys = {h[:3] for h in HEADLINE}
+    if do_seg:
+        paired_keys |= {("segment", s, "pixel_auroc") for s in structures.values()}
 
     def keep_inputs(key: tuple, name: str, ids: np.ndarray, *arrays: np.ndarray) -> None:
-        if key in headline_keys:
+        if key in paired_keys:
             per_image.setdefault(key, {})[name] = (np.asarray(ids), tuple(np.asarray(a) for a in arrays))
     for name, kind, spec, rows, x, patches in models:
         keep = common[rows]

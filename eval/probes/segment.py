@@ -85,9 +85,9 @@ def _predict(head: LinearSegHead, feats: torch.Tensor, size, labels: list[int] |
             pred.append(logits.argmax(1))
             if labels is not None:
                 prob.append(logits.softmax(1)[:, labels])
-    if not pred:
-        return np.zeros((0, *size), np.int64), None if labels is None else np.zeros((0, len(labels), *size), np.float32)
-    return torch.cat(pred).numpy(), torch.cat(prob).numpy() if prob else None
+    if not pred:  # no images
+        pred, prob = [torch.zeros((0, *size), dtype=torch.long)], [torch.zeros((0, len(labels or ()), *size))]
+    return torch.cat(pred).numpy(), None if labels is None else torch.cat(prob).numpy()
 
 
 def train_seg_head(f_train: np.ndarray, m_train: np.ndarray, f_val: np.ndarray, m_val: np.ndarray,
