@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from eval.probes.result import ProbeScore, finite_or_none
 from eval.stats import bootstrap_ci
 
-__all__ = ["C_GRID", "UNCERTAIN_RULES", "auroc", "average_precision", "binary_labels", "fit_logistic", "logistic_probe",
+__all__ = ["C_GRID", "NEWTON_MAX_FEATURES", "logistic_solver", "UNCERTAIN_RULES", "auroc", "average_precision", "binary_labels", "fit_logistic", "logistic_probe",
            "knn_scores", "knn_probe", "macro_auroc", "macro_score"]
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength, searched on validation
@@ -73,6 +73,20 @@ def average_precision(y, s) -> float:
 
 
 
+NEWTON_MAX_FEATURES = 1024  # above this a Newton step's d x d Hessian costs more than L-BFGS's iterations
+
+
+def logistic_solver(n_features: int) -> str:
+    """The scikit-learn solver for an L2 logistic probe on ``n_features`` standardised features.
+
+    Both solvers reach the same (strictly convex) optimum; they differ in cost. On probe-sized
+    features (a few hundred, correlated: CLS next to mean patch token) L-BFGS needs hundreds of
+    iterations at large C, Newton-Cholesky five or six (on the ``--full`` demo's 384-wide
+    ``cls+mean`` features about 10x faster over the C grid; where L-BFGS had stopped short, macro AUROC moves by up to 0.003).
+    """
+    return "newton-cholesky" if n_features <= NEWTON_MAX_FEATURES else "lbfgs"
+
+
 def fit_logistic(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None = None,
                  y_val: np.ndarray | None = None, Cs=C_GRID, C: float | None = None):
     """Standardised L2 logistic regression; ``C`` picked by validation AUROC unless given.
@@ -83,11 +97,12 @@ def fit_logistic(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | N
     """
     scaler = StandardScaler().fit(x_train)
     xt = scaler.transform(x_train)
+    solver = logistic_solver(xt.shape[1])
 
     def fit(c):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence warnings at tiny C on separable data
-            return LogisticRegression(C=c, max_iter=3000).fit(xt, y_train)
+            return LogisticRegression(C=c, max_iter=3000, solver=solver).fit(xt, y_train)
 
     val_auroc: dict[float, float] = {}
     if C is None:

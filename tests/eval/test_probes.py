@@ -63,6 +63,27 @@ def test_regularisation_picked_on_validation_where_a_fixed_one_fails():
     assert fixed[0].extra == {"C": 1e-4, "C_chosen_on": "fixed"}
 
 
+def test_probe_solver_reaches_the_lbfgs_optimum_on_correlated_features():
+    """CLS next to a mean patch token: correlated columns, where L-BFGS is slow at large C. The
+    probe's solver must land on the same L2 optimum (scores equal up to solver tolerance)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from eval.probes.classify import NEWTON_MAX_FEATURES, logistic_solver
+
+    rng = np.random.default_rng(3)
+    n, d = 600, 48
+    base = rng.normal(size=(n, d))
+    x = np.concatenate([base, base + 0.1 * rng.normal(size=(n, d))], 1)  # (N, 2d), near-duplicate halves
+    y = (base[:, 0] + 0.5 * base[:, 1] + rng.normal(size=n) > 0).astype(float)
+    assert logistic_solver(x.shape[1]) == "newton-cholesky"
+    assert logistic_solver(NEWTON_MAX_FEATURES + 1) == "lbfgs"
+    predict, c, _ = fit_logistic(x[:400], y[:400], C=10.0)
+    xs = StandardScaler().fit(x[:400])
+    ref = LogisticRegression(C=10.0, tol=1e-10, max_iter=100_000).fit(xs.transform(x[:400]), y[:400])
+    np.testing.assert_allclose(predict(x[400:]), ref.decision_function(xs.transform(x[400:])), atol=1e-3)
+
+
 def test_macro_auroc_skips_missing_labels_and_one_class_columns():
     y = np.array([[1, 0, np.nan], [0, 1, 1], [1, 1, 1], [0, 0, 1]], float)
     s = np.array([[0.9, 0.1, 0.0], [0.1, 0.9, 0.2], [0.8, 0.7, 0.3], [0.2, 0.3, 0.4]])
