@@ -41,7 +41,7 @@ from eval.probes.classify import (UNCERTAIN_RULES, auroc, binary_labels, knn_pro
                                   macro_score)
 from eval.probes.regress import ridge_probe
 from eval.probes.result import HIGHER_IS_BETTER, ProbeScore, finite_or_none
-from eval.probes.segment import position_features, segmentation_probe
+from eval.probes.segment import SEG_HEAD_EPOCHS, position_features, segmentation_probe
 from eval.stats import paired_delta_ci
 from radgen.data.images import ImageLoadError, load_image, pixel_features
 from radgen.data.manifest import read_manifest
@@ -132,7 +132,7 @@ def run_probes(
     pixel_size: int | None = 32,
     mask_size: int = 64,
     seg_pixel_grid: int = 32,
-    seg_epochs: int = 60,
+    seg_epochs: int = SEG_HEAD_EPOCHS,
     knn_k: int = 20,
     n_resamples: int = 1000,
     seed: int = 0,

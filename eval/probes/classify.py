@@ -17,8 +17,8 @@ from sklearn.preprocessing import StandardScaler
 from eval.probes.result import ProbeScore, finite_or_none
 from eval.stats import bootstrap_ci
 
-__all__ = ["C_GRID", "NEWTON_MAX_FEATURES", "logistic_solver", "UNCERTAIN_RULES", "auroc", "average_precision", "binary_labels", "fit_logistic", "logistic_probe",
-           "knn_scores", "knn_probe", "macro_auroc", "macro_score"]
+__all__ = ["C_GRID", "NEWTON_MAX_FEATURES", "UNCERTAIN_RULES", "auroc", "average_precision", "binary_labels",
+           "fit_logistic", "logistic_probe", "logistic_solver", "knn_scores", "knn_probe", "macro_auroc", "macro_score"]
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength, searched on validation
 # What an uncertain (-1) CheXpert label becomes: dropped for that target (default), or counted as
@@ -72,7 +72,6 @@ def average_precision(y, s) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-
 NEWTON_MAX_FEATURES = 1024  # above this a Newton step's d x d Hessian costs more than L-BFGS's iterations
 
 
@@ -82,7 +81,8 @@ def logistic_solver(n_features: int) -> str:
     Both solvers reach the same (strictly convex) optimum; they differ in cost. On probe-sized
     features (a few hundred, correlated: CLS next to mean patch token) L-BFGS needs hundreds of
     iterations at large C, Newton-Cholesky five or six (on the ``--full`` demo's 384-wide
-    ``cls+mean`` features about 10x faster over the C grid; where L-BFGS had stopped short, macro AUROC moves by up to 0.003).
+    ``cls+mean`` features about 10x faster over the C grid; where L-BFGS had stopped short,
+    macro AUROC moves by up to 0.003).
     """
     return "newton-cholesky" if n_features <= NEWTON_MAX_FEATURES else "lbfgs"
 

@@ -26,8 +26,10 @@ from eval.probes.classify import auroc
 from eval.probes.result import ProbeScore, finite_or_none
 from eval.stats import bootstrap_ci
 
-__all__ = ["LinearSegHead", "train_seg_head", "dice_iou", "pixel_auroc", "segmentation_probe",
+__all__ = ["SEG_HEAD_EPOCHS", "LinearSegHead", "train_seg_head", "dice_iou", "pixel_auroc", "segmentation_probe",
            "position_features"]
+
+SEG_HEAD_EPOCHS = 60  # the 1x1 head converges mostly by then (15 had not: docs/encoder.md)
 
 
 class LinearSegHead(torch.nn.Module):
@@ -91,7 +93,7 @@ def _predict(head: LinearSegHead, feats: torch.Tensor, size, labels: list[int] |
 
 
 def train_seg_head(f_train: np.ndarray, m_train: np.ndarray, f_val: np.ndarray, m_val: np.ndarray,
-                   labels: list[int], *, epochs: int = 60, lr: float = 3e-2, weight_decay: float = 1e-4,
+                   labels: list[int], *, epochs: int = SEG_HEAD_EPOCHS, lr: float = 3e-2, weight_decay: float = 1e-4,
                    batch_size: int = 32, seed: int = 0) -> tuple[LinearSegHead, dict]:
     """Train the 1×1 head for ``epochs`` (AdamW, cosine schedule).
 
@@ -124,7 +126,7 @@ def train_seg_head(f_train: np.ndarray, m_train: np.ndarray, f_val: np.ndarray, 
 
 
 def segmentation_probe(f_train, m_train, f_val, m_val, f_test, m_test, structures: dict[int, str], *,
-                       epochs: int = 60, n_resamples: int = 1000, seed: int = 0, **train_kw):
+                       epochs: int = SEG_HEAD_EPOCHS, n_resamples: int = 1000, seed: int = 0, **train_kw):
     """Dice, IoU and pixel AUROC per structure on the test images.
 
     ``structures`` maps label value -> name (e.g. ``{1: "right_lung", 2: "left_lung", 3: "heart"}``).

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from encoder.features import POOLS
 from eval.probes.classify import UNCERTAIN_RULES
+from eval.probes.segment import SEG_HEAD_EPOCHS
 from radgen.config import add_config_args
 from radgen.pipelines.scaling import run_scaling
 from radgen.probes import PROBES, ProbeStudyError, format_report, resolve_encoders, run_probes, write_report
@@ -27,8 +28,9 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
                         "as positive / negative")
     p.add_argument("--pixel-size", type=int, default=32, help="raw-pixel baseline side (0: none; default 32)")
     p.add_argument("--mask-size", type=int, default=64, help="side the masks are scored at (default 64)")
-    p.add_argument("--seg-epochs", type=int, default=60,
-                   help="epochs of the 1x1 segmentation head (default 60: most of its rise is done by then, docs/encoder.md)")
+    p.add_argument("--seg-epochs", type=int, default=SEG_HEAD_EPOCHS,
+                   help=f"epochs of the 1x1 segmentation head (default {SEG_HEAD_EPOCHS}: most of its rise is done "
+                        "by then, docs/encoder.md)")
     p.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN probe (default 20)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap / head seed")

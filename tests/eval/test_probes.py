@@ -78,7 +78,7 @@ def test_probe_solver_reaches_the_lbfgs_optimum_on_correlated_features():
     y = (base[:, 0] + 0.5 * base[:, 1] + rng.normal(size=n) > 0).astype(float)
     assert logistic_solver(x.shape[1]) == "newton-cholesky"
     assert logistic_solver(NEWTON_MAX_FEATURES + 1) == "lbfgs"
-    predict, c, _ = fit_logistic(x[:400], y[:400], C=10.0)
+    predict, _, _ = fit_logistic(x[:400], y[:400], C=10.0)
     xs = StandardScaler().fit(x[:400])
     ref = LogisticRegression(C=10.0, tol=1e-10, max_iter=100_000).fit(xs.transform(x[:400]), y[:400])
     np.testing.assert_allclose(predict(x[400:]), ref.decision_function(xs.transform(x[400:])), atol=1e-3)
