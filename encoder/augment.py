@@ -20,7 +20,7 @@ from torchvision.transforms import InterpolationMode
 
 from .masking import masked_indices, sample_masks
 
-__all__ = ["MultiCropConfig", "MultiCrop", "sample_crop", "collate_multicrop"]
+__all__ = ["MultiCropConfig", "MultiCrop", "sample_crop", "range_compress", "collate_multicrop"]
 
 
 @dataclass
@@ -44,6 +44,12 @@ class MultiCropConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     noise_std: tuple[float, float] = (0.0, 0.03)  # additive Gaussian noise, std uniform in range
     noise_prob: float = 0.3
+    # Acquisition augmentations (off by default; DINOv2 has none). A film's processing is shared by
+    # both of its global crops, so without them the image objective can tell films apart by
+    # their processing instead of their anatomy (docs/encoder.md, "What the objective learns").
+    range_compression: tuple[float, float] = (0.0, 0.0)  # k uniform in range: x - k * (lowpass(x) - mean)
+    collimation_prob: float = 0.0  # chance of collimator borders on a crop
+    collimation_max: float = 0.12  # each border's width: uniform up to this share of the side
     mean: float = 0.5307
     std: float = 0.2583
 
@@ -143,6 +149,10 @@ class MultiCrop:
         x = x.clamp(0.0, 1.0)  # bicubic overshoots at edges; gamma below needs x >= 0
         if cfg.hflip and _coin(g, 0.5):
             x = x.flip(-1)
+        if cfg.range_compression != (0.0, 0.0):  # draws only when on: older runs keep their streams
+            x = range_compress(x, _uniform(g, *cfg.range_compression))
+        if cfg.collimation_prob > 0 and _coin(g, cfg.collimation_prob):
+            x = self._collimate(x, g)
         if _coin(g, cfg.jitter_prob):
             x = self._jitter(x, g)
         if _coin(g, blur_prob):
@@ -157,6 +167,20 @@ class MultiCrop:
         x = x.clamp(0.0, 1.0)
         return (x - cfg.mean) / cfg.std  # (1, size, size)
 
+    def _collimate(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """Collimator borders on a (1, s, s) crop: each side with probability 1/2, a strip up to
+        ``collimation_max`` of the side, all black or all white (as the synthetic films have)."""
+        s = x.shape[-1]
+        widths = [int(_uniform(g, 0, self.cfg.collimation_max) * s) if _coin(g, 0.5) else 0 for _ in range(4)]
+        fill = 1.0 if _coin(g, 0.5) else 0.0
+        x = x.clone()
+        left, right, top, bottom = widths
+        x[..., :, :left] = fill
+        x[..., :, s - right:] = fill  # a zero width is an empty slice
+        x[..., :top, :] = fill
+        x[..., s - bottom:, :] = fill
+        return x
+
     def _jitter(self, x: Tensor, g: torch.Generator) -> Tensor:
         """Brightness, contrast and gamma on a (1, s, s) crop in [0, 1]."""
         cfg = self.cfg
@@ -168,6 +192,17 @@ class MultiCrop:
         m = x.mean()
         x = ((x - m) * c + m).clamp(0.0, 1.0)
         return x.pow(gamma)
+
+
+def range_compress(x: Tensor, k: float) -> Tensor:
+    """Large-scale range compression of a (1, s, s) crop in [0, 1], as CR/DX processing does:
+    ``x - k * (lowpass(x) - mean(lowpass(x)))`` with a Gaussian low-pass of sigma ``s / 12``
+    (k > 0 flattens the large-scale contrast, k < 0 steepens it), clamped to [0, 1]."""
+    s = x.shape[-1]
+    sigma = s / 12
+    k_size = min(2 * math.ceil(3 * sigma) + 1, 2 * (s // 2) - 1)
+    low = TF.gaussian_blur(x, [k_size, k_size], [sigma, sigma])
+    return (x - k * (low - low.mean())).clamp(0.0, 1.0)
 
 
 def collate_multicrop(

@@ -237,7 +237,10 @@ def _multicrop(cfg: DictConfig) -> MultiCrop:
     return MultiCrop(MultiCropConfig(
         global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
         global_scale=tuple(c.global_scale), local_scale=tuple(c.local_scale), hflip=c.hflip,
-        brightness=c.brightness, contrast=c.contrast, gamma=tuple(c.gamma), noise_prob=c.noise_prob))
+        brightness=c.brightness, contrast=c.contrast, gamma=tuple(c.gamma), noise_prob=c.noise_prob,
+        # runs saved before these keys existed resume without them (off)
+        range_compression=tuple(c.get("range_compression", (0.0, 0.0))),
+        collimation_prob=c.get("collimation_prob", 0.0), collimation_max=c.get("collimation_max", 0.12)))
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -247,6 +250,13 @@ def validate_config(cfg: DictConfig) -> None:
         errors.append("'out' (output folder) is required")
     if cfg.model.init_from and not Path(str(cfg.model.init_from)).exists():
         errors.append(f"model.init_from: {cfg.model.init_from}: no such file or folder")
+    lo, hi = cfg.crops.get("range_compression", (0.0, 0.0))
+    if not -1.0 <= lo <= hi <= 1.0:
+        errors.append(f"crops.range_compression must be [lo, hi] with -1 <= lo <= hi <= 1, got [{lo}, {hi}]")
+    if not 0.0 <= cfg.crops.get("collimation_prob", 0.0) <= 1.0:
+        errors.append(f"crops.collimation_prob must be in [0, 1], got {cfg.crops.collimation_prob}")
+    if not 0.0 <= cfg.crops.get("collimation_max", 0.12) < 0.5:
+        errors.append(f"crops.collimation_max must be in [0, 0.5), got {cfg.crops.collimation_max}")
     if cfg.crops.global_size % cfg.model.patch_size or cfg.crops.local_size % cfg.model.patch_size:
         errors.append(f"crop sizes ({cfg.crops.global_size}, {cfg.crops.local_size}) must be "
                       f"multiples of the patch size {cfg.model.patch_size}")

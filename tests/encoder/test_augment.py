@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from encoder.augment import MultiCrop, MultiCropConfig, collate_multicrop, sample_crop
+from encoder.augment import MultiCrop, MultiCropConfig, collate_multicrop, range_compress, sample_crop
 
 MEAN, STD = 0.5307, 0.2583
 
@@ -141,6 +141,44 @@ def test_photometric_augmentation_changes_intensities():
     aug = MultiCrop(cfg)
     out = aug(img, _gen(0))["global_crops"][0]
     assert out.shape == plain.shape and not torch.allclose(out, plain, atol=1e-3)
+
+
+def test_range_compress_flattens_or_steepens_large_scale_contrast():
+    x = _radiograph(64, 64)
+    assert torch.equal(range_compress(x, 0.0), x.clamp(0, 1))
+    def large_scale_spread(y):  # std of an 8x8 block average: the film's large-scale contrast
+        return float(torch.nn.functional.avg_pool2d(y[None], 8).std())
+    flat, steep = range_compress(x, 0.6), range_compress(x, -0.3)
+    assert large_scale_spread(flat) < 0.7 * large_scale_spread(x) < large_scale_spread(steep)
+    assert flat.min() >= 0 and steep.max() <= 1 and flat.shape == x.shape
+    # fine detail (the difference from the block average) is kept
+    fine = lambda y: y - torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(y[None], 8), scale_factor=8)[0]
+    assert torch.allclose(fine(flat), fine(x), atol=0.05)
+
+
+def test_collimation_borders_are_flat_strips():
+    cfg = replace(PLAIN, n_local=0, collimation_prob=1.0, collimation_max=0.25)
+    x = _radiograph(64, 64)
+    strips = 0
+    for seed in range(20):
+        for crop in MultiCrop(cfg)(x, _gen(seed))["global_crops"]:
+            px = crop[0] * STD + MEAN  # back to [0, 1]
+            for edge in (px[:, 0], px[:, -1], px[0], px[-1]):
+                if edge.std() < 1e-6:  # a collimated side is one value, black or white
+                    strips += 1
+                    assert float(edge[0]) == pytest.approx(0.0, abs=1e-5) or float(edge[0]) == pytest.approx(1.0, abs=1e-5)
+    assert strips > 20  # about half the 160 sides, minus the strips too narrow to draw
+
+
+def test_acquisition_augmentations_off_by_default_and_deterministic_on():
+    x = _radiograph(64, 64)
+    off = MultiCrop(replace(PLAIN, n_local=0))(x, _gen(3))["global_crops"]
+    on_cfg = replace(PLAIN, n_local=0, range_compression=(-0.4, 0.4), collimation_prob=0.5)
+    on = MultiCrop(on_cfg)(x, _gen(3))["global_crops"]
+    again = MultiCrop(on_cfg)(x, _gen(3))["global_crops"]
+    assert MultiCropConfig().range_compression == (0.0, 0.0) and MultiCropConfig().collimation_prob == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(on, again))
+    assert not all(torch.equal(a, b) for a, b in zip(on, off))
 
 
 def test_sample_crop_box_in_bounds_and_area():

@@ -1,0 +1,120 @@
+"""What an encoder's image feature says about the phantom's acquisition, pose, anatomy and findings
+(a one-off analysis behind docs/encoder.md, "What the objective learns"; not part of the package).
+
+The synthetic generator draws every random choice of a film into a ``Case`` before rendering
+(``radgen/data/synth/case.py``), from a generator seeded by ``(set seed, index)``. This script
+redraws the cases of a synthetic set (exactly: the case is drawn first, from its own generator)
+and asks, for each encoder spec (anything ``radgen probe --encoder`` takes), how well a linear
+model on its frozen CLS feature predicts each variable on held-out films: ridge for continuous
+ones (test R²), logistic for binary ones (test AUROC). Fits on the ``train`` split, scores on
+``test``; regularisation chosen by internal cross-validation (RidgeCV / LogisticRegressionCV).
+
+    python docs/experiments/nuisance.py DATA name=spec [name=spec ...] [--pool cls] [--json OUT]
+
+``raw:<k>`` is the raw-pixel control: the film area-resized to k×k, every pixel a feature.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from encoder.features import encode_batches
+from encoder.processor import RadDinoProcessor
+from encoder.specs import load_encoder_spec
+from radgen.data.images import load_image
+from radgen.data.manifest import read_manifest
+from radgen.data.synth.case import sample_case
+
+# variable -> how to read it off a Case; continuous unless listed in BINARY.
+VARIABLES = {
+    # acquisition and processing (nuisance for a finding)
+    "scale": lambda c: c.scale, "shift_x": lambda c: c.shift[0], "shift_y": lambda c: c.shift[1],
+    "rotation": lambda c: c.rotation_deg, "aspect": lambda c: c.aspect, "yaw": lambda c: c.yaw_deg,
+    "kvp": lambda c: c.kvp, "photons": lambda c: np.log(c.photons), "scatter": lambda c: c.scatter,
+    "range_compression": lambda c: c.range_compression, "detail_gain": lambda c: c.detail_gain,
+    "tone_slope": lambda c: c.tone_slope, "tone_centre": lambda c: c.tone_centre,
+    "collimated": lambda c: any(x > 0 for x in c.collimation), "marker": lambda c: c.marker is not None,
+    "AP view": lambda c: c.view == "AP",
+    # anatomy / habitus
+    "thorax_halfwidth": lambda c: c.thorax_halfwidth, "body_margin": lambda c: c.body_margin,
+    "dome_y": lambda c: c.dome_y_right, "breast_size": lambda c: c.breast_size,
+    "bone_density": lambda c: c.bone_density, "age": lambda c: c.age, "sex F": lambda c: c.sex == "F",
+    # what the findings are read from
+    "ctr": lambda c: c.ctr, "mediastinal_ratio": lambda c: c.mediastinal_ratio,
+    "any finding": lambda c: any(f.kind not in ("Support Devices",) for f in c.findings),
+}
+GROUPS = {"acquisition": list(VARIABLES)[:16], "anatomy": list(VARIABLES)[16:23], "findings": list(VARIABLES)[23:]}
+
+
+def cases(data: str, ids: list[str]) -> list:
+    cfg = OmegaConf.load(f"{data}/config.yaml")
+    out = []
+    for i in ids:
+        rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), int(i.rsplit("_", 1)[1])]))
+        out.append(sample_case(rng, prevalence_scale=float(cfg.prevalence_scale), seed=int(cfg.seed)))
+    return out
+
+
+def score(xtr, ytr, xte, yte, binary: bool) -> float:
+    sc = StandardScaler().fit(xtr)
+    a, b = sc.transform(xtr), sc.transform(xte)
+    if binary:
+        if len(set(ytr)) < 2 or len(set(yte)) < 2:
+            return float("nan")
+        clf = LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1], max_iter=2000).fit(a, ytr)
+        return float(roc_auc_score(yte, clf.decision_function(b)))
+    return float(RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(a, ytr).score(b, yte))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("data")
+    p.add_argument("specs", nargs="+")
+    p.add_argument("--pool", default="cls")
+    p.add_argument("--json")
+    a = p.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.manual_seed(0)
+    ds = read_manifest(a.data)
+    rows = {s: [r for r in ds if r["split"] == s] for s in ("train", "test")}
+    ims = {s: [load_image(r["images"][0])[0] for r in rs] for s, rs in rows.items()}
+    cs = {s: cases(a.data, [r["id"] for r in rs]) for s, rs in rows.items()}
+    for s in rows:  # the redrawn cases must be the ones the manifest was written from
+        assert all(c.sex == r["sex"] and c.age == r["age"] for c, r in zip(cs[s], rows[s])), "cases do not match"
+    y = {s: {k: np.array([f(c) for c in cs[s]], dtype=np.float64) for k, f in VARIABLES.items()} for s in rows}
+    results = {}
+    for arg in a.specs:
+        name, spec = arg.split("=", 1)
+        if spec.startswith("raw:"):  # the probes' raw-pixel control: the film area-resized to k x k
+            k = int(spec[4:])
+            feats = {s: torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(np.stack(ims[s]))[:, None], k)
+                     .flatten(1).numpy() for s in rows}
+        else:
+            enc = load_encoder_spec(spec).eval()
+            proc = RadDinoProcessor(shortest_edge=enc.cfg.img_size, crop_size=enc.cfg.img_size)
+            feats = {s: encode_batches(enc, (proc(ims[s][i:i + 64]) for i in range(0, len(ims[s]), 64)),
+                                       pool=a.pool).numpy() for s in rows}
+        results[name] = {k: score(feats["train"], y["train"][k], feats["test"], y["test"][k],
+                                  binary=set(np.unique(y["train"][k])) <= {0.0, 1.0})
+                         for k in VARIABLES}
+        print(name, " ".join(f"{k}={v:.2f}" for k, v in results[name].items()), flush=True)
+    names = list(results)
+    print("\n| variable | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
+    for g, ks in GROUPS.items():
+        for k in ks:
+            kind = "AUROC" if set(np.unique(y["train"][k])) <= {0.0, 1.0} else "R²"
+            print(f"| {k} ({g}, {kind}) | " + " | ".join(f"{results[n][k]:.2f}" for n in names) + " |")
+    if a.json:
+        json.dump(results, open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
