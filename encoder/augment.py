@@ -44,9 +44,9 @@ class MultiCropConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     noise_std: tuple[float, float] = (0.0, 0.03)  # additive Gaussian noise, std uniform in range
     noise_prob: float = 0.3
-    # Acquisition augmentations (off by default; DINOv2 has none). A film's processing is shared by
-    # both of its global crops, so without them the image objective can tell films apart by
-    # their processing instead of their anatomy (docs/encoder.md, "What the objective learns").
+    # Acquisition augmentations (off by default; DINOv2 has none): both crops of a film share its
+    # processing and collimation. Measured on the phantoms, they do not stop the CLS reading the
+    # processing (docs/encoder.md, "What the objective learns", levers AC1/AC2).
     range_compression: tuple[float, float] = (0.0, 0.0)  # k uniform in range: x - k * (lowpass(x) - mean)
     collimation_prob: float = 0.0  # chance of collimator borders on a crop
     collimation_max: float = 0.12  # each border's width: uniform up to this share of the side

@@ -250,9 +250,9 @@ def validate_config(cfg: DictConfig) -> None:
         errors.append("'out' (output folder) is required")
     if cfg.model.init_from and not Path(str(cfg.model.init_from)).exists():
         errors.append(f"model.init_from: {cfg.model.init_from}: no such file or folder")
-    lo, hi = cfg.crops.get("range_compression", (0.0, 0.0))
-    if not -1.0 <= lo <= hi <= 1.0:
-        errors.append(f"crops.range_compression must be [lo, hi] with -1 <= lo <= hi <= 1, got [{lo}, {hi}]")
+    rc = list(cfg.crops.get("range_compression", (0.0, 0.0)))
+    if len(rc) != 2 or not -1.0 <= rc[0] <= rc[1] <= 1.0:
+        errors.append(f"crops.range_compression must be [lo, hi] with -1 <= lo <= hi <= 1, got {rc}")
     if not 0.0 <= cfg.crops.get("collimation_prob", 0.0) <= 1.0:
         errors.append(f"crops.collimation_prob must be in [0, 1], got {cfg.crops.collimation_prob}")
     if not 0.0 <= cfg.crops.get("collimation_max", 0.12) < 0.5:

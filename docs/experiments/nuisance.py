@@ -5,9 +5,10 @@ The synthetic generator draws every random choice of a film into a ``Case`` befo
 (``radgen/data/synth/case.py``), from a generator seeded by ``(set seed, index)``. This script
 redraws the cases of a synthetic set (exactly: the case is drawn first, from its own generator)
 and asks, for each encoder spec (anything ``radgen probe --encoder`` takes), how well a linear
-model on its frozen CLS feature predicts each variable on held-out films: ridge for continuous
-ones (test R²), logistic for binary ones (test AUROC). Fits on the ``train`` split, scores on
-``test``; regularisation chosen by internal cross-validation (RidgeCV / LogisticRegressionCV).
+model on its frozen image feature (the CLS; ``--pool`` as in ``radgen probe``) predicts each
+variable on held-out films: ridge for continuous ones (test R², alpha by RidgeCV's leave-one-out
+on ``train``), the probes' own logistic regression for binary ones
+(``eval.probes.classify.fit_logistic``: C chosen on ``validate``; test AUROC).
 
     python docs/experiments/nuisance.py DATA name=spec [name=spec ...] [--pool cls] [--json OUT]
 
@@ -17,18 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+from sklearn.linear_model import RidgeCV
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from encoder.features import encode_batches
 from encoder.processor import RadDinoProcessor
 from encoder.specs import load_encoder_spec
+from eval.probes.classify import fit_logistic
 from radgen.data.images import load_image
 from radgen.data.manifest import read_manifest
 from radgen.data.synth.case import sample_case
@@ -63,15 +64,16 @@ def cases(data: str, ids: list[str]) -> list:
     return out
 
 
-def score(xtr, ytr, xte, yte, binary: bool) -> float:
-    sc = StandardScaler().fit(xtr)
-    a, b = sc.transform(xtr), sc.transform(xte)
+def score(x: dict, y: dict, binary: bool) -> float:
+    """Test R² (ridge) or test AUROC (logistic, C on validate) of one variable; x, y by split."""
     if binary:
-        if len(set(ytr)) < 2 or len(set(yte)) < 2:
+        if len(set(y["train"])) < 2 or len(set(y["test"])) < 2:
             return float("nan")
-        clf = LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1], max_iter=2000).fit(a, ytr)
-        return float(roc_auc_score(yte, clf.decision_function(b)))
-    return float(RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(a, ytr).score(b, yte))
+        predict, _, _ = fit_logistic(x["train"], y["train"], x["validate"], y["validate"])
+        return float(roc_auc_score(y["test"], predict(x["test"])))
+    sc = StandardScaler().fit(x["train"])
+    ridge = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(sc.transform(x["train"]), y["train"])
+    return float(ridge.score(sc.transform(x["test"]), y["test"]))
 
 
 def main() -> None:
@@ -81,10 +83,9 @@ def main() -> None:
     p.add_argument("--pool", default="cls")
     p.add_argument("--json")
     a = p.parse_args()
-    warnings.filterwarnings("ignore", category=FutureWarning)
     torch.manual_seed(0)
     ds = read_manifest(a.data)
-    rows = {s: [r for r in ds if r["split"] == s] for s in ("train", "test")}
+    rows = {s: [r for r in ds if r["split"] == s] for s in ("train", "validate", "test")}
     ims = {s: [load_image(r["images"][0])[0] for r in rs] for s, rs in rows.items()}
     cs = {s: cases(a.data, [r["id"] for r in rs]) for s, rs in rows.items()}
     for s in rows:  # the redrawn cases must be the ones the manifest was written from
@@ -102,8 +103,7 @@ def main() -> None:
             proc = RadDinoProcessor(shortest_edge=enc.cfg.img_size, crop_size=enc.cfg.img_size)
             feats = {s: encode_batches(enc, (proc(ims[s][i:i + 64]) for i in range(0, len(ims[s]), 64)),
                                        pool=a.pool).numpy() for s in rows}
-        results[name] = {k: score(feats["train"], y["train"][k], feats["test"], y["test"][k],
-                                  binary=set(np.unique(y["train"][k])) <= {0.0, 1.0})
+        results[name] = {k: score(feats, {s: y[s][k] for s in rows}, binary=set(np.unique(y["train"][k])) <= {0.0, 1.0})
                          for k in VARIABLES}
         print(name, " ".join(f"{k}={v:.2f}" for k, v in results[name].items()), flush=True)
     names = list(results)

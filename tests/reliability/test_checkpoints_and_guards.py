@@ -297,7 +297,7 @@ def test_bad_pretrain_config_lists_every_problem(tmp_path: Path):
 
     cfg = load_config("encoder", [], [f"out={tmp_path}", *TINY, "optim.batch_size=1", "crops.local_size=30",
                                       "train.on_nonfinite=ignore", "masking.style=zigzag",
-                                      "crops.range_compression=[0.5,-0.5]", "crops.collimation_prob=2"])
+                                      "crops.range_compression=[0.5,-0.5,0.1]", "crops.collimation_prob=2"])
     with pytest.raises(ValueError) as err:
         validate_config(cfg)
     text = str(err.value)
