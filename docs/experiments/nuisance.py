@@ -34,7 +34,7 @@ from radgen.data.images import load_image
 from radgen.data.manifest import read_manifest
 from radgen.data.synth.case import sample_case
 
-# variable -> how to read it off a Case; continuous unless listed in BINARY.
+# variable -> how to read it off a Case; a variable whose values are all 0/1 is scored as binary.
 VARIABLES = {
     # acquisition and processing (nuisance for a finding)
     "scale": lambda c: c.scale, "shift_x": lambda c: c.shift[0], "shift_y": lambda c: c.shift[1],
@@ -91,6 +91,7 @@ def main() -> None:
     for s in rows:  # the redrawn cases must be the ones the manifest was written from
         assert all(c.sex == r["sex"] and c.age == r["age"] for c, r in zip(cs[s], rows[s])), "cases do not match"
     y = {s: {k: np.array([f(c) for c in cs[s]], dtype=np.float64) for k, f in VARIABLES.items()} for s in rows}
+    binary = {k: set(np.unique(y["train"][k])) <= {0.0, 1.0} for k in VARIABLES}
     results = {}
     for arg in a.specs:
         name, spec = arg.split("=", 1)
@@ -103,14 +104,13 @@ def main() -> None:
             proc = RadDinoProcessor(shortest_edge=enc.cfg.img_size, crop_size=enc.cfg.img_size)
             feats = {s: encode_batches(enc, (proc(ims[s][i:i + 64]) for i in range(0, len(ims[s]), 64)),
                                        pool=a.pool).numpy() for s in rows}
-        results[name] = {k: score(feats, {s: y[s][k] for s in rows}, binary=set(np.unique(y["train"][k])) <= {0.0, 1.0})
-                         for k in VARIABLES}
+        results[name] = {k: score(feats, {s: y[s][k] for s in rows}, binary[k]) for k in VARIABLES}
         print(name, " ".join(f"{k}={v:.2f}" for k, v in results[name].items()), flush=True)
     names = list(results)
     print("\n| variable | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
     for g, ks in GROUPS.items():
         for k in ks:
-            kind = "AUROC" if set(np.unique(y["train"][k])) <= {0.0, 1.0} else "R²"
+            kind = "AUROC" if binary[k] else "R²"
             print(f"| {k} ({g}, {kind}) | " + " | ".join(f"{results[n][k]:.2f}" for n in names) + " |")
     if a.json:
         json.dump(results, open(a.json, "w"), indent=1)
