@@ -32,7 +32,7 @@ from encoder.specs import load_encoder_spec
 from eval.probes.classify import fit_logistic
 from radgen.data.images import load_image
 from radgen.data.manifest import read_manifest
-from radgen.data.synth.case import sample_case
+from radgen.data.synth.generate import sample_example_case
 
 # variable -> how to read it off a Case; a variable whose values are all 0/1 is scored as binary.
 VARIABLES = {
@@ -57,11 +57,8 @@ GROUPS = {"acquisition": list(VARIABLES)[:16], "anatomy": list(VARIABLES)[16:23]
 
 def cases(data: str, ids: list[str]) -> list:
     cfg = OmegaConf.load(f"{data}/config.yaml")
-    out = []
-    for i in ids:
-        rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), int(i.rsplit("_", 1)[1])]))
-        out.append(sample_case(rng, prevalence_scale=float(cfg.prevalence_scale), seed=int(cfg.seed)))
-    return out
+    return [sample_example_case(int(cfg.seed), int(i.rsplit("_", 1)[1]), float(cfg.prevalence_scale))[0]
+            for i in ids]
 
 
 def score(x: dict, y: dict, binary: bool) -> float:

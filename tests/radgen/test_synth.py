@@ -16,8 +16,9 @@ from radgen.config import ConfigError, load_config
 from radgen.data.images import load_image
 from radgen.data.manifest import read_manifest
 from radgen.data.synth.case import CTR_THRESHOLD, Finding
-from radgen.data.synth.generate import generate_dataset, make_example
+from radgen.data.synth.generate import generate_dataset, make_example, sample_example_case
 from radgen.data.synth.phantom import MASK_HEART, MASK_LEFT_LUNG, MASK_RIGHT_LUNG, render
+from radgen.data.synth.report import write_report
 
 
 def _max_row_width(mask: np.ndarray) -> int:
@@ -151,6 +152,17 @@ _FINDING_SPECS = {
     "Fracture": dict(side="right", severity="displaced", location="6th rib", extra={"rib": 6}),
     "Pleural Other": dict(side="right", severity="thickening"),
 }
+
+
+def test_sample_example_case_redraws_the_case_of_make_example():
+    # An analysis redraws a set's cases without rendering them (docs/experiments/nuisance.py):
+    # the case, and the generator's state after it, must be make_example's exactly.
+    for seed, index in [(0, 0), (1, 7), (21, 3)]:
+        made, _, findings, impression, labels = make_example(seed, index, 32, prevalence_scale=2.0)
+        case, rng = sample_example_case(seed, index, prevalence_scale=2.0)
+        assert repr(case) == repr(made)
+        assert write_report(case, rng) == (findings, impression, labels)
+    assert repr(sample_example_case(0, 1)[0]) != repr(sample_example_case(0, 0)[0])
 
 
 def _with_only(case, findings):

@@ -26,7 +26,7 @@ from radgen.data.synth.case import sample_case
 from radgen.data.synth.phantom import render
 from radgen.data.synth.report import write_report
 
-__all__ = ["SynthSummary", "generate_dataset", "make_example", "validate_synth_config"]
+__all__ = ["SynthSummary", "generate_dataset", "make_example", "sample_example_case", "validate_synth_config"]
 
 SPLIT_NAMES = ("train", "validate", "test")
 
@@ -78,10 +78,17 @@ def validate_synth_config(cfg: DictConfig) -> None:
         raise ConfigError("synth: prevalence_scale must be >= 0")
 
 
+def sample_example_case(seed: int, index: int, prevalence_scale: float = 1.0):
+    """The ``Case`` of example ``index`` of the set with ``seed``, and the generator it was drawn
+    from (its report is drawn next, from the same generator): ``(case, rng)``. The one place an
+    example's randomness is seeded, so an analysis can redraw a set's cases without rendering."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+    return sample_case(rng, prevalence_scale=prevalence_scale, seed=seed), rng
+
+
 def make_example(seed: int, index: int, size: int, prevalence_scale: float = 1.0):
     """Draw example ``index`` of the set with ``seed``: ``(case, rendered, findings, impression, labels)``."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    case = sample_case(rng, prevalence_scale=prevalence_scale, seed=seed)
+    case, rng = sample_example_case(seed, index, prevalence_scale)
     rendered = render(case, size)
     findings, impression, labels = write_report(case, rng)
     return case, rendered, findings, impression, labels
