@@ -55,8 +55,8 @@ VARIABLES = {
 GROUPS = {"acquisition": list(VARIABLES)[:16], "anatomy": list(VARIABLES)[16:23], "findings": list(VARIABLES)[23:]}
 
 
-def cases(data: str, ids: list[str]) -> list:
-    cfg = OmegaConf.load(f"{data}/config.yaml")
+def cases(cfg, ids: list[str]) -> list:
+    """The redrawn ``Case`` of each id of the set whose ``config.yaml`` is ``cfg``."""
     return [sample_example_case(int(cfg.seed), int(i.rsplit("_", 1)[1]), float(cfg.prevalence_scale))[0]
             for i in ids]
 
@@ -84,7 +84,8 @@ def main() -> None:
     ds = read_manifest(a.data)
     rows = {s: [r for r in ds if r["split"] == s] for s in ("train", "validate", "test")}
     ims = {s: [load_image(r["images"][0])[0] for r in rs] for s, rs in rows.items()}
-    cs = {s: cases(a.data, [r["id"] for r in rs]) for s, rs in rows.items()}
+    synth_cfg = OmegaConf.load(f"{a.data}/config.yaml")
+    cs = {s: cases(synth_cfg, [r["id"] for r in rs]) for s, rs in rows.items()}
     for s in rows:  # the redrawn cases must be the ones the manifest was written from
         assert all(c.sex == r["sex"] and c.age == r["age"] for c, r in zip(cs[s], rows[s])), "cases do not match"
     y = {s: {k: np.array([f(c) for c in cs[s]], dtype=np.float64) for k, f in VARIABLES.items()} for s in rows}

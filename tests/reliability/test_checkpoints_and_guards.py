@@ -304,3 +304,13 @@ def test_bad_pretrain_config_lists_every_problem(tmp_path: Path):
     for s in ("optim.batch_size", "crop sizes", "train.on_nonfinite", "masking.style",
               "crops.range_compression", "crops.collimation_prob"):
         assert s in text
+
+
+@pytest.mark.parametrize("bad", ["[0.5,-0.5]", "[-1.5,0.2]", "[0.1]"])
+def test_bad_range_compression_is_refused(tmp_path: Path, bad: str):
+    # lo > hi, out of [-1, 1], and the wrong length are each refused before training
+    from encoder.train import validate_config
+
+    cfg = load_config("encoder", [], [f"out={tmp_path}", *TINY, f"crops.range_compression={bad}"])
+    with pytest.raises(ValueError, match="crops.range_compression"):
+        validate_config(cfg)
